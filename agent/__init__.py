@@ -1,0 +1,1 @@
+"""faultline-agent: the node daemon that injects and reverts faults."""

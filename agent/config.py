@@ -1,0 +1,89 @@
+"""Agent settings, grouped by concern. Each field: unit and default in its docstring.
+
+Sources, later wins: defaults, a YAML/JSON config file (--config), FAULTLINE_*
+environment variables, command-line flags. See agent/main.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from proto.subjects import safe_token
+
+
+def default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/faultline")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "faultline"
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IdentitySettings(_Group):
+    node: str = Field(default_factory=socket.gethostname)
+    """Node name; made subject-safe. Default: the host name."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Labels for targeting (zone, region, ...). In a cluster, read from the Node object too."""
+
+    @field_validator("node")
+    @classmethod
+    def _node_safe(cls, v: str) -> str:
+        return safe_token(v)
+
+
+class NatsSettings(_Group):
+    urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    """NATS server URLs. Default nats://127.0.0.1:4222."""
+    connect_timeout_s: float = 2.0
+    """Per-attempt connect timeout, seconds. Default 2."""
+    reconnect_wait_s: float = 0.5
+    """Pause between reconnect attempts, seconds. Default 0.5. The agent reconnects forever."""
+    drain_timeout_s: float = 2.0
+    """Time allowed to drain at stop, seconds. Default 2."""
+
+
+class TimingSettings(_Group):
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    """Heartbeat period, seconds. Default 1. A little jitter is added."""
+    watchdog_interval_s: float = Field(0.1, gt=0)
+    """How often deadlines and leases are checked, seconds. Default 0.1."""
+    nats_lost_timeout_s: float = Field(10.0, gt=0)
+    """Revert everything when NATS has been unreachable this long, seconds. Default 10.
+    Each fault's own lease timeout (usually shorter) applies as well."""
+    revert_timeout_s: float = Field(10.0, gt=0)
+    """Time allowed to revert one fault, seconds. Default 10."""
+    stop_timeout_s: float = Field(20.0, gt=0)
+    """Bound on graceful stop (revert all, last heartbeat, drain), seconds. Default 20."""
+
+
+class SafetySettings(_Group):
+    deny: list[str] = Field(default_factory=list)
+    """Regexes over process name and command line: matches are never touched."""
+    protect_pids: list[int] = Field(default_factory=list)
+    """Extra pids never touched."""
+    exempt: list[str] = Field(default_factory=list)
+    """CIDRs that network faults never affect (DNS, API server, SSH). The NATS server always is."""
+    memory_reserve_percent: float = Field(10.0, ge=0, le=90)
+    """Memory faults may not leave less than this share of node memory available. Default 10."""
+    max_faults: int = Field(64, ge=1)
+    """Most faults held at once; more are rejected. Default 64."""
+
+
+class AgentSettings(_Group):
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    timing: TimingSettings = Field(default_factory=TimingSettings)
+    safety: SafetySettings = Field(default_factory=SafetySettings)
+    state_dir: Path = Field(default_factory=default_state_dir)
+    """Journal and state. Default /var/lib/faultline as root, else ~/.local/state/faultline."""
+    http_addr: str | None = None
+    """HOST:PORT for /healthz and /readyz. Default: off."""
+    kubernetes_labels: bool = False
+    """Read the node's labels from the Kubernetes API at start (in-cluster service account)."""

@@ -1,0 +1,1 @@
+"""faultline controller: experiment engine, fleet view, CLI."""

@@ -1,0 +1,222 @@
+"""Wire messages: one frozen pydantic model each, JSON on the wire.
+
+Every message carries ``schema_version`` ("MAJOR.MINOR"), a unique ``id`` and
+``sent_at`` (Unix seconds). Commands also carry ``expires_at``: an agent
+refuses a command that arrives after it. For an Inject it is also the fault's
+absolute deadline, enforced by the agent's own timer.
+
+Field names are snake_case with units on the wire (``lease_timeout_s``);
+fault specs inside keep their file spelling (see ``proto.faults``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from proto.faults import FaultSpec
+
+SCHEMA_MAJOR = 1
+SCHEMA_MINOR = 0
+SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
+
+MAX_MESSAGE_BYTES = 256 * 1024
+"""Messages larger than this are refused before parsing."""
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: str = Field(SCHEMA_VERSION, pattern=r"^\d+\.\d+$")
+    id: str = Field(default_factory=new_id, min_length=1, max_length=64)
+    sent_at: float = Field(default_factory=time.time)
+
+
+FaultState = Literal[
+    "accepted",  # journaled and acknowledged; not yet applied
+    "injecting",
+    "active",
+    "reverting",
+    "reverted",  # reverted on request (controller, abort, halt, lease lapse)
+    "expired",  # reverted because its deadline passed
+    "failed",  # could not be applied, or revert reported an error
+    "rejected",  # never applied: refused at validation
+]
+TERMINAL_STATES: frozenset[str] = frozenset({"reverted", "expired", "failed", "rejected"})
+
+
+class PodRef(BaseModel):
+    """A pod on the target node, resolved by the controller from the Kubernetes API."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    namespace: str
+    name: str
+    uid: str
+    container_ids: list[str] = Field(default_factory=list)
+
+
+# --- controller -> agent commands (request-reply on faultline.v1.agent.<node>.cmd)
+
+
+class Inject(Message):
+    type: Literal["inject"] = "inject"
+    experiment_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    fault_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
+    spec: FaultSpec
+    expires_at: float = Field(description="absolute deadline of the fault (Unix seconds)")
+    lease_timeout_s: float = Field(gt=0, le=3600, description="revert if the lease is not renewed this long")
+    pods: list[PodRef] | None = Field(None, description="restrict the fault to these pods on the node")
+
+
+class Revert(Message):
+    type: Literal["revert"] = "revert"
+    experiment_id: str = Field(min_length=1, max_length=64)
+    fault_ids: list[str] | None = Field(None, description="default: every fault of the experiment")
+    reason: str = Field("requested", max_length=500)
+    expires_at: float
+
+
+Command = Annotated[Inject | Revert, Field(discriminator="type")]
+
+
+class Ack(Message):
+    type: Literal["ack"] = "ack"
+    in_reply_to: str
+    node: str
+    accepted: bool
+    reason: str | None = None
+    fault_states: dict[str, FaultState] = Field(
+        default_factory=dict, description="state of each fault the command named, as the agent sees it"
+    )
+
+
+# --- broadcasts
+
+
+class Halt(Message):
+    """Revert everything now, on every agent, without controller state."""
+
+    type: Literal["halt"] = "halt"
+    reason: str = Field("halt", max_length=500)
+    issued_by: str = Field("unknown", max_length=200)
+
+
+class Lease(Message):
+    """Experiment keep-alive; agents holding faults of the experiment revert when it lapses."""
+
+    type: Literal["lease"] = "lease"
+    experiment_id: str
+    seq: int = 0
+
+
+class NodeLoad(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cpu_percent: float
+    cpu_count: int
+    memory_total_bytes: int
+    memory_available_bytes: int
+    memory_percent: float
+    load1: float
+
+
+class ActiveFault(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fault_id: str
+    experiment_id: str
+    kind: str
+    state: FaultState
+    since: float
+    expires_at: float
+
+
+AgentState = Literal["starting", "ready", "leaving"]
+
+
+class Heartbeat(Message):
+    type: Literal["heartbeat"] = "heartbeat"
+    node: str
+    instance_id: str = Field(description="changes at every agent start")
+    version: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    capabilities: list[str] = Field(default_factory=list)
+    capability_notes: dict[str, str] = Field(
+        default_factory=dict, description="why a capability is missing, e.g. network.netem: kernel lacks sch_netem"
+    )
+    state: AgentState = "ready"
+    interval_s: float
+    seq: int
+    started_at: float
+    load: NodeLoad | None = None
+    faults: list[ActiveFault] = Field(default_factory=list)
+    recovered: list[str] = Field(default_factory=list, description="fault ids reverted from the journal at start")
+
+
+class SkippedProcess(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pid: int
+    name: str
+    reason: str
+
+
+class Measurements(BaseModel):
+    """What a fault did, as measured by the agent. Every field optional; each kind fills its own."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # process faults
+    matched_pids: list[int] | None = None
+    hit_pids: list[int] | None = None
+    skipped: list[SkippedProcess] | None = None
+    resumed_pids: list[int] | None = None
+    restarted: bool | None = None
+    restart_pid: int | None = None
+    restart_after_s: float | None = None
+    # cpu
+    workers: int | None = None
+    stressor_pids: list[int] | None = None
+    cpu_load_mean_percent: float | None = None
+    cpu_load_stdev_percent: float | None = None
+    # memory
+    rss_bytes: int | None = None
+    rss_reached_s: float | None = None
+    oom_killed: bool | None = None
+    # network
+    interface: str | None = None
+    netns: str | None = None
+    qdisc_handle: str | None = None
+    # any kind
+    cgroup: str | None = None
+    apply_s: float | None = None
+    revert_s: float | None = None
+    recovered_from_journal: bool | None = None
+    note: str | None = None
+
+
+class FaultEvent(Message):
+    """Fault lifecycle on faultline.v1.exp.<id>.events."""
+
+    type: Literal["fault-event"] = "fault-event"
+    experiment_id: str
+    fault_id: str
+    node: str
+    kind: str
+    state: FaultState
+    reason: str | None = None
+    measurements: Measurements = Field(default_factory=Measurements)
+
+
+AnyMessage = Annotated[
+    Inject | Revert | Ack | Halt | Lease | Heartbeat | FaultEvent,
+    Field(discriminator="type"),
+]
