@@ -1,0 +1,176 @@
+"""The ``memory`` fault: one child process that allocates, touches and holds memory.
+
+The stressor writes one byte per 4 KiB page so the pages are really resident,
+optionally ramping linearly, and sets oom_score_adj=1000 so under pressure the
+kernel kills it before the workload or the agent. Revert reports the RSS
+reached, how long it took, and whether the OOM killer ended the stressor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import Any, ClassVar
+
+import psutil
+
+from agent import cgroups
+from agent.faults.base import FaultContext, Plan, Rejected
+from agent.faults.stressor import UNTIL_GRACE_S, Running, StressInjector, StressPlan, rss_bytes
+from proto.faults import MemorySpec
+from proto.messages import Measurements
+from proto.units import format_size
+
+log = logging.getLogger(__name__)
+
+REACHED_FRACTION = 0.98
+"""RSS counts as reached at this share of the requested size."""
+
+
+class MemoryPlan(StressPlan):
+    size_bytes: int
+    ramp_s: float = 0.0
+
+
+def _vmstat_oom_kills() -> int | None:
+    """Node-wide OOM kill count (Linux >= 4.13), to tell the OOM killer from a stray SIGKILL."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+class MemoryStress(StressInjector):
+    kind: ClassVar[str] = "memory"
+    plan_model: ClassVar[type[Plan]] = MemoryPlan
+    primary_controller: ClassVar[str] = "memory"
+
+    def _size(self, spec: MemorySpec, target: cgroups.CgroupTarget | None) -> tuple[int, str]:
+        """(requested bytes, the field that set it)."""
+        if spec.size_bytes is not None and spec.percent is not None:
+            raise Rejected("size: give exactly one of size or percent, not both")
+        if spec.size_bytes is not None:
+            if spec.size_bytes <= 0:
+                raise Rejected(f"size: {spec.size_bytes} must be > 0")
+            return spec.size_bytes, "size"
+        if spec.percent is None or not 0 < spec.percent <= 100:
+            raise Rejected("percent: give size, or percent between 0 (exclusive) and 100")
+        base = psutil.virtual_memory().total
+        if target is not None:
+            base = cgroups.memory_limit_bytes(target) or base
+        return max(4096, int(base * spec.percent / 100)), "percent"
+
+    def check(self, spec: Any, ctx: FaultContext) -> None:
+        if not isinstance(spec, MemorySpec):
+            raise Rejected(f"memory injector got a {type(spec).__name__}")
+        target = self.resolve_cgroup(spec.cgroup)
+        size, field_name = self._size(spec, target)
+        if spec.ramp_s is not None and spec.ramp_s < 0:
+            raise Rejected("ramp: must be >= 0")
+        if spec.allow_overcommit:
+            return
+        vm = psutil.virtual_memory()
+        reserve = int(vm.total * self.env.memory_reserve_percent / 100)
+        room = vm.available - reserve
+        if size > room:
+            raise Rejected(
+                f"{field_name}: {format_size(size)} exceeds available memory {format_size(vm.available)} "
+                f"minus the agent's reserve {format_size(reserve)} ({self.env.memory_reserve_percent:g}% of total); "
+                "set allowOvercommit: true to force it"
+            )
+
+    async def plan(self, spec: Any, ctx: FaultContext) -> MemoryPlan:
+        self.check(spec, ctx)
+        assert isinstance(spec, MemorySpec)
+        size, _ = self._size(spec, self.resolve_cgroup(spec.cgroup))
+        return MemoryPlan(
+            marker=self.marker_for(ctx.fault_id),
+            cgroup=spec.cgroup,
+            until=ctx.deadline + UNTIL_GRACE_S,
+            size_bytes=size,
+            ramp_s=spec.ramp_s or 0.0,
+        )
+
+    async def apply(self, spec: Any, plan: Plan, ctx: FaultContext) -> Measurements:
+        assert isinstance(plan, MemoryPlan)
+        t0 = time.monotonic()
+        ooms_before = _vmstat_oom_kills()
+        running = await self.launch(plan, [["memory", f"--size={plan.size_bytes}", f"--ramp={plan.ramp_s:g}"]], [None])
+        running.oom_kills_before = ooms_before
+        self.watch(plan, running, self._monitor(plan, running, ctx))
+        return Measurements(
+            workers=1,
+            stressor_pids=[s.pid for s in running.stressors],
+            cgroup=running.cgroup.path if running.cgroup else None,
+            apply_s=round(time.monotonic() - t0, 4),
+        )
+
+    def _note_exit(self, running: Running) -> None:
+        """Record whether a stressor that died on its own was OOM-killed."""
+        s = running.stressors[0]
+        code = s.popen.poll()
+        if code is None or s.killed_by_us or running.exit_code is not None:
+            return
+        running.exit_code = code
+        if code == -signal.SIGKILL:
+            before, after = running.oom_kills_before, _vmstat_oom_kills()
+            # SIGKILL we did not send: the OOM killer, unless the node counter proves otherwise
+            running.oom_killed = not (before is not None and after is not None and after <= before)
+
+    async def _monitor(self, plan: MemoryPlan, running: Running, ctx: FaultContext) -> None:
+        s = running.stressors[0]
+        while s.popen.poll() is None:
+            rss = rss_bytes(s.proc) or 0
+            running.peak_rss_bytes = max(running.peak_rss_bytes, rss)
+            if running.reached_s is None and rss >= REACHED_FRACTION * plan.size_bytes:
+                running.reached_s = round(time.monotonic() - running.started_at, 3)
+                with contextlib.suppress(Exception):  # a failing emit must not stop the watch
+                    ctx.emit("active", Measurements(rss_bytes=rss, rss_reached_s=running.reached_s), None)
+            await asyncio.sleep(0.02 if running.reached_s is None else 0.5)
+        self._note_exit(running)
+        if running.oom_killed:
+            log.warning("memory stressor %s of fault %s was OOM-killed", s.pid, ctx.fault_id)
+            with contextlib.suppress(Exception):
+                ctx.emit(
+                    "active",
+                    Measurements(oom_killed=True, rss_bytes=running.peak_rss_bytes),
+                    "memory stressor was killed by the kernel OOM killer",
+                )
+
+    async def revert(self, plan: Plan, ctx: FaultContext) -> Measurements:
+        assert isinstance(plan, StressPlan)
+        running = self._running.get(plan.marker)
+        if running is not None:
+            self._note_exit(running)  # before our own SIGKILL muddles the exit status
+        running, killed, took_s = await self.stop(plan)
+        if running is None:
+            return Measurements(
+                stressor_pids=killed,
+                cgroup=plan.cgroup,
+                revert_s=round(took_s, 4),
+                recovered_from_journal=ctx.recovered or None,
+                note=f"no in-memory state (agent restarted?): killed {len(killed)} stressor(s) found by marker",
+            )
+        note = None
+        if running.oom_killed:
+            note = "memory stressor was killed by the kernel OOM killer"
+        elif running.exit_code is not None:
+            note = f"memory stressor exited before revert with code {running.exit_code}"
+        return Measurements(
+            workers=1,
+            stressor_pids=[s.pid for s in running.stressors],
+            rss_bytes=running.peak_rss_bytes or None,
+            rss_reached_s=running.reached_s,
+            oom_killed=running.oom_killed,
+            cgroup=plan.cgroup,
+            revert_s=round(took_s, 4),
+            recovered_from_journal=ctx.recovered or None,
+            note=note,
+        )

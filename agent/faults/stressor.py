@@ -1,0 +1,405 @@
+"""Stressor child processes shared by the cpu and memory faults: spawn, find, kill, measure.
+
+Every stressor carries a marker ``faultline-stressor:<kind>:<agent tag>:<fault id>``
+in its argv (``--marker=...``, readable by anyone in /proc) and in its
+environment. The agent tag hashes env.node and env.state_dir, so two agents on
+one machine (tests run several) never sweep each other's stressors.
+
+Spawning must happen on a long-lived thread (the event loop's): PR_SET_PDEATHSIG
+fires when the parent *thread* exits, so a stressor forked from a pool thread
+could die with that thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import psutil
+from pydantic import BaseModel, ConfigDict
+
+from agent import cgroups
+from agent.faults.base import AgentEnv, Capability, Injector, Plan, Rejected
+
+log = logging.getLogger(__name__)
+
+MARKER_ENV = "FAULTLINE_STRESSOR"
+MARKER_PREFIX = "faultline-stressor"
+_MARKER_ARG = "--marker="
+STOP_TIMEOUT_S = 5.0
+START_TIMEOUT_S = 10.0
+
+
+class StressorError(Exception):
+    """A stressor could not be started or placed; str() is the reason."""
+
+
+def agent_tag(node: str, state_dir: Path) -> str:
+    """Per-agent part of the marker: readable node name plus a hash of node and state_dir."""
+    digest = hashlib.sha256(f"{node}\0{Path(state_dir).resolve()}".encode()).hexdigest()[:12]
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', node)[:40]}-{digest}"
+
+
+def make_marker(kind: str, tag: str, fault_id: str) -> str:
+    return f"{MARKER_PREFIX}:{kind}:{tag}:{fault_id}"
+
+
+class StressorRef(BaseModel):
+    """One stressor process, identified beyond pid reuse by its start time."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pid: int
+    create_time: float
+
+
+def _marker_of(proc: psutil.Process) -> str | None:
+    try:
+        for arg in proc.cmdline():
+            if arg.startswith(_MARKER_ARG):
+                return str(arg[len(_MARKER_ARG) :])
+    except (psutil.Error, OSError):
+        return None
+    return None
+
+
+def find_marked(prefix: str) -> dict[str, list[StressorRef]]:
+    """Live stressors whose marker starts with ``prefix``: marker -> refs."""
+    found: dict[str, list[StressorRef]] = {}
+    for proc in psutil.process_iter(["pid"]):
+        marker = _marker_of(proc)
+        if marker is None or not marker.startswith(prefix):
+            continue
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            ref = StressorRef(pid=proc.pid, create_time=proc.create_time())
+        except psutil.Error:
+            continue
+        found.setdefault(marker, []).append(ref)
+    return found
+
+
+@dataclass
+class Stressor:
+    """A stressor this agent process started (in memory only; journal-free)."""
+
+    popen: subprocess.Popen[bytes]
+    ref: StressorRef
+    proc: psutil.Process
+    killed_by_us: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.ref.pid
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def spawn(marker: str, args: Sequence[str], *, until: float = 0.0, core: int | None = None) -> Stressor:
+    """Start one stressor; it stops itself (SIGSTOP) once set up. Call ``start`` to run it."""
+    env = dict(os.environ)
+    env[MARKER_ENV] = marker
+    argv = [
+        sys.executable,
+        "-m",
+        "agent.stressor_main",
+        f"{_MARKER_ARG}{marker}",
+        f"--parent-pid={os.getpid()}",
+        f"--until={until:.3f}",
+    ]
+    if core is not None:
+        argv.append(f"--core={core}")
+    argv.extend(args)
+    # Own process group: a signal to the agent's group (Ctrl-C, kill -TERM -pgid) leaves
+    # stressors to the agent's revert, and killpg reaches a stressor's helpers if it ever has some.
+    popen = subprocess.Popen(
+        argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, process_group=0, close_fds=True
+    )
+    try:
+        proc = psutil.Process(popen.pid)
+        ref = StressorRef(pid=popen.pid, create_time=proc.create_time())
+    except psutil.Error as exc:
+        popen.kill()
+        popen.wait(STOP_TIMEOUT_S)
+        raise StressorError(f"stressor exited at once (code {popen.poll()})") from exc
+    return Stressor(popen=popen, ref=ref, proc=proc)
+
+
+async def start(stressors: Sequence[Stressor], cgroup: cgroups.CgroupTarget | None) -> None:
+    """Wait until each stressor has stopped itself, place it in ``cgroup``, then SIGCONT it."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    pending = list(stressors)
+    while pending:
+        for s in list(pending):
+            code = s.popen.poll()
+            if code is not None:
+                raise StressorError(f"stressor pid {s.pid} exited during start-up with code {code}")
+            if _state(s.pid) in ("T", "t"):
+                pending.remove(s)
+        if pending:
+            if time.monotonic() > deadline:
+                raise StressorError(f"stressors {[s.pid for s in pending]} did not reach their start point")
+            await asyncio.sleep(0.005)
+    for s in stressors:
+        if cgroup is not None:
+            try:
+                cgroups.move_pid(cgroup, s.pid)
+            except cgroups.CgroupError as exc:
+                raise StressorError(str(exc)) from exc
+    for s in stressors:
+        os.kill(s.pid, signal.SIGCONT)
+
+
+def _is_same(ref: StressorRef) -> psutil.Process | None:
+    try:
+        proc = psutil.Process(ref.pid)
+        if abs(proc.create_time() - ref.create_time) > 0.05 or proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc
+    except psutil.Error:
+        return None
+
+
+async def _wait_exit_pidfd(pidfd: int, timeout_s: float) -> bool:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def on_exit() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(pidfd, on_exit)
+    try:
+        await asyncio.wait_for(done, timeout_s)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(pidfd)
+
+
+async def kill_and_wait(
+    refs: Sequence[StressorRef], owned: Sequence[Stressor] = (), timeout_s: float = STOP_TIMEOUT_S
+) -> list[int]:
+    """SIGKILL each stressor and wait until it has exited (and is reaped, when it is our child).
+
+    Identity is checked by start time through a pidfd, so a recycled pid is
+    never signalled. Returns the pids that were still alive and got killed.
+    Raises StressorError naming any pid that outlived ``timeout_s``.
+    """
+    popens = {s.pid: s for s in owned}
+    all_refs = {r.pid: r for r in [*(s.ref for s in owned), *refs]}
+    killed: list[int] = []
+    waits: list[tuple[int, int]] = []
+    for pid, ref in all_refs.items():
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        if _is_same(ref) is None:
+            os.close(pidfd)
+            continue
+        if pid in popens:
+            popens[pid].killed_by_us = True
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            killed.append(pid)
+        waits.append((pid, pidfd))
+    stuck: list[int] = []
+    try:
+        results = await asyncio.gather(*(_wait_exit_pidfd(fd, timeout_s) for _, fd in waits))
+        stuck = [pid for (pid, _), ok in zip(waits, results, strict=True) if not ok]
+    finally:
+        for _, fd in waits:
+            os.close(fd)
+    for s in owned:
+        with contextlib.suppress(subprocess.TimeoutExpired, ChildProcessError):
+            s.popen.wait(0.5)  # exited already (pidfd said so): this only reaps
+    if stuck:
+        raise StressorError(f"stressors {stuck} still alive {timeout_s:.0f}s after SIGKILL")
+    return killed
+
+
+# --- measurement -------------------------------------------------------------
+
+
+@dataclass
+class CpuSampler:
+    """Per-second CPU load of a set of stressors, averaged per worker (percent of one core)."""
+
+    procs: list[psutil.Process]
+    interval_s: float = 1.0
+    samples: list[float] = field(default_factory=list)
+
+    def _cpu_s(self) -> float:
+        total = 0.0
+        for p in self.procs:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+    async def run(self) -> None:
+        prev_cpu, prev_wall = self._cpu_s(), time.monotonic()
+        next_at = prev_wall + self.interval_s
+        while True:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            cpu, wall = self._cpu_s(), time.monotonic()
+            if wall > prev_wall:
+                self.samples.append(100.0 * (cpu - prev_cpu) / (wall - prev_wall) / max(1, len(self.procs)))
+            prev_cpu, prev_wall = cpu, wall
+            next_at += self.interval_s
+
+    def summary(self) -> tuple[float | None, float | None]:
+        if not self.samples:
+            return None, None
+        mean = statistics.fmean(self.samples)
+        stdev = statistics.pstdev(self.samples) if len(self.samples) > 1 else 0.0
+        return round(mean, 2), round(stdev, 2)
+
+
+def rss_bytes(proc: psutil.Process) -> int | None:
+    try:
+        return int(proc.memory_info().rss)
+    except psutil.Error:
+        return None
+
+
+# --- shared injector plumbing --------------------------------------------------
+
+UNTIL_GRACE_S = 2.0
+"""A stressor exits on its own this long after the fault's deadline: a safety net
+behind the agent's timer, late enough that the agent's revert normally measures first."""
+
+
+class StressPlan(Plan):
+    marker: str
+    cgroup: str | None = None
+    until: float = 0.0
+    """Absolute Unix time at which the stressors stop by themselves."""
+
+
+@dataclass
+class Running:
+    """In-memory state of one active stress fault (lost on an agent crash; revert copes)."""
+
+    stressors: list[Stressor]
+    started_at: float
+    cgroup: cgroups.CgroupTarget | None
+    monitor: asyncio.Task[None] | None = None
+    sampler: CpuSampler | None = None
+    # memory stressors
+    peak_rss_bytes: int = 0
+    reached_s: float | None = None
+    oom_kills_before: int | None = None
+    exit_code: int | None = None
+    oom_killed: bool = False
+
+
+class StressInjector(Injector):
+    """Common revert / sweep / probe for injectors whose effect is a set of marked child processes."""
+
+    primary_controller: ClassVar[str]
+
+    def __init__(self, env: AgentEnv) -> None:
+        super().__init__(env)
+        self.tag = agent_tag(env.node, env.state_dir)
+        self._running: dict[str, Running] = {}
+
+    def probe(self) -> list[Capability]:
+        ok, why = cgroups.writable()
+        return [Capability(self.kind, True), Capability("cgroup", ok, why)]
+
+    def marker_for(self, fault_id: str) -> str:
+        return make_marker(self.kind, self.tag, fault_id)
+
+    def resolve_cgroup(self, path: str | None) -> cgroups.CgroupTarget | None:
+        if path is None:
+            return None
+        try:
+            return cgroups.resolve(path, self.primary_controller)
+        except cgroups.CgroupError as exc:
+            raise Rejected(f"cgroup: {exc}") from None
+
+    async def launch(self, plan: StressPlan, args: Sequence[Sequence[str]], cores: Sequence[int | None]) -> Running:
+        """Spawn one stressor per args entry, place them, start them. On failure nothing is left running."""
+        target = self.resolve_cgroup(plan.cgroup)
+        stressors: list[Stressor] = []
+        try:
+            for a, core in zip(args, cores, strict=True):
+                stressors.append(spawn(plan.marker, a, until=plan.until, core=core))
+            await start(stressors, target)
+        except BaseException:
+            await asyncio.shield(kill_and_wait([], stressors))
+            raise
+        running = Running(stressors=stressors, started_at=time.monotonic(), cgroup=target)
+        self._running[plan.marker] = running
+        return running
+
+    async def stop(self, plan: StressPlan) -> tuple[Running | None, list[int], float]:
+        """Kill every stressor of ``plan`` (ours in memory and any found by marker) and wait for them.
+
+        Returns (in-memory state if any, pids killed, seconds taken).
+        """
+        t0 = time.monotonic()
+        running = self._running.pop(plan.marker, None)
+        if running is not None and running.monitor is not None:
+            running.monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running.monitor
+        owned = running.stressors if running else []
+        found = find_marked(plan.marker).get(plan.marker, [])
+        killed = await kill_and_wait(found, owned)
+        return running, killed, time.monotonic() - t0
+
+    def watch(self, plan: StressPlan, running: Running, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.kind}-monitor-{plan.marker}")
+        task.add_done_callback(_log_crash)
+        running.monitor = task
+
+    async def sweep(self, journaled: list[Plan]) -> list[str]:
+        keep = {p.marker for p in journaled if isinstance(p, StressPlan)} | set(self._running)
+        prefix = self.marker_for("")
+        lines: list[str] = []
+        for marker, refs in find_marked(prefix).items():
+            if marker in keep:
+                continue
+            try:
+                killed = await kill_and_wait(refs)
+            except StressorError as exc:
+                lines.append(f"stray {self.kind} stressor of fault {marker[len(prefix) :]}: {exc}")
+                continue
+            lines.append(
+                f"killed stray {self.kind} stressor(s) {killed} of fault {marker[len(prefix) :]} (no journal entry)"
+            )
+        if lines:
+            for line in lines:
+                log.warning("sweep: %s", line)
+        else:
+            log.info("sweep: no stray %s stressors of this agent (tag %s)", self.kind, self.tag)
+        return lines
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s died: %r", task.get_name(), task.exception())

@@ -1,0 +1,155 @@
+"""Stressor child process: ``python -m agent.stressor_main --marker=M --parent-pid=P cpu|memory ...``.
+
+Stdlib only and nothing from the agent package, so it starts fast and its own
+RSS stays small (the memory stressor's RSS is what users measure).
+
+Start-up order matters for safety:
+1. PR_SET_PDEATHSIG(SIGKILL), then check the parent is still the one named:
+   if the agent died between fork and here, exit instead of running orphaned.
+2. oom_score_adj = 1000: under pressure the kernel kills a stressor first.
+3. SIGSTOP ourselves; the agent moves us into the target cgroup and sends
+   SIGCONT, so no work is done outside the cgroup.
+4. Work until killed or until --until (the fault's absolute deadline, a
+   safety net behind the agent's own timer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import mmap
+import os
+import signal
+import sys
+import time
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+_MADV_HUGEPAGE = 14
+PAGE_BYTES = 4096
+CPU_PERIOD_S = 0.1
+
+
+def _prctl(option: int, arg: int | bytes) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, arg, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _setup(parent_pid: int, title: str) -> None:
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        sys.exit(0)  # the agent is already gone; pdeathsig was set too late to fire
+    try:
+        _prctl(_PR_SET_NAME, title.encode()[:15])
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000\n")
+    except OSError:
+        pass  # not fatal: the agent's reserve check still bounds what we take
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _remaining(until: float) -> float:
+    return until - time.time() if until > 0 else float("inf")
+
+
+def run_cpu(load_percent: float, until: float) -> None:
+    """Busy for load% of every CPU_PERIOD_S, counted in CPU time actually received.
+
+    Counting CPU time (not wall time) keeps the mean honest when the core is
+    contended; the shortfall of one period is carried into the next, bounded
+    so a long stall does not turn into a burst.
+    """
+    share = min(max(load_percent, 0.0), 100.0) / 100.0
+    if share >= 1.0:
+        while _remaining(until) > 0:
+            for _ in range(200_000):
+                pass
+        return
+    busy_s = share * CPU_PERIOD_S
+    carry_s = 0.0
+    cpu_clock = time.process_time
+    wall_clock = time.monotonic
+    next_start = wall_clock()
+    while _remaining(until) > 0:
+        period_end = next_start + CPU_PERIOD_S
+        target_s = busy_s + carry_s
+        c0 = cpu_clock()
+        while cpu_clock() - c0 < target_s and wall_clock() < period_end:
+            pass
+        got_s = cpu_clock() - c0
+        carry_s = max(-busy_s / 2, min(busy_s / 2, target_s - got_s))
+        now = wall_clock()
+        if period_end > now:
+            time.sleep(period_end - now)
+            next_start = period_end
+        else:
+            next_start = now  # fell behind (stopped, or starved): restart the schedule
+
+
+def _own_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_memory(size_bytes: int, ramp_s: float, until: float) -> None:
+    """Allocate, touch every page (one written byte per 4 KiB), hold.
+
+    The interpreter's own RSS is subtracted so the process as a whole reaches
+    the requested size, which is what psutil and the cgroup count.
+    """
+    baseline = _own_rss_bytes()
+    alloc = size_bytes - baseline if size_bytes > 4 * baseline else size_bytes
+    alloc = max(PAGE_BYTES, alloc - alloc % PAGE_BYTES)
+    region = mmap.mmap(-1, alloc, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region.madvise(_MADV_HUGEPAGE)  # fewer page faults; RSS is the same
+    except (OSError, AttributeError):
+        pass
+    view = memoryview(region)
+    chunk = 16 << 20 if ramp_s <= 0 else max(PAGE_BYTES, (alloc // max(1, int(ramp_s * 20))) // PAGE_BYTES * PAGE_BYTES)
+    start = time.monotonic()
+    offset = 0
+    while offset < alloc and _remaining(until) > 0:
+        end = min(alloc, offset + chunk)
+        part = view[offset:end:PAGE_BYTES]
+        part[:] = b"\x01" * len(part)
+        offset = end
+        if ramp_s > 0:
+            due = start + ramp_s * offset / alloc  # linear ramp: bytes touched proportional to time
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+    while _remaining(until) > 0:
+        time.sleep(min(1.0, max(0.01, _remaining(until))))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="faultline-stressor")
+    parser.add_argument("--marker", required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--until", type=float, default=0.0, help="absolute Unix deadline; 0: none")
+    parser.add_argument("--core", type=int, default=None)
+    sub = parser.add_subparsers(dest="kind", required=True)
+    cpu = sub.add_parser("cpu")
+    cpu.add_argument("--load", type=float, required=True)
+    mem = sub.add_parser("memory")
+    mem.add_argument("--size", type=int, required=True)
+    mem.add_argument("--ramp", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if args.core is not None:
+        os.sched_setaffinity(0, {args.core})
+    _setup(args.parent_pid, f"fl-stress-{args.kind}")
+    if args.kind == "cpu":
+        run_cpu(args.load, args.until)
+    else:
+        run_memory(args.size, args.ramp, args.until)
+
+
+if __name__ == "__main__":
+    main()
