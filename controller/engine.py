@@ -1,0 +1,394 @@
+"""ExperimentRunner: one experiment from target resolution to report.
+
+resolve targets -> check capabilities (refuse before sending anything) ->
+lease publisher + monitor + abort responder -> dispatch Inject to every target
+(concurrently, bounded, retried) -> wait for every fault's end -> final Revert
+(always, idempotent) -> report. Any abort (heartbeat loss, an agent leaving or
+restarting, a rejection, Ctrl-C, `faultline abort`) reverts on every target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from controller.dispatch import request_ack, revert_experiment
+from controller.experiment import Experiment, fault_id, new_experiment_id
+from controller.fleet import Fleet
+from controller.report import AbortInfo, Outcome, Report
+from controller.targeting import TargetingError, select_nodes
+from controller.tracking import PRE_ACK, Plan, PreflightError, Track, capability_refusals
+from proto.codec import DecodeError, decode, encode, peek_id
+from proto.messages import TERMINAL_STATES, Ack, FaultEvent, Inject, Lease, PodRef, Revert
+from proto.subjects import exp_control, exp_events, exp_lease, safe_token
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+
+
+class ExperimentRunner:
+    def __init__(
+        self,
+        nc: Any,
+        fleet: Fleet,
+        experiment: Experiment,
+        *,
+        experiment_id: str | None = None,
+        nodes_override: list[str] | None = None,
+        rng: random.Random | None = None,
+        progress: Progress | None = None,
+        dispatch_timeout_s: float = 2.0,
+        dispatch_attempts: int = 3,
+        end_grace_s: float = 5.0,
+        revert_wait_s: float = 5.0,
+    ) -> None:
+        self.nc = nc
+        self.fleet = fleet
+        self.experiment = experiment
+        self.experiment_id = experiment_id or new_experiment_id(experiment.metadata.name)
+        self.nodes_override = nodes_override
+        self.rng = rng or random.Random()
+        self.progress = progress or (lambda _line: None)
+        self.dispatch_timeout_s = dispatch_timeout_s
+        self.dispatch_attempts = dispatch_attempts
+        self.end_grace_s = end_grace_s
+        self.revert_wait_s = revert_wait_s
+        self.abort_info: AbortInfo | None = None
+        self.started_at = time.time()
+        self.tracks: dict[tuple[str, str], Track] = {}
+        self.problems: list[str] = []
+        self.stray_events = 0
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._baseline: dict[str, str] = {}
+        self._plan: Plan | None = None
+
+    # --- planning (also what --dry-run runs)
+
+    async def plan(self) -> Plan:
+        """Resolve targets and check capabilities. Raises TargetingError / PreflightError; sends nothing."""
+        spec = self.experiment.spec
+        notes: list[str] = []
+        pods: dict[str, list[PodRef]] = {}
+        if self.nodes_override is not None:
+            if spec.targets.pods is not None:
+                raise PreflightError("spec.targets.pods: pod targeting needs a Kubernetes fleet (give --nats)")
+            missing = [n for n in self.nodes_override if self.fleet.get(n) is None]
+            if missing:
+                raise TargetingError(f"node {', '.join(missing)} is not in the fleet")
+            targets = sorted(self.nodes_override)
+        elif spec.targets.pods is not None:
+            pods = await _resolve_pods(spec.targets.pods.namespace, spec.targets.pods.labels)
+            fleet = {n: labels for n, labels in self.fleet.labels().items() if n in pods}
+            if not fleet:
+                raise TargetingError(
+                    f"no matching agents: the pods matched run on {', '.join(sorted(pods)) or 'no node'}, "
+                    "and no agent there sends heartbeats"
+                )
+            targets = select_nodes(fleet, spec.targets, self.rng)
+            pods = {n: pods[n] for n in targets}
+            notes.append(f"{sum(len(v) for v in pods.values())} pod(s) on {len(targets)} node(s)")
+        else:
+            targets = select_nodes(self.fleet.labels(), spec.targets, self.rng)
+        views = {n: v for n in targets if (v := self.fleet.get(n)) is not None}
+        refusals = capability_refusals(list(spec.faults), views)
+        if refusals:
+            raise PreflightError("\n".join(refusals))
+        self._plan = Plan(targets=targets, pods=pods, notes=notes)
+        return self._plan
+
+    # --- abort, from anywhere (signal handler, monitor, control responder)
+
+    def abort(self, reason: str, node: str | None = None) -> None:
+        if self.abort_info is None:
+            self.abort_info = AbortInfo(reason=reason, at=time.time(), node=node)
+            self.progress(f"{self._t()} ABORT: {reason}")
+        self._wake.set()
+
+    @property
+    def aborted(self) -> bool:
+        return self.abort_info is not None
+
+    def _t(self) -> str:
+        return f"[+{time.time() - self.started_at:6.2f}s]"
+
+    # --- the run
+
+    async def run(self) -> Report:
+        plan = self._plan or await self.plan()
+        self.started_at = time.time()
+        for n in plan.targets:
+            view = self.fleet.get(n)
+            if view is not None:
+                self._baseline[n] = view.heartbeat.instance_id
+        for n in plan.targets:
+            for i, f in enumerate(self.experiment.spec.faults):
+                fid = fault_id(self.experiment_id, i)
+                self.tracks[(n, fid)] = Track(n, i, fid, f.kind, f.name, plan.pods.get(n))
+        subs = [
+            await self.nc.subscribe(exp_events(self.experiment_id), cb=self._on_event),
+            await self.nc.subscribe(exp_control(self.experiment_id), cb=self._on_control),
+        ]
+        self.progress(f"{self._t()} experiment {self.experiment_id}: targets {', '.join(plan.targets)}")
+        try:
+            # The lease runs before the first Inject: the agent's lease clock starts at acceptance.
+            self._spawn(self._lease_loop(), "lease")
+            self._spawn(self._monitor_loop(plan.targets), "monitor")
+            await self._dispatch_all(plan.targets)
+            if not self.aborted:
+                await self._wait_for_end()
+        except asyncio.CancelledError:
+            self.abort("cancelled")
+            raise
+        finally:
+            # Unconditional: an aborted, failed or cancelled run still reverts (shielded from cancellation).
+            await asyncio.shield(self._finish(plan.targets))
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for sub in subs:
+                try:
+                    await asyncio.wait_for(sub.unsubscribe(), 2.0)
+                except Exception as exc:  # noqa: BLE001 - connection may be gone; nothing to undo
+                    log.debug("unsubscribe: %s", exc)
+        return self._report(plan)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=f"{self.experiment_id}:{name}")
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("task %s died: %r", t.get_name(), t.exception())
+                self.abort(f"internal error in {t.get_name()}: {t.exception()!r}")
+
+        task.add_done_callback(done)
+
+    async def _dispatch_all(self, targets: list[str]) -> None:
+        t0 = time.time()
+        spec = self.experiment.spec
+
+        async def node_faults(node: str) -> None:
+            for i, f in enumerate(spec.faults):
+                if self.aborted:
+                    return
+                track = self.tracks[(node, fault_id(self.experiment_id, i))]
+                inject = Inject(
+                    experiment_id=self.experiment_id,
+                    fault_id=track.fault_id,
+                    spec=f,
+                    expires_at=t0 + self.experiment.fault_duration_s(i),
+                    lease_timeout_s=spec.abort.lease_timeout_s,
+                    pods=track.pods,
+                )
+                await self._dispatch_one(track, inject)
+
+        dispatch = asyncio.gather(*(node_faults(n) for n in targets))
+        waker = asyncio.ensure_future(self._wake_on_abort())
+        try:
+            await asyncio.wait({dispatch, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waker.cancel()
+            if not dispatch.done():
+                dispatch.cancel()  # aborted mid-dispatch: send no more; the revert and the lease cover the rest
+            await asyncio.gather(dispatch, waker, return_exceptions=True)
+
+    async def _wake_on_abort(self) -> None:
+        while not self.aborted:
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _dispatch_one(self, track: Track, inject: Inject) -> None:
+        track.expires_at = inject.expires_at
+        track.dispatched_at = time.time()
+        track.move("dispatched", at=track.dispatched_at)
+        ack, why = await request_ack(
+            self.nc, track.node, inject, timeout_s=self.dispatch_timeout_s, attempts=self.dispatch_attempts
+        )
+        if ack is None:
+            track.move("no-reply", why)
+            self.abort(f"agent {track.node} did not acknowledge {track.fault_id}: {why}", node=track.node)
+            return
+        track.acked_at = time.time()
+        track.accepted = ack.accepted
+        if not ack.accepted:
+            track.ack_reason = ack.reason
+            track.move("rejected", ack.reason)
+            self.abort(f"agent {track.node} rejected {track.fault_id} ({track.kind}): {ack.reason}", node=track.node)
+            return
+        state = ack.fault_states.get(track.fault_id, "accepted")
+        if track.state in PRE_ACK:
+            track.move(state)
+        self.progress(f"{self._t()} {track.node} {track.fault_id} ({track.kind}): acknowledged")
+
+    async def _on_event(self, msg: Any) -> None:
+        try:
+            ev = decode(msg.data, FaultEvent)
+        except DecodeError as exc:
+            self.stray_events += 1
+            log.warning("undecodable event on %s: %s", msg.subject, exc)
+            return
+        track = self.tracks.get((ev.node, ev.fault_id))
+        if track is None:
+            self.stray_events += 1
+            return
+        track.merge(ev.measurements)
+        changed = track.move(ev.state, ev.reason)
+        if changed or ev.measurements != type(ev.measurements)():
+            detail = f" ({ev.reason})" if ev.reason else ""
+            self.progress(f"{self._t()} {ev.node} {ev.fault_id} ({ev.kind}): {ev.state}{detail}")
+        if ev.state in ("failed", "rejected") and not self.aborted:
+            self.abort(f"agent {ev.node}: {ev.fault_id} ({ev.kind}) {ev.state}: {ev.reason}", node=ev.node)
+        self._wake.set()
+
+    async def _on_control(self, msg: Any) -> None:
+        """`faultline abort ID` from another process: a Revert sent to the controller."""
+        try:
+            cmd = decode(msg.data, Revert)
+        except DecodeError as exc:
+            reply = Ack(in_reply_to=peek_id(msg.data) or "unknown", node="controller", accepted=False, reason=str(exc))
+        else:
+            self.abort(f"requested: {cmd.reason}")
+            reply = Ack(in_reply_to=cmd.id, node="controller", accepted=True, reason="aborting and reverting")
+        if msg.reply:
+            await msg.respond(encode(reply))
+
+    async def _lease_loop(self) -> None:
+        lease_timeout_s = self.experiment.spec.abort.lease_timeout_s
+        interval_s = min(1.0, lease_timeout_s / 3)
+        seq = 0
+        subject = exp_lease(self.experiment_id)
+        while True:
+            try:
+                await self.nc.publish(subject, encode(Lease(experiment_id=self.experiment_id, seq=seq)))
+            except Exception as exc:  # noqa: BLE001 - keep trying: the lease is what keeps faults alive
+                log.warning("lease publish failed: %s", exc)
+            seq += 1
+            # a little jitter, always under the interval, so leases never bunch up late
+            await asyncio.sleep(interval_s * self.rng.uniform(0.85, 1.0))
+
+    async def _monitor_loop(self, targets: list[str]) -> None:
+        """Automatic abort: a targeted agent silent, leaving, or restarted."""
+        hb_timeout_s = self.experiment.spec.abort.heartbeat_timeout_s
+        period_s = min(0.1, hb_timeout_s / 10)
+        while not self.aborted:
+            now = time.monotonic()
+            for node in targets:
+                view = self.fleet.get(node)
+                if view is None:
+                    self.abort(f"agent {node} disappeared from the fleet", node=node)
+                    return
+                hb = view.heartbeat
+                age_s = view.age_s(now)
+                if age_s > hb_timeout_s:
+                    last = time.strftime("%H:%M:%S", time.localtime(view.received_at))
+                    self.abort(
+                        f"agent {node} silent for {age_s:.1f}s (heartbeatTimeout {hb_timeout_s:g}s; "
+                        f"last heartbeat at {last})",
+                        node=node,
+                    )
+                    return
+                if hb.state == "leaving":
+                    self.abort(f"agent {node} is leaving (stopping; it reverted its faults)", node=node)
+                    return
+                base = self._baseline.get(node)
+                if base is not None and hb.instance_id != base:
+                    self.abort(f"agent {node} restarted (instance {base[:8]} -> {hb.instance_id[:8]})", node=node)
+                    return
+            await asyncio.sleep(period_s)
+
+    async def _wait_for_end(self) -> None:
+        deadline = max((t.expires_at or 0.0) for t in self.tracks.values()) + self.end_grace_s
+        while not self.aborted:
+            if all(t.terminal for t in self.tracks.values()):
+                return
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                late = [f"{t.node} {t.fault_id}" for t in self.tracks.values() if not t.terminal]
+                self.problems.append(
+                    f"no end event within {self.end_grace_s:g}s after the deadline from: {', '.join(late)}"
+                )
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(remaining, 1.0))
+            except TimeoutError:
+                pass
+
+    async def _finish(self, targets: list[str]) -> None:
+        reason = f"abort: {self.abort_info.reason}" if self.abort_info else "experiment ended"
+        if self.aborted:
+            self.progress(f"{self._t()} reverting on {', '.join(targets)}")
+        results = await revert_experiment(self.nc, targets, self.experiment_id, reason)
+        unreached = [n for n, (ack, _why) in results.items() if ack is None]
+        for n in unreached:
+            held = [t.fault_id for t in self.tracks.values() if t.node == n and t.held_by_agent]
+            if held:
+                self.problems.append(
+                    f"agent {n} did not acknowledge the revert ({results[n][1]}); its faults "
+                    f"{', '.join(held)} end by lease lapse within "
+                    f"{self.experiment.spec.abort.lease_timeout_s:g}s or at their deadline"
+                )
+        pending = [t for t in self.tracks.values() if t.held_by_agent and t.node not in unreached]
+        end = time.monotonic() + self.revert_wait_s
+        while pending and time.monotonic() < end:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(0.5, end - time.monotonic()))
+            except TimeoutError:
+                pass
+            pending = [t for t in pending if not t.terminal]
+        if pending:
+            self.problems.append(
+                f"no reverted event within {self.revert_wait_s:g}s for: "
+                + ", ".join(f"{t.node} {t.fault_id}" for t in pending)
+            )
+
+    def _report(self, plan: Plan) -> Report:
+        tracks = sorted(self.tracks.values(), key=lambda t: (t.node, t.index))
+        outcome: Outcome
+        if self.aborted:
+            outcome = "aborted"
+        elif self.problems or any(t.state not in ("expired", "reverted") for t in tracks):
+            outcome = "failed"
+        else:
+            outcome = "completed"
+        notes = list(plan.notes)
+        if self.stray_events:
+            notes.append(f"{self.stray_events} event(s) not about this experiment's targets were ignored")
+        return Report(
+            experiment_id=self.experiment_id,
+            name=self.experiment.metadata.name,
+            outcome=outcome,
+            started_at=self.started_at,
+            ended_at=time.time(),
+            targets=plan.targets,
+            faults=[t.outcome() for t in tracks],
+            abort=self.abort_info,
+            notes=notes,
+            problems=self.problems,
+        )
+
+
+async def _resolve_pods(namespace: str, labels: dict[str, str]) -> dict[str, list[PodRef]]:
+    try:
+        from controller import k8s  # lazy: Kubernetes support is optional
+    except ImportError as exc:
+        raise PreflightError(f"spec.targets.pods: Kubernetes pod targeting is not available here ({exc})") from None
+    resolved = await k8s.resolve_pods(namespace, labels)
+    by_node: dict[str, list[PodRef]] = {}
+    for rp in resolved:
+        # agents name themselves with subject-safe tokens; Kubernetes node names may contain dots
+        by_node.setdefault(safe_token(rp.node), []).append(rp.pod)
+    if not by_node:
+        sel = ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "(all)"
+        raise TargetingError(f"no pods in namespace {namespace} match {sel}")
+    return by_node
+
+
+__all__ = ["ExperimentRunner", "PreflightError", "TargetingError", "TERMINAL_STATES"]

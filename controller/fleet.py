@@ -1,0 +1,138 @@
+"""The fleet as the controller sees it: the latest heartbeat of every agent.
+
+One subscription to every agent's heartbeat subject. Each node keeps its
+latest heartbeat and when it arrived (monotonic clock, so wall-clock jumps
+do not fake silence). Undecodable messages are counted and ignored: a bad
+publisher must not blind the controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from proto.codec import DecodeError, decode
+from proto.messages import Heartbeat
+from proto.subjects import ALL_HEARTBEATS
+
+
+@dataclass(frozen=True)
+class NodeView:
+    heartbeat: Heartbeat
+    last_seen_monotonic: float
+    received_at: float
+    """Wall-clock time (Unix seconds) the heartbeat arrived, for reports."""
+
+    @property
+    def node(self) -> str:
+        return self.heartbeat.node
+
+    def age_s(self, now_monotonic: float | None = None) -> float:
+        return (now_monotonic if now_monotonic is not None else time.monotonic()) - self.last_seen_monotonic
+
+
+class FleetTimeout(TimeoutError):
+    pass
+
+
+class Fleet:
+    """Subscribe with start(), read with nodes()/get(), stop with stop()."""
+
+    def __init__(self, nc: Any) -> None:
+        self._nc = nc
+        self._sub: Any = None
+        self._nodes: dict[str, NodeView] = {}
+        self._changed = asyncio.Event()
+        self.garbage = 0
+        """Messages on heartbeat subjects that did not decode."""
+        self.last_garbage_reason: str | None = None
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(ALL_HEARTBEATS, cb=self._on_msg)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            try:
+                await asyncio.wait_for(sub.unsubscribe(), 2.0)
+            except Exception:  # noqa: BLE001 - a closed connection is already unsubscribed
+                pass
+
+    async def _on_msg(self, msg: Any) -> None:
+        self.observe(msg.data)
+
+    def observe(self, data: bytes) -> Heartbeat | None:
+        """Record one heartbeat payload. Public so tests can feed the fleet without NATS."""
+        try:
+            hb = decode(data, Heartbeat)
+        except DecodeError as exc:
+            self.garbage += 1
+            self.last_garbage_reason = str(exc)
+            return None
+        self._nodes[hb.node] = NodeView(hb, time.monotonic(), time.time())
+        # Wake everyone waiting for a change, then start a fresh event.
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        return hb
+
+    def nodes(self) -> dict[str, NodeView]:
+        return dict(self._nodes)
+
+    def get(self, node: str) -> NodeView | None:
+        return self._nodes.get(node)
+
+    def labels(self, *, only_ready: bool = False) -> dict[str, dict[str, str]]:
+        """node -> labels, the input of targeting."""
+        return {
+            n: dict(v.heartbeat.labels)
+            for n, v in self._nodes.items()
+            if not only_ready or v.heartbeat.state == "ready"
+        }
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait until predicate() holds after some heartbeat; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if predicate():
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                return predicate()
+
+    async def wait_for(self, nodes: list[str], timeout_s: float, *, ready: bool = True) -> dict[str, NodeView]:
+        """Wait until every node has sent a heartbeat (in state "ready" unless ready=False)."""
+
+        def have_all() -> bool:
+            return all(
+                (v := self._nodes.get(n)) is not None and (not ready or v.heartbeat.state == "ready") for n in nodes
+            )
+
+        if not await self.wait_until(have_all, timeout_s):
+            missing = [n for n in nodes if n not in self._nodes]
+            not_ready = [n for n in nodes if n in self._nodes and self._nodes[n].heartbeat.state != "ready"]
+            parts = []
+            if missing:
+                parts.append("no heartbeat from " + ", ".join(missing))
+            if not_ready:
+                parts.append("not ready: " + ", ".join(not_ready))
+            raise FleetTimeout(f"after {timeout_s:g}s: " + "; ".join(parts))
+        return {n: self._nodes[n] for n in nodes}
+
+    async def gather(self, min_wait_s: float = 1.5, max_wait_s: float = 5.0) -> dict[str, NodeView]:
+        """Collect heartbeats for about 1.5 heartbeat intervals (learned from the first one)."""
+        start = time.monotonic()
+        await self.wait_until(lambda: bool(self._nodes), min(min_wait_s, max_wait_s))
+        intervals = [v.heartbeat.interval_s for v in self._nodes.values()]
+        window = min(max_wait_s, max([min_wait_s, *(1.5 * i for i in intervals)]))
+        remaining = window - (time.monotonic() - start)
+        if remaining > 0:
+            await asyncio.sleep(remaining)  # a collection window, not synchronisation: we want all who speak
+        return self.nodes()
