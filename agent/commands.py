@@ -1,0 +1,171 @@
+"""Command handling: validate, journal, acknowledge. Never raises.
+
+handle_command(bytes) -> the encoded Ack is the whole contract, so the fuzz
+tests drive it in-process with no NATS at all. Every refusal is an Ack with
+accepted=False and a reason (plus a "rejected" event when the fault is
+known); nothing already injected is touched by a bad command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from agent.faults.base import Injector, Rejected
+from agent.faults_table import FaultRecord
+from agent.journal import Journal, JournalEntry
+from proto.codec import DecodeError, decode_command, encode, peek_id
+from proto.faults import required_capabilities
+from proto.messages import Ack, FaultEvent, FaultState, Inject, Revert
+
+if TYPE_CHECKING:
+    from agent.config import AgentSettings
+    from agent.faults.base import FaultContext
+
+log = logging.getLogger("faultline.agent")
+
+MAX_CLOCK_SKEW_S = 300.0
+
+
+class CommandHandler:
+    # provided by AgentRuntime
+    settings: AgentSettings
+    node: str
+    journal: Journal
+    injectors: dict[str, Injector]
+    unsupported: dict[str, str]
+    capabilities: list[str]
+    capability_notes: dict[str, str]
+    faults: dict[str, FaultRecord]
+    ended: OrderedDict[str, str]
+    ended_experiments: OrderedDict[str, str]
+    rejected_count: int
+    stopping: bool
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]: ...
+    def remember(self, table: OrderedDict[str, Any], key: str, value: Any) -> None: ...
+    def publish_event(self, ev: FaultEvent) -> None: ...
+    def make_context(
+        self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
+    ) -> FaultContext: ...
+    async def lifecycle(self, rec: FaultRecord) -> None: ...
+
+    async def handle_command(self, data: bytes) -> bytes:
+        """Decode and act on one command; returns the encoded Ack. Never raises."""
+        try:
+            return await self._handle(data)
+        except Exception as exc:  # the agent never crashes on input
+            log.exception("internal error handling a command")
+            return encode(self._reject(peek_id(data) or "", f"internal error: {exc}"))
+
+    def _reject(self, in_reply_to: str, reason: str, cmd: Inject | None = None) -> Ack:
+        self.rejected_count += 1
+        log.warning("rejected command %s: %s", in_reply_to or "(no id)", reason)
+        if cmd is not None:
+            self.publish_event(
+                FaultEvent(
+                    experiment_id=cmd.experiment_id,
+                    fault_id=cmd.fault_id,
+                    node=self.node,
+                    kind=cmd.spec.kind,
+                    state="rejected",
+                    reason=reason,
+                )
+            )
+        return Ack(in_reply_to=in_reply_to, node=self.node, accepted=False, reason=reason)
+
+    async def _handle(self, data: bytes) -> bytes:
+        try:
+            cmd = decode_command(data)
+        except DecodeError as exc:
+            return encode(self._reject(peek_id(data) or "", f"rejected: {exc}"))
+        # A command delivered twice is answered from the current state, never re-applied:
+        # injects are idempotent by fault id (held -> its state; ended -> refused).
+        ack = await self._inject(cmd) if isinstance(cmd, Inject) else self._revert(cmd)
+        return encode(ack)
+
+    async def _inject(self, cmd: Inject) -> Ack:
+        now = time.time()
+        fid, exp = cmd.fault_id, cmd.experiment_id
+        held = self.faults.get(fid)
+        if held is not None:
+            if held.experiment_id != exp:
+                return self._reject(cmd.id, f"fault id {fid} is held by experiment {held.experiment_id}")
+            return Ack(in_reply_to=cmd.id, node=self.node, accepted=True, fault_states={fid: held.state})
+        if fid in self.ended:
+            return self._reject(cmd.id, f"fault {fid} already ended ({self.ended[fid]}); not re-injected")
+        if exp in self.ended_experiments:
+            return self._reject(cmd.id, f"experiment {exp} {self.ended_experiments[exp]}; not re-injected", cmd)
+        if self.stopping:
+            return self._reject(cmd.id, "agent is stopping", cmd)
+        if cmd.expires_at <= now:
+            return self._reject(cmd.id, f"expired: expires_at passed {now - cmd.expires_at:.1f}s ago", cmd)
+        if cmd.sent_at > now + MAX_CLOCK_SKEW_S:
+            return self._reject(cmd.id, f"sent_at is {cmd.sent_at - now:.0f}s in the future: check clocks", cmd)
+        if len(self.faults) >= self.settings.safety.max_faults:
+            return self._reject(cmd.id, f"agent holds the maximum of {self.settings.safety.max_faults} faults", cmd)
+        kind = cmd.spec.kind
+        injector = self.injectors.get(kind)
+        if injector is None:
+            return self._reject(
+                cmd.id, self.unsupported.get(kind, f"{kind} faults are not supported by this agent"), cmd
+            )
+        for cap in required_capabilities(cmd.spec):
+            if cap not in self.capabilities:
+                why = self.capability_notes.get(cap, f"capability {cap} not available on this node")
+                return self._reject(cmd.id, why, cmd)
+        ctx = self.make_context(fid, exp, cmd.expires_at, cmd.pods)
+        try:
+            injector.check(cmd.spec, ctx)
+        except Rejected as exc:
+            return self._reject(cmd.id, str(exc), cmd)
+        except Exception as exc:
+            log.exception("check of %s failed", fid)
+            return self._reject(cmd.id, f"check failed: {exc}", cmd)
+        entry = JournalEntry(
+            fault_id=fid,
+            experiment_id=exp,
+            spec=cmd.spec,
+            expires_at=cmd.expires_at,
+            lease_timeout_s=cmd.lease_timeout_s,
+            pods=cmd.pods,
+            command_id=cmd.id,
+        )
+        try:
+            await asyncio.to_thread(self.journal.write, entry)  # journal before act
+        except OSError as exc:
+            return self._reject(cmd.id, f"journal write failed, not acting: {exc}", cmd)
+        rec = FaultRecord(
+            entry=entry,
+            injector=injector,
+            ctx=ctx,
+            deadline_mono=time.monotonic() + (cmd.expires_at - now),
+        )
+        self.faults[fid] = rec
+        # the agent's own deadline timer (invariant 1); the watchdog double-checks
+        loop = asyncio.get_running_loop()
+        rec.timer = loop.call_at(rec.deadline_mono, rec.request_end, "deadline reached", "expired")
+        rec.task = self.spawn(self.lifecycle(rec), name=f"fault:{fid}")
+        log.info("accepted %s (%s) of %s, expires in %.1fs", fid, kind, exp, cmd.expires_at - now)
+        return Ack(in_reply_to=cmd.id, node=self.node, accepted=True, fault_states={fid: "accepted"})
+
+    def _revert(self, cmd: Revert) -> Ack:
+        states: dict[str, FaultState] = {}
+        for rec in list(self.faults.values()):
+            if rec.experiment_id != cmd.experiment_id:
+                continue
+            if cmd.fault_ids is not None and rec.fault_id not in cmd.fault_ids:
+                continue
+            rec.request_end(f"requested: {cmd.reason}")
+            states[rec.fault_id] = rec.state
+        for fid in cmd.fault_ids or []:
+            if fid not in states and fid in self.ended:
+                states[fid] = self.ended[fid]  # type: ignore[assignment]
+        if cmd.fault_ids is None:
+            # an experiment reverted as a whole never takes new faults from a late or replayed Inject
+            self.remember(self.ended_experiments, cmd.experiment_id, "was reverted")
+        return Ack(in_reply_to=cmd.id, node=self.node, accepted=True, fault_states=states)

@@ -1,0 +1,129 @@
+"""The on-disk journal: one file per fault, written before the agent acts.
+
+Write is atomic and durable: a temporary file is written and fsynced, renamed
+over the entry, and the directory is fsynced so the rename itself survives a
+power cut. An entry is removed only after its revert finished. At start the
+runtime reverts whatever the journal holds (invariant 4).
+
+A corrupt entry (half-written by a dying disk, edited by hand) is moved aside
+to ``*.corrupt`` and reported, never silently dropped and never fatal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from proto.faults import FaultSpec
+from proto.messages import PodRef
+
+log = logging.getLogger(__name__)
+
+
+class JournalEntry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fault_id: str
+    experiment_id: str
+    spec: FaultSpec
+    expires_at: float
+    lease_timeout_s: float
+    pods: list[PodRef] | None = None
+    plan: dict[str, Any] | None = Field(
+        None, description="the injector's plan (validated by its plan_model); None until planned"
+    )
+    created_at: float = Field(default_factory=time.time)
+    command_id: str | None = None
+
+
+class Journal:
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir) / "journal"
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _path(self, fault_id: str) -> Path:
+        # fault ids are validated to [A-Za-z0-9_.-]; refuse anything that could escape the directory
+        if "/" in fault_id or fault_id in (".", "..") or not fault_id:
+            raise ValueError(f"unsafe fault id {fault_id!r}")
+        return self.dir / f"{fault_id}.json"
+
+    def write(self, entry: JournalEntry) -> None:
+        path = self._path(entry.fault_id)
+        tmp = path.with_suffix(".json.tmp")
+        data = entry.model_dump_json(by_alias=True).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self._fsync_dir()
+
+    def remove(self, fault_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(fault_id).unlink()
+            self._fsync_dir()
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def load(self) -> tuple[list[JournalEntry], list[str]]:
+        """All entries, oldest first, and one problem line per corrupt file moved aside."""
+        entries: list[JournalEntry] = []
+        problems: list[str] = []
+        for tmp in self.dir.glob("*.json.tmp"):
+            # a write that never reached its rename: the act it guarded never happened
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                entries.append(JournalEntry.model_validate_json(path.read_bytes()))
+            except (ValidationError, ValueError, OSError) as exc:
+                aside = path.with_suffix(".corrupt")
+                with contextlib.suppress(OSError):
+                    os.replace(path, aside)
+                problems.append(f"journal entry {path.name} unreadable, moved to {aside.name}: {str(exc)[:200]}")
+        entries.sort(key=lambda e: e.created_at)
+        return entries, problems
+
+    # Tombstones: a fault that ended is never re-injected by a replayed command,
+    # also across a restart, until its own deadline has passed.
+    def mark_ended(self, fault_id: str, state: str, expires_at: float) -> None:
+        ended = self.dir / "ended"
+        ended.mkdir(exist_ok=True)
+        with contextlib.suppress(OSError):
+            (ended / fault_id).write_text(json.dumps({"state": state, "expires_at": expires_at}))
+
+    def load_ended(self) -> dict[str, tuple[str, float]]:
+        out: dict[str, tuple[str, float]] = {}
+        now = time.time()
+        ended = self.dir / "ended"
+        if not ended.is_dir():
+            return out
+        for path in ended.iterdir():
+            try:
+                obj = json.loads(path.read_text())
+                state, expires_at = str(obj["state"]), float(obj["expires_at"])
+            except (OSError, ValueError, KeyError, TypeError):
+                state, expires_at = "unknown", 0.0
+            if expires_at < now:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            else:
+                out[path.name] = (state, expires_at)
+        return out
+
+    def fault_ids(self) -> list[str]:
+        return sorted(p.stem for p in self.dir.glob("*.json"))

@@ -1,0 +1,198 @@
+"""faultline-agent: command line, settings sources, signals, event loop.
+
+Sources, later wins: defaults < --config FILE < FAULTLINE_* environment < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvloop
+import yaml
+from pydantic import ValidationError
+
+from agent.config import AgentSettings
+from agent.runtime import AgentRuntime
+from proto import __version__
+
+log = logging.getLogger("faultline.agent")
+
+EPILOG = """\
+examples:
+  faultline-agent --nats nats://10.0.0.5:4222 --node worker-1 --label zone=a --label region=r1
+  FAULTLINE_NATS_URL=nats://nats:4222 FAULTLINE_NODE=$NODE_NAME faultline-agent --http-addr 0.0.0.0:9464
+
+The agent reverts every fault it holds on SIGTERM, when a fault's deadline
+passes, when its experiment's lease lapses, and at start for whatever its
+journal (--state-dir) still holds.
+"""
+
+
+def _labels(values: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        for part in item.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            key, sep, value = part.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--label {part!r}: expected key=value")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="faultline-agent",
+        description="faultline node agent: injects and reverts faults on this node.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--nats", metavar="URL", help="NATS server URL(s), comma-separated [FAULTLINE_NATS_URL]")
+    p.add_argument("--node", help="node name [FAULTLINE_NODE; default: host name]")
+    p.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="node label, repeatable [FAULTLINE_LABELS]"
+    )
+    p.add_argument(
+        "--state-dir", type=Path, help="journal directory [FAULTLINE_STATE_DIR; default /var/lib/faultline as root]"
+    )
+    p.add_argument("--heartbeat-interval", type=float, metavar="SECONDS", help="heartbeat period [default 1]")
+    p.add_argument("--http-addr", metavar="HOST:PORT", help="serve /healthz and /readyz [FAULTLINE_HTTP_ADDR]")
+    p.add_argument(
+        "--kubernetes-labels",
+        action="store_true",
+        default=None,
+        help="read node labels from the Kubernetes API [FAULTLINE_KUBERNETES_LABELS=1]",
+    )
+    p.add_argument(
+        "--deny", action="append", default=[], metavar="REGEX", help="never touch processes matching this, repeatable"
+    )
+    p.add_argument(
+        "--exempt", action="append", default=[], metavar="CIDR", help="never affect this network, repeatable"
+    )
+    p.add_argument("--config", type=Path, help="YAML or JSON settings file (see agent/config.py)")
+    p.add_argument("--log-level", default=os.environ.get("FAULTLINE_LOG_LEVEL", "INFO"))
+    p.add_argument("--version", action="version", version=f"faultline-agent {__version__}")
+    return p
+
+
+def _set(tree: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def load_settings(args: argparse.Namespace, environ: dict[str, str]) -> AgentSettings:
+    raw: dict[str, Any] = {}
+    if args.config:
+        text = args.config.read_text()
+        raw = (json.loads(text) if args.config.suffix == ".json" else yaml.safe_load(text)) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{args.config}: expected a mapping of settings")
+    env_map = {
+        "FAULTLINE_NATS_URL": ("nats.urls", lambda v: [u.strip() for u in v.split(",") if u.strip()]),
+        "FAULTLINE_NODE": ("identity.node", str),
+        "FAULTLINE_STATE_DIR": ("state_dir", str),
+        "FAULTLINE_HTTP_ADDR": ("http_addr", str),
+        "FAULTLINE_LABELS": ("identity.labels", lambda v: _labels([v])),
+        "FAULTLINE_KUBERNETES_LABELS": ("kubernetes_labels", lambda v: v.lower() in ("1", "true", "yes")),
+    }
+    for var, (path, conv) in env_map.items():
+        if environ.get(var):
+            _set(raw, path, conv(environ[var]))
+    if args.nats:
+        _set(raw, "nats.urls", [u.strip() for u in args.nats.split(",") if u.strip()])
+    if args.node:
+        _set(raw, "identity.node", args.node)
+    if args.label:
+        labels = dict(raw.get("identity", {}).get("labels", {}))
+        labels.update(_labels(args.label))
+        _set(raw, "identity.labels", labels)
+    if args.state_dir:
+        _set(raw, "state_dir", str(args.state_dir))
+    if args.heartbeat_interval:
+        _set(raw, "timing.heartbeat_interval_s", args.heartbeat_interval)
+    if args.http_addr:
+        _set(raw, "http_addr", args.http_addr)
+    if args.kubernetes_labels:
+        _set(raw, "kubernetes_labels", True)
+    if args.deny:
+        _set(raw, "safety.deny", list(raw.get("safety", {}).get("deny", [])) + args.deny)
+    if args.exempt:
+        _set(raw, "safety.exempt", list(raw.get("safety", {}).get("exempt", [])) + args.exempt)
+    return AgentSettings.model_validate(raw)
+
+
+async def serve(settings: AgentSettings) -> int:
+    runtime = AgentRuntime(settings)
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        # a handler only sets a flag; the second signal forces exit (the journal still has the faults)
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.error("second %s: exiting now; faults left to journal recovery", signal.Signals(signum).name)
+            os._exit(130)
+        log.info("%s: reverting all faults and stopping", signal.Signals(signum).name)
+        runtime.request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    extras = await _start_extras(runtime, settings)
+    try:
+        return await runtime.run()
+    finally:
+        for closer in extras:
+            closer.close()
+
+
+async def _start_extras(runtime: AgentRuntime, settings: AgentSettings) -> list[Any]:
+    """Optional parts: the health endpoint and Kubernetes node labels."""
+    closers: list[Any] = []
+    if settings.kubernetes_labels:
+        try:
+            from agent import k8s
+
+            labels = await k8s.fetch_node_labels(settings.identity.node)
+            runtime.labels = {**labels, **runtime.labels}
+            log.info("node labels from the Kubernetes API: %d", len(labels))
+        except Exception as exc:
+            log.error("could not read node labels from the Kubernetes API: %s", exc)
+    if settings.http_addr:
+        from agent import health
+
+        host, _, port = settings.http_addr.rpartition(":")
+        server = await health.start_health_server(host or "0.0.0.0", int(port), runtime.ready)
+        closers.append(server)
+    return closers
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = load_settings(args, dict(os.environ))
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"faultline-agent: invalid settings: {exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(uvloop.run(serve(settings)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Processes the agent never touches (invariant 7), each with the reason.
+
+PID 1, the agent itself, its ancestors and descendants (its own stressors),
+other faultline agents on the machine, the NATS server the agent talks to,
+kernel threads, configured pids, and anything matching the deny list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterable, Sequence
+
+import psutil
+
+AGENT_MARKERS = ("faultline-agent", "agent.main")
+
+
+def is_kernel_thread(proc: psutil.Process) -> bool:
+    # kthreadd is pid 2 and parents every kernel thread; they have no command line
+    try:
+        return proc.pid == 2 or proc.ppid() == 2
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
+def _listening_pids(ports: Iterable[int]) -> set[int]:
+    wanted = set(ports)
+    if not wanted:
+        return set()
+    pids: set[int] = set()
+    with contextlib.suppress(psutil.AccessDenied, OSError):
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in wanted and conn.pid:
+                pids.add(conn.pid)
+    return pids
+
+
+def protected_pids(
+    control_plane: Sequence[tuple[str, int]] = (),
+    extra_pids: Sequence[int] = (),
+) -> dict[int, str]:
+    """pid -> reason, for every process that must never be signalled."""
+    me = os.getpid()
+    out: dict[int, str] = {1: "PID 1 (init)"}
+    out[me] = "the faultline agent itself"
+    with contextlib.suppress(psutil.Error):
+        for parent in psutil.Process(me).parents():
+            out.setdefault(parent.pid, "an ancestor of the faultline agent")
+        for child in psutil.Process(me).children(recursive=True):
+            out.setdefault(child.pid, "a process of the faultline agent (stressor)")
+    for pid in _listening_pids(port for _, port in control_plane):
+        out.setdefault(pid, "the NATS server the agent is connected to")
+    for pid in extra_pids:
+        out.setdefault(pid, "on the agent's protected pid list")
+    return out
+
+
+def protection_reason(
+    proc: psutil.Process,
+    info: dict[str, object],
+    protected: dict[int, str],
+    deny: Sequence[re.Pattern[str]],
+) -> str | None:
+    """Why ``proc`` must not be touched, or None. ``info`` is psutil's as_dict subset."""
+    pid = proc.pid
+    if pid in protected:
+        return protected[pid]
+    if is_kernel_thread(proc):
+        return "a kernel thread"
+    name = str(info.get("name") or "")
+    cmdline_list = info.get("cmdline") or []
+    cmdline = " ".join(str(x) for x in cmdline_list) if isinstance(cmdline_list, list) else ""
+    if name == "nats-server" or os.path.basename(str(cmdline_list[0]) if cmdline_list else "") == "nats-server":
+        return "a NATS server"
+    if any(marker in cmdline for marker in AGENT_MARKERS):
+        return "a faultline agent"
+    for pattern in deny:
+        if pattern.search(name) or pattern.search(cmdline):
+            return f"on the deny list ({pattern.pattern})"
+    return None

@@ -1,0 +1,524 @@
+"""The agent runtime: one asyncio program per node, instantiable many times.
+
+It owns the NATS connection, the journal, the fault records and every
+background task (heartbeats, watchdog, one lifecycle task per fault). There
+are no module globals: tests and benchmarks run many runtimes in one process.
+
+Safety paths (see DESIGN.md): each fault has a deadline timer; a watchdog
+reverts an experiment's faults when its lease lapses and everything when NATS
+has been gone too long; halt reverts everything; stop reverts everything
+before the last heartbeat; start reverts whatever the journal holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Coroutine
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from agent.commands import CommandHandler
+from agent.config import AgentSettings
+from agent.faults import load_injectors
+from agent.faults.base import AgentEnv, FaultContext, Injector
+from agent.faults_table import FaultRecord, merge
+from agent.journal import Journal
+from agent.nodeload import LoadSampler
+from agent.protect import protected_pids
+from proto import __version__, subjects
+from proto.codec import DecodeError, decode, encode
+from proto.messages import FaultEvent, FaultState, Halt, Heartbeat, Lease, Measurements, new_id
+
+log = logging.getLogger("faultline.agent")
+
+MAX_REMEMBERED = 4096
+
+
+class AgentRuntime(CommandHandler):
+    def __init__(self, settings: AgentSettings, injectors: dict[str, Injector] | None = None) -> None:
+        self.settings = settings
+        self.node = settings.identity.node
+        self.labels = dict(settings.identity.labels)
+        self.instance_id = new_id()
+        self.started_at = time.time()
+        self.journal = Journal(settings.state_dir)
+        self.env = AgentEnv(
+            node=self.node,
+            state_dir=settings.state_dir,
+            instance_id=self.instance_id,
+            protected_pids=lambda: protected_pids(self.control_plane(), settings.safety.protect_pids),
+            deny_patterns=tuple(settings.safety.deny),
+            control_plane=self.control_plane,
+            exempt_cidrs=tuple(settings.safety.exempt),
+            memory_reserve_percent=settings.safety.memory_reserve_percent,
+        )
+        if injectors is None:
+            self.injectors, self.unsupported = load_injectors(self.env)
+        else:
+            self.injectors, self.unsupported = injectors, {}
+        self.capabilities: list[str] = []
+        self.capability_notes: dict[str, str] = dict(self.unsupported)
+        self.faults: dict[str, FaultRecord] = {}
+        self.ended: OrderedDict[str, str] = OrderedDict()
+        self.ended_experiments: OrderedDict[str, str] = OrderedDict()
+        self.lease_seen: dict[str, float] = {}
+        self.recovered: list[str] = []
+        self.rejected_count = 0
+        self.nc: NATS | None = None
+        self.connected = False
+        self.recovery_done = False
+        self.nats_lost_since: float | None = time.monotonic()
+        self.stop_event = asyncio.Event()
+        self.stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._pending_events: list[FaultEvent] = []
+        self._hb_seq = 0
+        self._load = LoadSampler()
+        self._cp_cache: dict[str, list[tuple[str, int]]] = {}
+        self._subs: list[Any] = []
+
+    # --- owned tasks -------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s died: %r", task.get_name(), task.exception(), exc_info=task.exception())
+
+    # --- facts -------------------------------------------------------------
+
+    def control_plane(self) -> list[tuple[str, int]]:
+        """(ip, port) of the NATS server we are connected to: never cut, never killed."""
+        nc = self.nc
+        url = getattr(nc, "connected_url", None) if nc is not None else None
+        if url is None:
+            return []
+        key = f"{url.hostname}:{url.port}"
+        if key not in self._cp_cache:
+            addrs: list[tuple[str, int]] = []
+            with contextlib.suppress(OSError):
+                for info in socket.getaddrinfo(url.hostname, url.port or 4222, type=socket.SOCK_STREAM):
+                    addrs.append((str(info[4][0]), int(info[4][1])))
+            self._cp_cache[key] = sorted(set(addrs))
+        return self._cp_cache[key]
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.recovery_done:
+            return False, "journal recovery not done"
+        if not self.connected:
+            return False, "not connected to NATS"
+        if self.stopping:
+            return False, "stopping"
+        return True, "ready"
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+
+    # --- publishing --------------------------------------------------------
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        nc = self.nc
+        if nc is None or not self.connected:
+            return
+        try:
+            await nc.publish(subject, payload)
+        except Exception as exc:  # a publish failure must never take a fault path down
+            log.warning("publish to %s failed: %s", subject, exc)
+
+    def event(self, rec: FaultRecord, state: FaultState, reason: str | None = None) -> None:
+        ev = FaultEvent(
+            experiment_id=rec.experiment_id,
+            fault_id=rec.fault_id,
+            node=self.node,
+            kind=rec.kind,
+            state=state,
+            reason=reason,
+            measurements=rec.measurements,
+        )
+        self.publish_event(ev)
+
+    def publish_event(self, ev: FaultEvent) -> None:
+        if not self.connected:
+            self._pending_events.append(ev)
+            del self._pending_events[:-1000]
+            return
+        self.spawn(self.publish(subjects.exp_events(ev.experiment_id), encode(ev)), name="publish-event")
+
+    def heartbeat(self, state: str = "ready") -> Heartbeat:
+        self._hb_seq += 1
+        return Heartbeat(
+            node=self.node,
+            instance_id=self.instance_id,
+            version=__version__,
+            labels=self.labels,
+            capabilities=self.capabilities,
+            capability_notes=self.capability_notes,
+            state=state,  # type: ignore[arg-type]
+            interval_s=self.settings.timing.heartbeat_interval_s,
+            seq=self._hb_seq,
+            started_at=self.started_at,
+            load=self._load.sample(),
+            faults=[r.view() for r in self.faults.values()],
+            recovered=self.recovered[-50:],
+        )
+
+    # --- fault lifecycle ---------------------------------------------------
+
+    def make_context(
+        self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
+    ) -> FaultContext:
+        def emit(state: FaultState, m: Measurements, reason: str | None) -> None:
+            rec = self.faults.get(fault_id)
+            if rec is not None:
+                rec.measurements = merge(rec.measurements, m)
+                self.event(rec, state, reason)
+
+        return FaultContext(
+            fault_id=fault_id,
+            experiment_id=experiment_id,
+            deadline=deadline,
+            pods=pods,
+            env=self.env,
+            emit=emit,
+            recovered=recovered,
+        )
+
+    async def lifecycle(self, rec: FaultRecord) -> None:
+        inj, ctx, spec = rec.injector, rec.ctx, rec.entry.spec
+        timing = self.settings.timing
+        failure: str | None = None
+        try:
+            if not rec.ended.is_set():
+                rec.set_state("injecting")
+                self.event(rec, "injecting")
+                t0 = time.monotonic()
+                plan = await asyncio.wait_for(inj.plan(spec, ctx), timing.revert_timeout_s)
+                rec.plan = plan
+                rec.entry = rec.entry.model_copy(update={"plan": plan.model_dump(mode="json")})
+                await asyncio.to_thread(self.journal.write, rec.entry)  # journal before act
+                if not rec.ended.is_set():
+                    m = await asyncio.wait_for(inj.apply(spec, plan, ctx), timing.revert_timeout_s)
+                    rec.measurements = merge(rec.measurements, m)
+                    rec.measurements = merge(rec.measurements, Measurements(apply_s=round(time.monotonic() - t0, 4)))
+                    if not rec.ended.is_set():
+                        rec.set_state("active")
+                        self.event(rec, "active")
+        except TimeoutError:
+            failure = f"inject timed out after {timing.revert_timeout_s}s"
+        except Exception as exc:
+            failure = str(exc) or type(exc).__name__
+            if not isinstance(exc, self._expected_failures()):
+                log.exception("fault %s failed to inject", rec.fault_id)
+        if failure is not None:
+            log.warning("fault %s failed: %s", rec.fault_id, failure)
+            rec.request_end(failure, "failed")
+        await rec.ended.wait()
+        await self._revert(rec)
+
+    @staticmethod
+    def _expected_failures() -> tuple[type[BaseException], ...]:
+        from agent.faults.base import Rejected
+
+        return (Rejected,)
+
+    async def _revert(self, rec: FaultRecord) -> None:
+        rec.set_state("reverting")
+        error: str | None = None
+        t0 = time.monotonic()
+        if rec.plan is not None:
+            try:
+                m = await asyncio.wait_for(
+                    rec.injector.revert(rec.plan, rec.ctx), self.settings.timing.revert_timeout_s
+                )
+                rec.measurements = merge(rec.measurements, m)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                log.error(
+                    "fault %s: REVERT FAILED: %s (journal entry kept; retried at next start)", rec.fault_id, error
+                )
+        rec.measurements = merge(rec.measurements, Measurements(revert_s=round(time.monotonic() - t0, 4)))
+        state: FaultState = "failed" if error else rec.end_state
+        reason = rec.end_reason or "reverted"
+        if error:
+            reason = f"{reason}; revert failed: {error}"
+        else:
+            await asyncio.to_thread(self.journal.remove, rec.fault_id)
+        self.journal.mark_ended(rec.fault_id, state, rec.entry.expires_at)
+        rec.set_state(state)
+        self.faults.pop(rec.fault_id, None)
+        self.remember(self.ended, rec.fault_id, state)
+        self.event(rec, state, reason)
+        log.info("fault %s %s: %s", rec.fault_id, state, reason)
+        rec.finished.set()
+
+    def remember(self, table: OrderedDict[str, Any], key: str, value: Any) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > MAX_REMEMBERED:
+            table.popitem(last=False)
+
+    def end_all(self, reason: str, experiment_id: str | None = None) -> list[FaultRecord]:
+        hit = []
+        for rec in list(self.faults.values()):
+            if experiment_id is None or rec.experiment_id == experiment_id:
+                rec.request_end(reason)
+                hit.append(rec)
+        return hit
+
+    # --- recovery (invariant 4) ---------------------------------------------
+
+    async def recover(self) -> None:
+        entries, problems = await asyncio.to_thread(self.journal.load)
+        for line in problems:
+            log.error("%s", line)
+        for fid, (state, _) in (await asyncio.to_thread(self.journal.load_ended)).items():
+            self.remember(self.ended, fid, state)
+        for entry in entries:
+            inj = self.injectors.get(entry.spec.kind)
+            if inj is None:
+                log.error(
+                    "journal holds %s of kind %s which this agent cannot revert; entry kept",
+                    entry.fault_id,
+                    entry.spec.kind,
+                )
+                continue
+            ctx = self.make_context(entry.fault_id, entry.experiment_id, entry.expires_at, entry.pods, recovered=True)
+            m = Measurements(recovered_from_journal=True)
+            state: FaultState = "reverted"
+            reason = "recovered from journal after restart: reverted"
+            try:
+                if entry.plan is not None:
+                    plan = inj.plan_model.model_validate(entry.plan)
+                    m = merge(m, await asyncio.wait_for(inj.revert(plan, ctx), self.settings.timing.revert_timeout_s))
+                else:
+                    reason = "recovered from journal after restart: never applied"
+                await asyncio.to_thread(self.journal.remove, entry.fault_id)
+                self.journal.mark_ended(entry.fault_id, state, entry.expires_at)
+            except Exception as exc:
+                state, reason = "failed", f"recovery revert failed: {exc}"
+                log.error("journal recovery of %s failed: %s (entry kept)", entry.fault_id, exc)
+            self.remember(self.ended, entry.fault_id, state)
+            self.recovered.append(entry.fault_id)
+            log.warning("journal recovery: %s %s (%s)", entry.fault_id, state, reason)
+            self.publish_event(
+                FaultEvent(
+                    experiment_id=entry.experiment_id,
+                    fault_id=entry.fault_id,
+                    node=self.node,
+                    kind=entry.spec.kind,
+                    state=state,
+                    reason=reason,
+                    measurements=m,
+                )
+            )
+        for kind, inj in self.injectors.items():
+            try:
+                lines = await asyncio.wait_for(inj.sweep([]), self.settings.timing.revert_timeout_s)
+            except Exception as exc:
+                log.error("sweep of %s leftovers failed: %s", kind, exc)
+                continue
+            for line in lines:
+                log.warning("sweep %s: %s", kind, line)
+        if not entries:
+            log.info("journal recovery: nothing to do")
+        self.recovery_done = True
+
+    async def probe(self) -> None:
+        caps: list[str] = []
+        for kind, inj in self.injectors.items():
+            try:
+                found = await asyncio.to_thread(inj.probe)
+            except Exception as exc:
+                log.error("capability probe of %s failed: %s", kind, exc)
+                self.capability_notes[kind] = f"probe failed: {exc}"
+                continue
+            for cap in found:
+                if cap.available:
+                    caps.append(cap.name)
+                elif cap.note:
+                    self.capability_notes[cap.name] = cap.note
+        self.capabilities = sorted(set(caps))
+
+    # --- NATS ----------------------------------------------------------------
+
+    async def connect(self) -> bool:
+        nats_cfg = self.settings.nats
+        delay = nats_cfg.reconnect_wait_s
+        while not self.stop_event.is_set():
+            try:
+                self.nc = await nats.connect(
+                    servers=nats_cfg.urls,
+                    name=f"faultline-agent/{self.node}",
+                    connect_timeout=nats_cfg.connect_timeout_s,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=nats_cfg.reconnect_wait_s,
+                    ping_interval=2,
+                    max_outstanding_pings=2,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    error_cb=self._on_error,
+                )
+                self.connected = True
+                self.nats_lost_since = None
+                return True
+            except Exception as exc:
+                log.warning("cannot reach NATS at %s: %s; retrying", ",".join(nats_cfg.urls), exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), delay)
+                delay = min(delay * 2, 5.0)
+        return False
+
+    async def _on_disconnected(self) -> None:
+        if self.connected and not self.stopping:
+            log.warning("lost NATS connection")
+        self.connected = False
+        self.nats_lost_since = time.monotonic()
+
+    async def _on_reconnected(self) -> None:
+        self.connected = True
+        self.nats_lost_since = None
+        self._cp_cache.clear()
+        log.info("reconnected to NATS at %s", getattr(self.nc, "connected_url", None))
+        self._flush_pending()
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS: %s", exc)
+
+    def _flush_pending(self) -> None:
+        pending, self._pending_events = self._pending_events, []
+        for ev in pending:
+            self.publish_event(ev)
+
+    async def subscribe(self) -> None:
+        assert self.nc is not None
+        self._subs.append(await self.nc.subscribe(subjects.agent_cmd(self.node), cb=self._on_cmd))
+        self._subs.append(await self.nc.subscribe(subjects.HALT, cb=self._on_halt))
+        self._subs.append(await self.nc.subscribe(subjects.ALL_LEASES, cb=self._on_lease))
+        await self.nc.flush(timeout=5)
+
+    async def _on_cmd(self, msg: Msg) -> None:
+        payload = await self.handle_command(msg.data)
+        if msg.reply:
+            await self.publish(msg.reply, payload)
+
+    async def _on_halt(self, msg: Msg) -> None:
+        try:
+            halt = decode(msg.data, Halt)
+        except DecodeError as exc:
+            self.rejected_count += 1
+            log.warning("ignored malformed halt: %s", exc)
+            return
+        hit = self.end_all(f"halt: {halt.reason} (by {halt.issued_by})")
+        for rec in hit:
+            self.remember(self.ended_experiments, rec.experiment_id, "halted")
+        log.warning("HALT from %s: %s; reverting %d fault(s)", halt.issued_by, halt.reason, len(hit))
+
+    async def _on_lease(self, msg: Msg) -> None:
+        exp = subjects.experiment_from_subject(msg.subject)
+        if exp is None or not any(r.experiment_id == exp for r in self.faults.values()):
+            return  # not ours: skip the decode
+        try:
+            lease = decode(msg.data, Lease)
+        except DecodeError as exc:
+            self.rejected_count += 1
+            log.warning("ignored malformed lease on %s: %s", msg.subject, exc)
+            return
+        if lease.experiment_id == exp:
+            self.lease_seen[exp] = time.monotonic()
+
+    # --- loops ---------------------------------------------------------------
+
+    async def heartbeat_loop(self) -> None:
+        interval = self.settings.timing.heartbeat_interval_s
+        while not self.stop_event.is_set():
+            await self.publish(subjects.agent_hb(self.node), encode(self.heartbeat()))
+            # a little jitter spreads a fleet's heartbeats over time
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), interval * random.uniform(0.9, 1.1))
+
+    def check_leases(self) -> None:
+        now = time.monotonic()
+        lost_for = now - self.nats_lost_since if self.nats_lost_since is not None else 0.0
+        if lost_for > self.settings.timing.nats_lost_timeout_s and self.faults:
+            self.end_all(f"NATS unreachable for {lost_for:.1f}s")
+        for rec in list(self.faults.values()):
+            if rec.ended.is_set():
+                continue
+            if time.time() >= rec.entry.expires_at:
+                rec.request_end("deadline reached", "expired")
+                continue
+            last = max(self.lease_seen.get(rec.experiment_id, 0.0), rec.accepted_mono)
+            silent = now - last
+            if silent > rec.entry.lease_timeout_s:
+                rec.request_end(f"lease lapsed: no lease for {silent:.1f}s (timeout {rec.entry.lease_timeout_s:g}s)")
+                self.remember(self.ended_experiments, rec.experiment_id, "lease lapsed")
+
+    async def watchdog_loop(self) -> None:
+        idle = max(1.0, self.settings.timing.watchdog_interval_s)
+        while not self.stop_event.is_set():
+            self.check_leases()
+            wait = self.settings.timing.watchdog_interval_s if self.faults else idle
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), wait)
+
+    # --- main ----------------------------------------------------------------
+
+    async def run(self) -> int:
+        await self.probe()
+        await self.recover()
+        if not await self.connect():
+            return 0
+        await self.subscribe()
+        self._flush_pending()
+        self.spawn(self.heartbeat_loop(), name="heartbeat")
+        self.spawn(self.watchdog_loop(), name="watchdog")
+        log.info("faultline-agent ready node=%s pid=%d instance=%s", self.node, os.getpid(), self.instance_id)
+        await self.stop_event.wait()
+        await self.shutdown()
+        return 0
+
+    async def shutdown(self) -> None:
+        """One path: stop taking commands, revert everything, say goodbye, drain."""
+        self.stopping = True
+        timing = self.settings.timing
+        for sub in self._subs[:1]:  # the command subscription: no new work
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(sub.unsubscribe(), 1.0)
+        hit = self.end_all("agent stopping (SIGTERM)")
+        if hit:
+            done = asyncio.gather(*(r.finished.wait() for r in hit))
+            try:
+                await asyncio.wait_for(done, max(1.0, timing.stop_timeout_s - 3 * self.settings.nats.drain_timeout_s))
+            except TimeoutError:
+                log.error("stop: %d fault(s) did not revert in time; the journal keeps them", len(self.faults))
+        if self.nc is not None and self.connected:
+            hb = encode(self.heartbeat("leaving"))
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.publish(subjects.agent_hb(self.node), hb))
+                await asyncio.wait_for(self.nc.flush(), self.settings.nats.drain_timeout_s)
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.drain(), self.settings.nats.drain_timeout_s)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), 1.0)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)
+        log.info("faultline-agent stopped node=%s", self.node)
