@@ -17,7 +17,7 @@ from proto.messages import TERMINAL_STATES, Measurements, PodRef
 
 # States the controller itself records before the agent says anything.
 PRE_ACK = frozenset({"not-dispatched", "dispatched"})
-ENDED_BY_US = frozenset({"no-reply", "not-dispatched"})
+ENDED_BY_US = frozenset({"no-reply"})
 
 
 @dataclass

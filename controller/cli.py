@@ -1,0 +1,407 @@
+"""`faultline`: the controller's command line.
+
+Progress goes to stderr, results (reports, tables, JSON) to stdout, so
+`-o json` output can be piped. Exit codes: 0 completed, 1 aborted or failed,
+2 bad input or could not start (nothing was sent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import uvloop
+
+from controller.dispatch import ConnectError, close, connect, revert_experiment
+from controller.engine import ExperimentRunner
+from controller.experiment import ExperimentError, json_schema_text, load_experiment
+from controller.fleet import Fleet, NodeView
+from controller.local import LocalEnvironment, LocalModeError, nats_url_from_env
+from controller.report import exit_code, render_text, to_json
+from controller.targeting import TargetingError
+from controller.tracking import PreflightError
+from proto import __version__
+from proto.codec import DecodeError, decode, encode
+from proto.messages import Ack, Halt, Revert
+from proto.subjects import HALT, exp_control
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+EPILOG = """\
+getting started:
+  faultline demo                          # a whole experiment on this machine, on its own processes
+  faultline validate examples/pause-worker.yaml
+  faultline run examples/pause-worker.yaml          # no NATS configured: embedded server + local agent
+  faultline schema > experiment.schema.json          # for editors
+
+against a fleet (agents started with `faultline-agent --nats URL --node NAME`):
+  faultline agents --nats nats://10.0.0.5:4222
+  faultline run examples/zone-outage.yaml --nats nats://10.0.0.5:4222 --dry-run
+  faultline run examples/zone-outage.yaml --nats nats://10.0.0.5:4222 -o json > report.json
+  faultline abort zone-outage-3fa2c1 --nats nats://10.0.0.5:4222
+  faultline halt --nats nats://10.0.0.5:4222 --reason "incident 42"
+
+FAULTLINE_NATS_URL stands for --nats. Exit codes of run: 0 completed,
+1 aborted or failed, 2 bad input (the file, the targets, the fleet's
+capabilities; nothing is sent). Ctrl-C during run aborts and reverts.
+"""
+
+
+def _out(text: str) -> None:
+    print(text, flush=True)
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# --- validate / schema
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        exp = load_experiment(args.file)
+    except ExperimentError as exc:
+        _err(f"{args.file}: invalid experiment file:\n" + _indent(str(exc)))
+        return EXIT_BAD_INPUT
+    kinds = ", ".join(f.kind for f in exp.spec.faults)
+    _out(f"{args.file}: valid (experiment {exp.metadata.name}: {len(exp.spec.faults)} fault(s): {kinds})")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    _out(json_schema_text())
+    return EXIT_OK
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+# --- run
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        exp = load_experiment(args.file)
+    except ExperimentError as exc:
+        _err(f"{args.file}: invalid experiment file (nothing sent):\n" + _indent(str(exc)))
+        return EXIT_BAD_INPUT
+    url = nats_url_from_env(args.nats)
+    say = (lambda _line: None) if args.quiet else _err
+    if url is None:
+        say("no NATS configured (--nats, FAULTLINE_NATS_URL): running on this machine with an embedded")
+        say("nats-server and a local agent ...")
+        try:
+            async with LocalEnvironment() as env:
+                assert env.fleet is not None
+                spec_t = exp.spec.targets
+                if spec_t.nodes or spec_t.labels or spec_t.mode != "all":
+                    say(f"note: spec.targets replaced by the local node {env.node} (local mode)")
+                return await _run_experiment(args, exp, env.nc, env.fleet, [env.node], say)
+        except LocalModeError as exc:
+            _err(f"faultline: {exc}")
+            return EXIT_BAD_INPUT
+    try:
+        nc = await connect(url)
+    except ConnectError as exc:
+        _err(f"faultline: {exc}")
+        return EXIT_BAD_INPUT
+    fleet = Fleet(nc)
+    try:
+        await fleet.start()
+        await fleet.gather()
+        return await _run_experiment(args, exp, nc, fleet, None, say)
+    finally:
+        await fleet.stop()
+        await close(nc)
+
+
+async def _run_experiment(
+    args: argparse.Namespace, exp: Any, nc: Any, fleet: Fleet, override: list[str] | None, say: Any
+) -> int:
+    runner = ExperimentRunner(nc, fleet, exp, nodes_override=override, progress=say)
+    try:
+        plan = await runner.plan()
+    except (TargetingError, PreflightError) as exc:
+        _err(f"faultline: cannot run {exp.metadata.name} (nothing sent):\n" + _indent(str(exc)))
+        return EXIT_BAD_INPUT
+    if args.dry_run:
+        data = {
+            "experiment": exp.metadata.name,
+            "targets": plan.targets,
+            "faults": [f.model_dump(mode="json", by_alias=True, exclude_none=True) for f in exp.spec.faults],
+            "pods": {n: [p.model_dump() for p in ps] for n, ps in plan.pods.items()},
+            "notes": plan.notes,
+        }
+        if args.output == "json":
+            _out(json.dumps(data, indent=2))
+        else:
+            _out(f"dry run: {exp.metadata.name} would target {', '.join(plan.targets)}")
+            _out("every target is ready and has the capabilities the faults need; nothing was sent")
+        return EXIT_OK
+    say(f"running {runner.experiment_id}; abort it from elsewhere with: faultline abort {runner.experiment_id}")
+    with _signals_abort(runner):
+        report = await runner.run()
+    _out(to_json(report) if args.output == "json" else render_text(report))
+    return exit_code(report)
+
+
+class _signals_abort:
+    """First SIGINT/SIGTERM aborts the experiment (which reverts); a second one stops waiting."""
+
+    def __init__(self, runner: ExperimentRunner) -> None:
+        self.runner = runner
+        self.count = 0
+        self.task = asyncio.current_task()
+
+    def _on(self, signum: int) -> None:
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self.count == 1:
+            _err(f"\n{name}: aborting and reverting on every target (again to stop waiting)")
+            self.runner.abort(f"interrupted ({name})")
+        elif self.task is not None:
+            _err(f"{name} again: not waiting any longer; agents revert when the lease lapses")
+            self.task.cancel()
+
+    def __enter__(self) -> _signals_abort:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on, sig)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+# --- agents / abort / halt
+
+
+async def _with_fleet(url: str) -> tuple[Any, Fleet]:
+    nc = await connect(url)
+    fleet = Fleet(nc)
+    await fleet.start()
+    return nc, fleet
+
+
+def _agent_row(view: NodeView, now: float) -> dict[str, Any]:
+    hb = view.heartbeat
+    return {
+        "node": hb.node,
+        "version": hb.version,
+        "state": hb.state,
+        "labels": hb.labels,
+        "capabilities": hb.capabilities,
+        "capability_notes": hb.capability_notes,
+        "faults": [f.model_dump() for f in hb.faults],
+        "cpu_percent": hb.load.cpu_percent if hb.load else None,
+        "memory_percent": hb.load.memory_percent if hb.load else None,
+        "last_seen_s": round(view.age_s(now), 2),
+        "instance_id": hb.instance_id,
+    }
+
+
+async def cmd_agents(args: argparse.Namespace) -> int:
+    url = nats_url_from_env(args.nats) or DEFAULT_NATS_URL
+    try:
+        nc, fleet = await _with_fleet(url)
+    except ConnectError as exc:
+        _err(f"faultline: {exc}")
+        return EXIT_BAD_INPUT
+    try:
+        views = await fleet.gather()
+    finally:
+        await fleet.stop()
+        await close(nc)
+    now = time.monotonic()
+    rows = [_agent_row(v, now) for _, v in sorted(views.items())]
+    if args.output == "json":
+        _out(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        _out(f"no agents sent a heartbeat on {url}")
+        return EXIT_OK
+    table = [["NODE", "VERSION", "STATE", "LABELS", "CAPABILITIES", "FAULTS", "CPU", "MEM", "LAST SEEN"]]
+    for r in rows:
+        table.append(
+            [
+                r["node"],
+                r["version"],
+                r["state"],
+                ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or "-",
+                ",".join(r["capabilities"]) or "-",
+                ",".join(f"{f['fault_id']}:{f['state']}" for f in r["faults"]) or "-",
+                "-" if r["cpu_percent"] is None else f"{r['cpu_percent']:.0f}%",
+                "-" if r["memory_percent"] is None else f"{r['memory_percent']:.0f}%",
+                f"{r['last_seen_s']:.1f}s ago",
+            ]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+def _issuer() -> str:
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except (OSError, KeyError):
+        return "unknown"
+
+
+async def cmd_abort(args: argparse.Namespace) -> int:
+    url = nats_url_from_env(args.nats) or DEFAULT_NATS_URL
+    exp_id = args.experiment_id
+    reason = f"{args.reason} (by {_issuer()})"
+    try:
+        nc, fleet = await _with_fleet(url)
+    except ConnectError as exc:
+        _err(f"faultline: {exc}")
+        return EXIT_BAD_INPUT
+    try:
+        cmd = Revert(experiment_id=exp_id, reason=reason, expires_at=time.time() + 30.0)
+        try:
+            msg = await nc.request(exp_control(exp_id), encode(cmd), timeout=2.0)
+            ack = decode(msg.data, Ack)
+            if ack.accepted:
+                _out(f"experiment {exp_id}: abort requested; its controller is reverting on every target")
+                return EXIT_OK
+            _err(f"experiment {exp_id}: the controller refused: {ack.reason}")
+        except (DecodeError, TimeoutError, Exception) as exc:  # no responder, timeout: fall back to the agents
+            logging.getLogger(__name__).debug("control request: %r", exc)
+        # No controller answers (it died, or runs elsewhere): revert directly on every agent holding its faults.
+        views = await fleet.gather()
+        holders = sorted(n for n, v in views.items() if any(f.experiment_id == exp_id for f in v.heartbeat.faults))
+        if not holders:
+            _err(f"unknown experiment id {exp_id}: no controller runs it and no agent holds its faults")
+            return EXIT_BAD_INPUT
+        results = await revert_experiment(nc, holders, exp_id, f"requested: {reason}")
+        failed = [n for n, (a, _why) in results.items() if a is None]
+        for n, (a, why) in sorted(results.items()):
+            _out(f"{n}: " + ("revert acknowledged" if a is not None else f"no answer ({why})"))
+        return EXIT_FAILED if failed else EXIT_OK
+    finally:
+        await fleet.stop()
+        await close(nc)
+
+
+async def cmd_halt(args: argparse.Namespace) -> int:
+    url = nats_url_from_env(args.nats) or DEFAULT_NATS_URL
+    try:
+        nc = await connect(url)
+    except ConnectError as exc:
+        _err(f"faultline: {exc}")
+        return EXIT_BAD_INPUT
+    try:
+        await nc.publish(HALT, encode(Halt(reason=args.reason, issued_by=_issuer())))
+        await asyncio.wait_for(nc.flush(), 2.0)
+    finally:
+        await close(nc)
+    _out(f"halt sent on {url}: every agent reverts everything now")
+    return EXIT_OK
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from controller.demo import run_demo
+
+    runner_box: list[ExperimentRunner] = []
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+
+    def on_signal(signum: int) -> None:
+        if runner_box and not runner_box[0].aborted:
+            runner_box[0].abort(f"interrupted ({signal.Signals(signum).name})")
+        elif task is not None:
+            task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await run_demo(_err, args.output, on_runner=runner_box.append)
+    except LocalModeError as exc:
+        _err(f"faultline demo: {exc}")
+        return EXIT_FAILED
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+# --- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="faultline",
+        description="faultline: event-driven chaos experiments over NATS, with agents on every node.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"faultline {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def nats_opt(sp: argparse.ArgumentParser, local: bool) -> None:
+        default = "embedded server and local agent" if local else DEFAULT_NATS_URL
+        sp.add_argument("--nats", metavar="URL", help=f"NATS server URL [FAULTLINE_NATS_URL; default: {default}]")
+
+    def output_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-o", "--output", choices=["text", "json"], default="text", help="result format")
+
+    d = sub.add_parser("demo", help="run a short experiment on this machine, against its own processes")
+    output_opt(d)
+    r = sub.add_parser("run", help="run an experiment file to its end", epilog=EPILOG)
+    r.add_argument("file", help="experiment file (YAML)")
+    nats_opt(r, local=True)
+    output_opt(r)
+    r.add_argument("--dry-run", action="store_true", help="resolve targets and check capabilities; send nothing")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    a = sub.add_parser("agents", help="list the agents that send heartbeats")
+    nats_opt(a, local=False)
+    output_opt(a)
+    ab = sub.add_parser("abort", help="abort a running experiment and revert its faults")
+    ab.add_argument("experiment_id", metavar="EXPERIMENT_ID", help="as printed by `faultline run`")
+    ab.add_argument("--reason", default="aborted from the command line")
+    nats_opt(ab, local=False)
+    h = sub.add_parser("halt", help="every agent reverts everything now")
+    h.add_argument("--reason", default="halt from the command line")
+    nats_opt(h, local=False)
+    v = sub.add_parser("validate", help="check an experiment file; exit 2 with field paths if invalid")
+    v.add_argument("file")
+    sub.add_parser("schema", help="print the JSON Schema of the experiment file")
+    return p
+
+
+ASYNC_COMMANDS = {"run": cmd_run, "agents": cmd_agents, "abort": cmd_abort, "halt": cmd_halt, "demo": cmd_demo}
+SYNC_COMMANDS = {"validate": cmd_validate, "schema": cmd_schema}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command in SYNC_COMMANDS:
+        sys.exit(SYNC_COMMANDS[args.command](args))
+    try:
+        code = uvloop.run(ASYNC_COMMANDS[args.command](args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Local mode: an embedded nats-server and a local agent on this machine.
+
+Used when no NATS URL is configured (no --nats, no FAULTLINE_NATS_URL) and by
+`faultline demo`. The nats-server and the agent are real child processes
+that get SIGTERM if this process dies (PR_SET_PDEATHSIG), so a killed CLI
+leaves nothing running and the agent reverts its faults on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from controller.dispatch import close, connect
+from controller.fleet import Fleet, FleetTimeout
+from controller.natsserver import NatsServer
+from proto.subjects import safe_token
+
+AGENT_READY_TIMEOUT_S = 20.0
+AGENT_STOP_TIMEOUT_S = 15.0
+
+
+class LocalModeError(RuntimeError):
+    pass
+
+
+def nats_url_from_env(flag: str | None) -> str | None:
+    """The configured NATS URL: --nats first, then FAULTLINE_NATS_URL; None means local mode."""
+    return flag or os.environ.get("FAULTLINE_NATS_URL") or None
+
+
+def local_state_dir() -> Path:
+    """Journal of the local agent: FAULTLINE_STATE_DIR, else /var/lib/faultline/local as root, else
+    ~/.local/state/faultline/local. Fixed, not per run: a crashed run's journal is recovered next time."""
+    explicit = os.environ.get("FAULTLINE_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    if os.geteuid() == 0:
+        return Path("/var/lib/faultline/local")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "faultline" / "local"
+
+
+def local_node_name() -> str:
+    return safe_token(socket.gethostname() or "local")
+
+
+def _pdeathsig_term() -> None:
+    """In the child, before exec: SIGTERM when the parent dies, so the agent reverts and exits."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+class LocalEnvironment:
+    """``async with LocalEnvironment() as env``: env.url, env.nc, env.fleet, env.node."""
+
+    def __init__(
+        self,
+        *,
+        node: str | None = None,
+        heartbeat_interval_s: float = 1.0,
+        state_dir: Path | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        self.node = node or local_node_name()
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.state_dir = state_dir or local_state_dir()
+        self.labels = labels or {}
+        self.server = NatsServer(pdeathsig=True)
+        self.url = ""
+        self.nc: Any = None
+        self.fleet: Fleet | None = None
+        self.agent: asyncio.subprocess.Process | None = None
+        self.agent_exit_code: int | None = None
+
+    @property
+    def agent_log(self) -> Path:
+        return self.state_dir / "agent.log"
+
+    def agent_log_tail(self, size: int = 1500) -> str:
+        try:
+            return self.agent_log.read_text(errors="replace")[-size:]
+        except OSError:
+            return ""
+
+    async def __aenter__(self) -> LocalEnvironment:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self.url = await asyncio.to_thread(self.server.start)
+        self.nc = await connect(self.url, name="faultline-local")
+        self.fleet = Fleet(self.nc)
+        await self.fleet.start()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            sys.executable,
+            "-m",
+            "agent.main",
+            "--nats",
+            self.url,
+            "--node",
+            self.node,
+            "--state-dir",
+            str(self.state_dir),
+            "--heartbeat-interval",
+            str(self.heartbeat_interval_s),
+        ]
+        for k, v in sorted(self.labels.items()):
+            argv += ["--label", f"{k}={v}"]
+        log = await asyncio.to_thread(open, self.agent_log, "ab")
+        with log:
+            # Own session: Ctrl-C in the terminal reaches the CLI, which reverts and then stops the agent.
+            self.agent = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                preexec_fn=_pdeathsig_term,
+                start_new_session=True,
+            )
+        await self._wait_ready()
+
+    async def _wait_ready(self) -> None:
+        assert self.fleet is not None and self.agent is not None
+        ready = asyncio.ensure_future(self.fleet.wait_for([self.node], AGENT_READY_TIMEOUT_S))
+        exited = asyncio.ensure_future(self.agent.wait())
+        try:
+            await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if ready.done():
+            try:
+                ready.result()
+                return
+            except FleetTimeout as exc:
+                raise LocalModeError(f"local agent did not become ready: {exc}\n{self.agent_log_tail()}") from None
+        ready.cancel()
+        await asyncio.gather(ready, return_exceptions=True)
+        raise LocalModeError(
+            f"local agent exited with code {self.agent.returncode} before it was ready "
+            f"(log: {self.agent_log}):\n{self.agent_log_tail()}"
+        )
+
+    async def stop(self) -> None:
+        """SIGTERM the agent (it reverts everything), wait, then stop NATS. Bounded at every step."""
+        if self.agent is not None and self.agent.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.agent.send_signal(signal.SIGTERM)
+            try:
+                self.agent_exit_code = await asyncio.wait_for(self.agent.wait(), AGENT_STOP_TIMEOUT_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.agent.kill()
+                self.agent_exit_code = await asyncio.wait_for(self.agent.wait(), 5.0)
+        elif self.agent is not None:
+            self.agent_exit_code = self.agent.returncode
+        if self.fleet is not None:
+            await self.fleet.stop()
+        if self.nc is not None:
+            await close(self.nc)
+            self.nc = None
+        await asyncio.to_thread(self.server.stop)
