@@ -43,6 +43,11 @@ STOP_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 10.0
 
 
+_children: dict[int, subprocess.Popen[bytes]] = {}
+"""Every stressor this process spawned and has not reaped yet, so that whichever code
+path kills one (revert with or without in-memory state, sweep) also reaps it."""
+
+
 class StressorError(Exception):
     """A stressor could not be started or placed; str() is the reason."""
 
@@ -135,12 +140,14 @@ def spawn(marker: str, args: Sequence[str], *, until: float = 0.0, core: int | N
     popen = subprocess.Popen(
         argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, process_group=0, close_fds=True
     )
+    _children[popen.pid] = popen
     try:
         proc = psutil.Process(popen.pid)
         ref = StressorRef(pid=popen.pid, create_time=proc.create_time())
     except psutil.Error as exc:
         popen.kill()
         popen.wait(STOP_TIMEOUT_S)
+        _children.pop(popen.pid, None)
         raise StressorError(f"stressor exited at once (code {popen.poll()})") from exc
     return Stressor(popen=popen, ref=ref, proc=proc)
 
@@ -232,9 +239,12 @@ async def kill_and_wait(
     finally:
         for _, fd in waits:
             os.close(fd)
-    for s in owned:
-        with contextlib.suppress(subprocess.TimeoutExpired, ChildProcessError):
-            s.popen.wait(0.5)  # exited already (pidfd said so): this only reaps
+    for pid in all_refs:
+        child = _children.get(pid)
+        if child is not None and pid not in stuck:
+            with contextlib.suppress(subprocess.TimeoutExpired, ChildProcessError):
+                child.wait(0.5)  # exited already (pidfd said so): this only reaps
+            _children.pop(pid, None)
     if stuck:
         raise StressorError(f"stressors {stuck} still alive {timeout_s:.0f}s after SIGKILL")
     return killed
@@ -262,7 +272,7 @@ class CpuSampler:
     async def run(self) -> None:
         prev_cpu, prev_wall = self._cpu_s(), time.monotonic()
         next_at = prev_wall + self.interval_s
-        while True:
+        while any(_alive(p) for p in self.procs):  # ends by itself once every stressor is gone
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             cpu, wall = self._cpu_s(), time.monotonic()
             if wall > prev_wall:
@@ -276,6 +286,13 @@ class CpuSampler:
         mean = statistics.fmean(self.samples)
         stdev = statistics.pstdev(self.samples) if len(self.samples) > 1 else 0.0
         return round(mean, 2), round(stdev, 2)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
 
 
 def rss_bytes(proc: psutil.Process) -> int | None:

@@ -1,0 +1,272 @@
+"""cpu and memory injectors with real stressor processes, measured with psutil.
+
+Injector-level: the Injector methods are called directly with a FaultContext
+built here. Every test kills what it started in a finaliser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agent import cgroups
+from agent.faults.base import AgentEnv, FaultContext, Injector
+from agent.faults.cpu import CpuStress
+from agent.faults.memory import MemoryStress
+from agent.faults.stressor import MARKER_PREFIX, find_marked, kill_and_wait, make_marker, spawn, start
+from proto.faults import CpuSpec, MemorySpec
+from proto.messages import Measurements
+
+pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> AgentEnv:
+    return AgentEnv(
+        node=f"it-{uuid.uuid4().hex[:6]}", state_dir=tmp_path / "state", instance_id="i", protected_pids=dict
+    )
+
+
+Events = list[tuple[str, Measurements, str | None]]
+
+
+def ctx_for(env: AgentEnv, events: Events | None = None, duration_s: float = 30.0) -> FaultContext:
+    sink = events if events is not None else []
+    return FaultContext(
+        fault_id=f"f-{uuid.uuid4().hex[:8]}",
+        experiment_id="e1",
+        deadline=time.time() + duration_s,
+        pods=None,
+        env=env,
+        emit=lambda state, m, reason: sink.append((state, m, reason)),
+    )
+
+
+def mine(env: AgentEnv, kind: str) -> dict[str, list[object]]:
+    return find_marked(make_marker(kind, CpuStress(env).tag, ""))  # type: ignore[return-value]
+
+
+@pytest.fixture
+async def cleanup(env: AgentEnv) -> AsyncIterator[None]:
+    """Kill any stressor of this test's agent, whatever happened."""
+    yield
+    for marker, refs in find_marked(f"{MARKER_PREFIX}:").items():
+        if CpuStress(env).tag in marker:
+            await kill_and_wait(refs)
+
+
+async def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"within {timeout_s}s: {what} did not happen")
+        await asyncio.sleep(0.01)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def test_cpu_50_percent_one_worker(env: AgentEnv, cleanup: None) -> None:
+    inj, ctx = CpuStress(env), ctx_for(env)
+    spec = CpuSpec(load=50, workers=1, duration="6s")
+    inj.check(spec, ctx)
+    plan = await inj.plan(spec, ctx)
+    applied = await inj.apply(spec, plan, ctx)
+    assert applied.workers == 1 and applied.stressor_pids and len(applied.stressor_pids) == 1
+    proc = psutil.Process(applied.stressor_pids[0])
+    samples: list[float] = []
+    await asyncio.sleep(1.0)  # skip the first second of the 6 s window
+    prev_cpu, prev_t = sum(proc.cpu_times()[:2]), time.monotonic()
+    for _ in range(4):
+        await asyncio.sleep(1.0)
+        cpu, t = sum(proc.cpu_times()[:2]), time.monotonic()
+        samples.append(100 * (cpu - prev_cpu) / (t - prev_t))
+        prev_cpu, prev_t = cpu, t
+    await asyncio.sleep(1.0)
+    reverted = await inj.revert(plan, ctx)
+    mean = statistics.fmean(samples)
+    assert 45 <= mean <= 55, f"per-second load {samples}"
+    assert reverted.cpu_load_mean_percent is not None and 45 <= reverted.cpu_load_mean_percent <= 55
+    assert gone(proc.pid) and mine(env, "cpu") == {}
+
+
+async def test_memory_200mi_rss(env: AgentEnv, cleanup: None) -> None:
+    events: Events = []
+    inj, ctx = MemoryStress(env), ctx_for(env, events)
+    spec = MemorySpec(size="200Mi")
+    inj.check(spec, ctx)
+    plan = await inj.plan(spec, ctx)
+    applied = await inj.apply(spec, plan, ctx)
+    assert applied.stressor_pids
+    proc = psutil.Process(applied.stressor_pids[0])
+    assert Path(f"/proc/{proc.pid}/oom_score_adj").read_text().strip() == "1000"
+    await wait_for(lambda: proc.memory_info().rss >= 190 * MiB, 20, "stressor RSS reaching 190 MiB")
+    for _ in range(5):
+        rss = proc.memory_info().rss
+        assert abs(rss - 200 * MiB) <= 0.05 * 200 * MiB, f"RSS {rss / MiB:.1f} MiB"
+        await asyncio.sleep(0.1)
+    await wait_for(lambda: any(m.rss_reached_s is not None for _, m, _ in events), 5, "an 'rss reached' event")
+    reverted = await inj.revert(plan, ctx)
+    assert reverted.rss_bytes is not None and abs(reverted.rss_bytes - 200 * MiB) <= 0.05 * 200 * MiB
+    assert reverted.rss_reached_s is not None and reverted.oom_killed is False
+    assert gone(proc.pid) and mine(env, "memory") == {}
+    again = await inj.revert(plan, ctx)  # idempotent
+    assert again.stressor_pids == []
+
+
+async def test_revert_from_plan_alone_and_deadline_self_exit(env: AgentEnv, cleanup: None) -> None:
+    inj, ctx = CpuStress(env), ctx_for(env, duration_s=0.5)
+    spec = CpuSpec(load=10, workers=2)
+    plan = await inj.plan(spec, ctx)
+    applied = await inj.apply(spec, plan, ctx)
+    pids = applied.stressor_pids or []
+    assert len(pids) == 2
+    # a fresh injector has no in-memory state, as after an agent restart: the plan's marker suffices
+    fresh = CpuStress(env)
+    await asyncio.sleep(0.2)
+    ctx2 = ctx_for(env)
+    ctx2.fault_id, ctx2.recovered = ctx.fault_id, True
+    m = await fresh.revert(plan, ctx2)
+    assert sorted(m.stressor_pids or []) == sorted(pids) and m.recovered_from_journal
+    assert all(gone(p) for p in pids)
+    # without any revert, stressors end by themselves shortly after the deadline
+    plan2 = await inj.plan(spec, ctx)
+    await inj.apply(spec, plan2, ctx)
+    await wait_for(lambda: find_marked(plan2.marker) == {}, 6, "stressors exiting after their deadline")
+    await inj.revert(plan2, ctx)
+    await inj.revert(plan, ctx)  # the first injector still held in-memory state for plan: idempotent
+    assert mine(env, "cpu") == {}
+
+
+PARENT = textwrap.dedent(
+    """
+    import asyncio, sys
+    from agent.faults import stressor as st
+
+    async def main():
+        ss = [st.spawn(sys.argv[1], ["cpu", "--load=20"]) for _ in range(2)]
+        await st.start(ss, None)
+        print(" ".join(str(s.pid) for s in ss), flush=True)
+        await asyncio.sleep(60)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.fixture
+def parent_proc() -> Iterator[list[subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(5)
+        if p.stdout is not None:
+            p.stdout.close()
+
+
+async def test_stressors_die_with_killed_agent_then_sweep_is_empty(
+    env: AgentEnv, cleanup: None, parent_proc: list[subprocess.Popen[str]]
+) -> None:
+    inj = CpuStress(env)
+    marker = inj.marker_for("orphan-test")
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, marker], stdout=subprocess.PIPE, text=True)
+    parent_proc.append(parent)
+    assert parent.stdout is not None
+    ready, _, _ = select.select([parent.stdout], [], [], 15)
+    assert ready, "the parent did not report its stressors within 15 s"
+    pids = [int(x) for x in parent.stdout.readline().split()]
+    assert len(pids) == 2 and set(find_marked(marker)) == {marker}
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait(5)
+    await wait_for(lambda: all(gone(p) for p in pids), 1.0, "stressors dying with their parent (pdeathsig)")
+    assert await inj.sweep([]) == []
+
+
+async def test_sweep_kills_only_this_agents_unjournaled_stressors(tmp_path: Path, env: AgentEnv, cleanup: None) -> None:
+    other_env = AgentEnv(node=env.node, state_dir=tmp_path / "other", instance_id="j", protected_pids=dict)
+    ours, theirs = CpuStress(env), CpuStress(other_env)
+    ctx = ctx_for(env)
+    kept_plan = await ours.plan(CpuSpec(load=5, workers=1), ctx)
+    stray = [spawn(ours.marker_for("stray"), ["cpu", "--load=5"])]
+    kept = [spawn(kept_plan.marker, ["cpu", "--load=5"])]
+    foreign = [spawn(theirs.marker_for("x"), ["cpu", "--load=5"])]
+    try:
+        await start(stray + kept + foreign, None)
+        lines = await CpuStress(env).sweep([kept_plan])
+        assert len(lines) == 1 and "stray" in lines[0]
+        assert gone(stray[0].pid) and not gone(kept[0].pid) and not gone(foreign[0].pid)
+    finally:
+        await kill_and_wait([], stray + kept + foreign)
+
+
+@pytest.fixture
+def test_cgroup() -> Iterator[str]:
+    if os.geteuid() != 0:
+        pytest.skip("creating a cgroup needs root")
+    layout = cgroups.detect_layout()
+    name = f"faultline-test-{uuid.uuid4().hex[:8]}"
+    made: list[Path] = []
+    for controller in cgroups.CONTROLLERS:
+        found = layout.mount_for(controller)
+        if found is None:
+            pytest.skip("no cgroup filesystem mounted")
+        d = found[1] / name
+        if d.exists():
+            continue
+        try:
+            d.mkdir()
+        except OSError as exc:
+            pytest.skip(f"cannot create a cgroup under {found[1]}: {exc}")
+        made.append(d)
+    yield name
+    for d in made:
+        deadline = time.monotonic() + 5
+        while d.exists():
+            try:
+                d.rmdir()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)  # a just-killed member may take a moment to leave
+
+
+@pytest.mark.parametrize("kind", ["cpu", "memory"])
+async def test_stressor_runs_in_the_named_cgroup(env: AgentEnv, cleanup: None, test_cgroup: str, kind: str) -> None:
+    inj: Injector
+    spec: CpuSpec | MemorySpec
+    if kind == "cpu":
+        inj, spec = CpuStress(env), CpuSpec(load=20, workers=1, cgroup=test_cgroup)
+    else:
+        inj, spec = MemoryStress(env), MemorySpec(size="16Mi", cgroup=test_cgroup)
+    ctx = ctx_for(env)
+    inj.check(spec, ctx)
+    plan = await inj.plan(spec, ctx)
+    try:
+        applied = await inj.apply(spec, plan, ctx)
+        assert applied.cgroup == test_cgroup and applied.stressor_pids
+        target = cgroups.resolve(test_cgroup, kind)
+        for controller in target.dirs:
+            assert set(applied.stressor_pids) <= cgroups.pids_in(target, controller), controller
+    finally:
+        await inj.revert(plan, ctx)
