@@ -85,7 +85,7 @@ class CommandHandler:
             return encode(self._reject(peek_id(data) or "", f"rejected: {exc}"))
         # A command delivered twice is answered from the current state, never re-applied:
         # injects are idempotent by fault id (held -> its state; ended -> refused).
-        ack = await self._inject(cmd) if isinstance(cmd, Inject) else self._revert(cmd)
+        ack = await self._inject(cmd) if isinstance(cmd, Inject) else self._revert_command(cmd)
         return encode(ack)
 
     async def _inject(self, cmd: Inject) -> Ack:
@@ -153,7 +153,7 @@ class CommandHandler:
         log.info("accepted %s (%s) of %s, expires in %.1fs", fid, kind, exp, cmd.expires_at - now)
         return Ack(in_reply_to=cmd.id, node=self.node, accepted=True, fault_states={fid: "accepted"})
 
-    def _revert(self, cmd: Revert) -> Ack:
+    def _revert_command(self, cmd: Revert) -> Ack:
         states: dict[str, FaultState] = {}
         for rec in list(self.faults.values()):
             if rec.experiment_id != cmd.experiment_id:

@@ -44,6 +44,20 @@ class ProcessPlan(Plan):
     applied_at: float | None = None
 
 
+def psutil_now() -> float:
+    """Now, on psutil's create_time clock (boot time + uptime).
+
+    psutil derives create_time from /proc/stat's whole-second btime, so it can
+    be up to a second off time.time(); comparing against this clock instead
+    makes "restarted N s after the kill" exact to the kernel's tick.
+    """
+    try:
+        with open("/proc/uptime") as f:
+            return psutil.boot_time() + float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
 def _matches(match: ProcessMatch, info: dict[str, Any], regex: re.Pattern[str] | None) -> bool:
     if match.pid is not None and info["pid"] != match.pid:
         return False
@@ -184,7 +198,7 @@ class ProcessKill(_ProcessInjector):
 
     async def apply(self, spec: Any, plan: Plan, ctx: FaultContext) -> Measurements:
         assert isinstance(plan, ProcessPlan) and isinstance(spec, ProcessKillSpec)
-        killed_at = time.time()
+        killed_at = psutil_now()
         hit = [t.pid for t in plan.targets if _signal(t, plan.signal)]
         if not hit:
             raise RuntimeError("every selected process was gone before the signal")

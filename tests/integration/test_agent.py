@@ -1,0 +1,220 @@
+"""The agent daemon against a real nats-server, with real victim processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import Any
+
+import psutil
+import pytest
+
+from proto import subjects
+from proto.codec import decode, encode
+from proto.messages import Ack, Halt, Inject, Lease, Revert
+from tests.conftest import async_wait_until, status
+
+pytestmark = pytest.mark.integration
+
+
+async def send(nc: Any, node: str, cmd: Any, timeout_s: float = 3.0) -> Ack:
+    reply = await nc.request(subjects.agent_cmd(node), encode(cmd), timeout=timeout_s)
+    return decode(reply.data, Ack)
+
+
+def pause(token: str, exp: str = "exp1", fid: str = "exp1.0", duration_s: float = 30, lease_s: float = 30) -> Inject:
+    return Inject(
+        experiment_id=exp,
+        fault_id=fid,
+        spec={"kind": "process-pause", "match": {"cmdline": token}},
+        expires_at=time.time() + duration_s,
+        lease_timeout_s=lease_s,
+    )
+
+
+async def test_pause_then_revert_resumes_and_empties_journal(nc, agent_factory, victims, events):
+    agent = agent_factory("node-a")
+    procs = victims.start(2)
+    ack = await send(nc, "node-a", pause(victims.token))
+    assert ack.accepted, ack.reason
+    await async_wait_until(lambda: events.events("exp1.0", "active"), 5, "an active event")
+    assert all(status(p) == "stopped" for p in procs)
+    active = events.events("exp1.0", "active")[0]
+    assert sorted(active.measurements.hit_pids or []) == sorted(p.pid for p in procs)
+
+    ack = await send(nc, "node-a", Revert(experiment_id="exp1", expires_at=time.time() + 10, reason="test"))
+    assert ack.accepted
+    await async_wait_until(lambda: events.events("exp1.0", "reverted"), 5, "a reverted event")
+    assert all(status(p) != "stopped" for p in procs)
+    assert agent.journal() == []
+
+
+async def test_deadline_expires_the_fault(nc, agent_factory, victims, events):
+    agent_factory("node-a")
+    (proc,) = victims.start(1)
+    assert (await send(nc, "node-a", pause(victims.token, duration_s=1.5))).accepted
+    await async_wait_until(lambda: status(proc) == "stopped", 5, "victim paused")
+    t0 = time.monotonic()
+    await async_wait_until(lambda: events.events("exp1.0", "expired"), 5, "an expired event")
+    assert time.monotonic() - t0 < 2.5
+    assert status(proc) != "stopped"
+
+
+async def test_kill_with_watch_restart_reports_time_to_recover(nc, agent_factory, victims, events):
+    agent_factory("node-a")
+    victims.start(1, tag="-k")
+    cmd = Inject(
+        experiment_id="exp1",
+        fault_id="exp1.0",
+        spec={
+            "kind": "process-kill",
+            "match": {"cmdline": victims.token + "-k"},
+            "signal": "SIGKILL",
+            "watchRestart": True,
+        },
+        expires_at=time.time() + 10,
+        lease_timeout_s=30,
+    )
+    assert (await send(nc, "node-a", cmd)).accepted
+    active = await async_wait_until(lambda: events.events("exp1.0", "active"), 5, "an active event")
+    killed = active[0].measurements.hit_pids
+    assert killed and all(not psutil.pid_exists(pid) or status(psutil.Process(pid)) == "zombie" for pid in killed)
+    victims.start(1, tag="-k")  # the "supervisor" brings it back
+    restarted = await async_wait_until(
+        lambda: [e for e in events.events("exp1.0") if e.measurements.restarted], 5, "a restart observed"
+    )
+    assert restarted[0].measurements.restart_after_s is not None
+    assert (await send(nc, "node-a", Revert(experiment_id="exp1", expires_at=time.time() + 10))).accepted
+    final = await async_wait_until(lambda: events.events("exp1.0", "reverted"), 5, "a reverted event")
+    assert final[0].measurements.restarted is True
+
+
+async def test_protected_processes_are_never_touched(nc, agent_factory, events):
+    agent = agent_factory("node-a")
+    by_pid = Inject(
+        experiment_id="exp1", fault_id="exp1.0",
+        spec={"kind": "process-kill", "match": {"pid": 1}},
+        expires_at=time.time() + 10, lease_timeout_s=30,
+    )  # fmt: skip
+    ack = await send(nc, "node-a", by_pid)
+    assert not ack.accepted and "protected" in (ack.reason or "")
+    # the agent itself matches this selector: the fault fails, naming why it was skipped
+    by_cmd = Inject(
+        experiment_id="exp1", fault_id="exp1.1",
+        spec={"kind": "process-pause", "match": {"cmdline": f"--node node-a --state-dir {agent.state_dir}"}},
+        expires_at=time.time() + 10, lease_timeout_s=30,
+    )  # fmt: skip
+    assert (await send(nc, "node-a", by_cmd)).accepted
+    failed = await async_wait_until(lambda: events.events("exp1.1", "failed"), 5, "a failed event")
+    assert "faultline agent" in (failed[0].reason or "")
+    assert agent.proc is not None and agent.proc.poll() is None
+
+
+async def test_lease_lapse_reverts_on_its_own(nc, agent_factory, victims, events):
+    agent_factory("node-a")
+    (proc,) = victims.start(1)
+    assert (await send(nc, "node-a", pause(victims.token, lease_s=1.5))).accepted
+    await async_wait_until(lambda: status(proc) == "stopped", 5, "victim paused")
+    t0 = time.monotonic()
+    # no lease is ever published: the dead-man's switch must fire within lease + 1 s
+    await async_wait_until(lambda: status(proc) != "stopped", 1.5 + 1.0 + 0.5, "victim resumed after lease lapse")
+    assert time.monotonic() - t0 <= 2.5 + 0.5
+    ev = await async_wait_until(lambda: events.events("exp1.0", "reverted"), 3, "a reverted event")
+    assert "lease lapsed" in (ev[0].reason or "")
+
+
+async def test_lease_renewal_keeps_the_fault(nc, agent_factory, victims, events):
+    agent_factory("node-a")
+    (proc,) = victims.start(1)
+    assert (await send(nc, "node-a", pause(victims.token, lease_s=1.0))).accepted
+    await async_wait_until(lambda: status(proc) == "stopped", 5, "victim paused")
+    end = time.monotonic() + 2.5
+    seq = 0
+    while time.monotonic() < end:
+        seq += 1
+        await nc.publish(subjects.exp_lease("exp1"), encode(Lease(experiment_id="exp1", seq=seq)))
+        await asyncio.sleep(0.25)
+    assert status(proc) == "stopped", "fault reverted although its lease was renewed"
+
+
+async def test_crash_recovery_resumes_paused_victim(nc, agent_factory, victims, events, heartbeats):
+    agent = agent_factory("node-a")
+    (proc,) = victims.start(1)
+    assert (await send(nc, "node-a", pause(victims.token))).accepted
+    await async_wait_until(lambda: status(proc) == "stopped", 5, "victim paused")
+    agent.kill9()
+    assert status(proc) == "stopped"
+    assert agent.journal() == ["exp1.0.json"]
+    agent.start().wait_ready()
+    assert status(proc) != "stopped"
+    assert agent.journal() == []
+    hb = await async_wait_until(
+        lambda: [h for h in heartbeats.heartbeats("node-a") if "exp1.0" in h.recovered],
+        5,
+        "a heartbeat listing the recovery",
+    )
+    assert hb
+    ev = await async_wait_until(lambda: events.events("exp1.0", "reverted"), 5, "a recovery event")
+    assert ev[0].measurements.recovered_from_journal
+
+
+async def test_sigterm_reverts_says_leaving_and_exits(nc, agent_factory, victims, events, heartbeats):
+    agent = agent_factory("node-a")
+    (proc,) = victims.start(1)
+    assert (await send(nc, "node-a", pause(victims.token))).accepted
+    await async_wait_until(lambda: status(proc) == "stopped", 5, "victim paused")
+    t0 = time.monotonic()
+    agent.signal(signal.SIGTERM)
+    assert agent.proc is not None
+    rc = await asyncio.to_thread(agent.proc.wait, 5)
+    assert rc == 0 and time.monotonic() - t0 < 5
+    assert status(proc) != "stopped"
+    await async_wait_until(
+        lambda: [h for h in heartbeats.heartbeats("node-a") if h.state == "leaving" and not h.faults],
+        3,
+        "a leaving heartbeat",
+    )
+    assert "stopping" in (events.events("exp1.0", "reverted")[0].reason or "")
+
+
+async def test_halt_reverts_everything_and_blocks_reinjection(nc, agent_factory, victims, events):
+    agent_factory("node-a")
+    (proc,) = victims.start(1)
+    assert (await send(nc, "node-a", pause(victims.token))).accepted
+    await async_wait_until(lambda: status(proc) == "stopped", 5, "victim paused")
+    await nc.publish(subjects.HALT, encode(Halt(reason="test", issued_by="pytest")))
+    await async_wait_until(lambda: events.events("exp1.0", "reverted"), 5, "a reverted event after halt")
+    assert status(proc) != "stopped"
+    again = await send(nc, "node-a", pause(victims.token, fid="exp1.1"))
+    assert not again.accepted and "halted" in (again.reason or "")
+
+
+async def test_bad_commands_are_rejected_and_faults_kept(nc, agent_factory, victims, events):
+    agent = agent_factory("node-a")
+    (proc,) = victims.start(1)
+    assert (await send(nc, "node-a", pause(victims.token))).accepted
+    await async_wait_until(lambda: status(proc) == "stopped", 5, "victim paused")
+    for garbage in (b"", b"\xff\xfe", b"[1,2]", b'{"schema_version": "9.0", "type": "inject"}', b"{" * 10000):
+        reply = await nc.request(subjects.agent_cmd("node-a"), garbage, timeout=3)
+        ack = decode(reply.data, Ack)
+        assert not ack.accepted and ack.reason
+    expired = pause(victims.token, fid="exp1.9", duration_s=-1)
+    ack = await send(nc, "node-a", expired)
+    assert not ack.accepted and "expired" in (ack.reason or "")
+    replay = await send(nc, "node-a", pause(victims.token))
+    assert replay.accepted and replay.fault_states == {"exp1.0": "active"}
+    assert status(proc) == "stopped" and agent.journal() == ["exp1.0.json"]
+
+
+async def test_replay_after_revert_is_never_reinjected(nc, agent_factory, victims, events):
+    agent_factory("node-a")
+    (proc,) = victims.start(1)
+    cmd = pause(victims.token)
+    assert (await send(nc, "node-a", cmd)).accepted
+    await async_wait_until(lambda: status(proc) == "stopped", 5, "victim paused")
+    await send(nc, "node-a", Revert(experiment_id="exp1", fault_ids=["exp1.0"], expires_at=time.time() + 10))
+    await async_wait_until(lambda: events.events("exp1.0", "reverted"), 5, "a reverted event")
+    replay = await send(nc, "node-a", cmd)
+    assert not replay.accepted and "not re-injected" in (replay.reason or "")
+    assert status(proc) != "stopped"
