@@ -29,6 +29,8 @@ WIRE_FACTOR = (MSS_BYTES + 66) / MSS_BYTES  # + ethernet 14, IPv4 20, TCP 32
 
 @dataclass
 class Testbed:
+    __test__ = False  # not a pytest test class, despite the name
+
     ns_a: str
     ns_b: str
     dev_a: str
