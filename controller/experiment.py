@@ -195,6 +195,11 @@ def json_schema() -> dict[str, Any]:
     """JSON Schema of the experiment file, using the file's spelling (aliases)."""
     schema = Experiment.model_json_schema(by_alias=True, mode="validation")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    # proto types the field by its parsed form (int); the file also takes names like "SIGKILL"
+    signal = schema.get("$defs", {}).get("ProcessKillSpec", {}).get("properties", {}).get("signal")
+    if isinstance(signal, dict) and signal.get("type") == "integer":
+        del signal["type"]
+        signal["anyOf"] = [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": "^[A-Za-z0-9+-]+$"}]
     schema["title"] = "faultline Experiment"
     return schema
 

@@ -1,0 +1,179 @@
+"""The experiment file: valid files load, invalid ones say where and why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller.experiment import (
+    ExperimentError,
+    fault_id,
+    json_schema,
+    load_experiment,
+    load_experiment_text,
+    new_experiment_id,
+    parse_experiment,
+    percent_count,
+)
+from proto.faults import ProcessKillSpec, ProcessPauseSpec
+from proto.messages import Inject
+
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+
+ISSUE_EXAMPLE = """
+apiVersion: faultline/v1
+kind: Experiment
+metadata:
+  name: kill-sleepers
+spec:
+  duration: 30s
+  targets:
+    nodes: [node-a]
+    labels: {zone: a}
+    mode: all
+  faults:
+    - kind: process-kill
+      match: {name: sleep}
+      signal: SIGKILL
+      count: 1
+    - kind: process-pause
+      match: {cmdline: "worker --queue q1"}
+  abort:
+    heartbeatTimeout: 3s
+    leaseTimeout: 5s
+"""
+
+
+def base(**spec: object) -> dict[str, object]:
+    s: dict[str, object] = {"duration": "10s", "faults": [{"kind": "process-pause", "match": {"pid": 42}}]}
+    s.update(spec)
+    return {"apiVersion": "faultline/v1", "kind": "Experiment", "metadata": {"name": "t"}, "spec": s}
+
+
+def error_of(data: object) -> str:
+    with pytest.raises(ExperimentError) as info:
+        parse_experiment(data)
+    return str(info.value)
+
+
+def test_issue_example_loads_with_units_parsed() -> None:
+    exp = load_experiment_text(ISSUE_EXAMPLE)
+    assert exp.spec.duration_s == 30.0
+    assert exp.spec.abort.heartbeat_timeout_s == 3.0 and exp.spec.abort.lease_timeout_s == 5.0
+    kill, pause = exp.spec.faults
+    assert isinstance(kill, ProcessKillSpec) and kill.signal == 9 and kill.count == 1
+    assert isinstance(pause, ProcessPauseSpec) and pause.match.cmdline == "worker --queue q1"
+    assert exp.spec.targets.nodes == ["node-a"] and exp.spec.targets.labels == {"zone": "a"}
+
+
+def test_defaults() -> None:
+    exp = parse_experiment(base())
+    assert exp.spec.abort.heartbeat_timeout_s == 3.0
+    assert exp.spec.abort.lease_timeout_s == 5.0
+    assert exp.spec.targets.mode == "all"
+    assert exp.fault_duration_s(0) == 10.0
+
+
+def test_fault_duration_overrides_experiment_duration() -> None:
+    exp = parse_experiment(base(faults=[{"kind": "cpu", "load": 50, "duration": "2s"}]))
+    assert exp.fault_duration_s(0) == 2.0 and exp.longest_fault_s() == 2.0
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_examples_validate(path: Path) -> None:
+    exp = load_experiment(path)
+    for f in exp.spec.faults:
+        match = getattr(f, "match", None)
+        if match is not None:  # examples must select precisely, never by a broad name like "sleep"
+            assert match.cmdline and "faultline-example" in match.cmdline
+
+
+def test_examples_exist() -> None:
+    names = {p.name for p in EXAMPLES}
+    assert {"pause-worker.yaml", "kill-and-watch-restart.yaml", "zone-outage.yaml"} <= names
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({"faults": [{"kind": "cpu", "load": 0.5}]}, "spec.faults[0].load: must be between 1 and 100"),
+        ({"faults": [{"kind": "process-kill", "match": {}}]}, "spec.faults[0].match: "),
+        ({"faults": [{"kind": "bogus"}]}, "spec.faults[0]: unknown fault kind"),
+        ({"faults": [{"match": {"pid": 1}}]}, "spec.faults[0]: missing kind"),
+        ({"faults": [{"kind": "process-pause", "match": {"pid": 1}, "extra": 1}]}, "spec.faults[0].extra: unknown"),
+        ({"faults": []}, "spec.faults: "),
+        ({"duration": "soon"}, "spec.duration: invalid duration 'soon'"),
+        ({"targets": {"mode": "fixed"}}, "spec.targets: mode fixed needs a value"),
+        ({"targets": {"mode": "fixed-percent", "value": 150}}, "spec.targets: mode fixed-percent needs a value"),
+        ({"targets": {"mode": "sometimes"}}, "spec.targets.mode: "),
+        ({"abort": {"heartbeatTimeout": "0s"}}, "spec.abort.heartbeatTimeout: "),
+        ({"faults": [{"kind": "process-kill", "match": {"pid": 1}, "signal": "SIGNOPE"}]}, "spec.faults[0].signal"),
+    ],
+)
+def test_errors_name_field_path_and_reason(spec: dict[str, object], expected: str) -> None:
+    assert expected in error_of(base(**spec))
+
+
+def test_all_errors_are_listed_one_per_line() -> None:
+    msg = error_of(base(duration="x", faults=[{"kind": "cpu", "load": 500}]))
+    lines = msg.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("spec.duration") and lines[1].startswith("spec.faults[0].load")
+
+
+def test_top_level_errors() -> None:
+    assert "apiVersion" in error_of({**base(), "apiVersion": "faultline/v2"})
+    assert "kind" in error_of({**base(), "kind": "Pod"})
+    assert "empty file" in error_of(None)
+    assert "got list" in error_of([1, 2])
+
+
+def test_yaml_syntax_error_gives_line() -> None:
+    with pytest.raises(ExperimentError, match=r"line \d+, column \d+: not valid YAML"):
+        load_experiment_text("apiVersion: [unclosed\n")
+
+
+def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
+    bad = tmp_path / "x.yaml"
+    bad.write_text("!!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ExperimentError, match="not valid YAML"):
+        load_experiment(bad)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ExperimentError, match="cannot read"):
+        load_experiment(tmp_path / "missing.yaml")
+
+
+def test_experiment_id_is_subject_safe_and_fits_the_wire() -> None:
+    eid = new_experiment_id("a.b c*" + "x" * 42)
+    assert "." not in eid and " " not in eid and "*" not in eid
+    fid = fault_id(eid, 3)
+    assert fid.endswith(".3")
+    exp = parse_experiment(base())
+    Inject(experiment_id=eid, fault_id=fid, spec=exp.spec.faults[0], expires_at=1.0, lease_timeout_s=5.0)
+
+
+def test_name_too_long_is_refused() -> None:
+    assert "metadata.name" in error_of({**base(), "metadata": {"name": "n" * 80}})
+
+
+def test_schema_uses_file_names_and_is_json() -> None:
+    schema = json_schema()
+    text = json.dumps(schema)
+    assert "apiVersion" in text and "heartbeatTimeout" in text and "watchRestart" in text
+    assert "heartbeat_timeout_s" not in text
+
+
+def test_schema_accepts_examples() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json_schema()
+    for path in EXAMPLES:
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+
+
+@pytest.mark.parametrize(("pct", "total", "count"), [(50, 3, 2), (30, 10, 3), (1, 10, 1), (100, 4, 4), (10, 0, 0)])
+def test_percent_count_rounds_up(pct: float, total: int, count: int) -> None:
+    assert percent_count(pct, total) == count
