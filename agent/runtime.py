@@ -35,6 +35,7 @@ from agent.faults_table import FaultRecord, merge
 from agent.journal import Journal
 from agent.nodeload import LoadSampler
 from agent.protect import protected_pids
+from agent.recovery import Recovery
 from proto import __version__, subjects
 from proto.codec import DecodeError, decode, encode
 from proto.messages import FaultEvent, FaultState, Halt, Heartbeat, Lease, Measurements, new_id
@@ -44,7 +45,7 @@ log = logging.getLogger("faultline.agent")
 MAX_REMEMBERED = 4096
 
 
-class AgentRuntime(CommandHandler):
+class AgentRuntime(CommandHandler, Recovery):
     def __init__(self, settings: AgentSettings, injectors: dict[str, Injector] | None = None) -> None:
         self.settings = settings
         self.node = settings.identity.node
@@ -279,80 +280,6 @@ class AgentRuntime(CommandHandler):
                 rec.request_end(reason)
                 hit.append(rec)
         return hit
-
-    # --- recovery (invariant 4) ---------------------------------------------
-
-    async def recover(self) -> None:
-        entries, problems = await asyncio.to_thread(self.journal.load)
-        for line in problems:
-            log.error("%s", line)
-        for fid, (state, _) in (await asyncio.to_thread(self.journal.load_ended)).items():
-            self.remember(self.ended, fid, state)
-        for entry in entries:
-            inj = self.injectors.get(entry.spec.kind)
-            if inj is None:
-                log.error(
-                    "journal holds %s of kind %s which this agent cannot revert; entry kept",
-                    entry.fault_id,
-                    entry.spec.kind,
-                )
-                continue
-            ctx = self.make_context(entry.fault_id, entry.experiment_id, entry.expires_at, entry.pods, recovered=True)
-            m = Measurements(recovered_from_journal=True)
-            state: FaultState = "reverted"
-            reason = "recovered from journal after restart: reverted"
-            try:
-                if entry.plan is not None:
-                    plan = inj.plan_model.model_validate(entry.plan)
-                    m = merge(m, await asyncio.wait_for(inj.revert(plan, ctx), self.settings.timing.revert_timeout_s))
-                else:
-                    reason = "recovered from journal after restart: never applied"
-                await asyncio.to_thread(self.journal.remove, entry.fault_id)
-                self.journal.mark_ended(entry.fault_id, state, entry.expires_at)
-            except Exception as exc:
-                state, reason = "failed", f"recovery revert failed: {exc}"
-                log.error("journal recovery of %s failed: %s (entry kept)", entry.fault_id, exc)
-            self.remember(self.ended, entry.fault_id, state)
-            self.recovered.append(entry.fault_id)
-            log.warning("journal recovery: %s %s (%s)", entry.fault_id, state, reason)
-            self.publish_event(
-                FaultEvent(
-                    experiment_id=entry.experiment_id,
-                    fault_id=entry.fault_id,
-                    node=self.node,
-                    kind=entry.spec.kind,
-                    state=state,
-                    reason=reason,
-                    measurements=m,
-                )
-            )
-        for kind, inj in self.injectors.items():
-            try:
-                lines = await asyncio.wait_for(inj.sweep([]), self.settings.timing.revert_timeout_s)
-            except Exception as exc:
-                log.error("sweep of %s leftovers failed: %s", kind, exc)
-                continue
-            for line in lines:
-                log.warning("sweep %s: %s", kind, line)
-        if not entries:
-            log.info("journal recovery: nothing to do")
-        self.recovery_done = True
-
-    async def probe(self) -> None:
-        caps: list[str] = []
-        for kind, inj in self.injectors.items():
-            try:
-                found = await asyncio.to_thread(inj.probe)
-            except Exception as exc:
-                log.error("capability probe of %s failed: %s", kind, exc)
-                self.capability_notes[kind] = f"probe failed: {exc}"
-                continue
-            for cap in found:
-                if cap.available:
-                    caps.append(cap.name)
-                elif cap.note:
-                    self.capability_notes[cap.name] = cap.note
-        self.capabilities = sorted(set(caps))
 
     # --- NATS ----------------------------------------------------------------
 
