@@ -185,3 +185,67 @@ def udp_probe(
         server.join(2.0)
         echo.close()
     return len(rtts), rtts
+
+
+def tc_leftovers(ns: str, dev: str) -> list[str]:
+    """What of ours (or anything non-default) a device in ns still carries; empty when clean."""
+    from agent.netlink import tc  # local: the testbed is usable without the tc module's models
+
+    with iproute(ns) as ipr:
+        index = tc.link_index(ipr, dev)
+        if index is None:
+            return [f"{dev} missing in {ns}"]
+        left: list[str] = []
+        root = tc.root_qdisc(ipr, index)
+        if tc.root_owner(root) != "default":
+            left.append(f"root qdisc {root}")
+        if tc.ingress_qdisc(ipr, index) is not None:
+            left.append("ingress qdisc")
+        left += [
+            f"ifb {link.get_attr('IFLA_IFNAME')}"
+            for link in ipr.get_links()
+            if str(link.get_attr("IFLA_IFNAME")).startswith(tc.IFB_PREFIX)
+        ]
+        return left
+
+
+def link_counters(ns: str, dev: str) -> dict[str, int]:
+    with iproute(ns) as ipr:
+        link = ipr.get_links(ipr.link_lookup(ifname=dev)[0])[0]
+        stats = link.get_attr("IFLA_STATS64")
+        return {k: int(stats[k]) for k in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes")}
+
+
+def snmp_counters(ns: str) -> dict[str, int]:
+    """/proc/net/snmp of the namespace as {"Udp.InCsumErrors": n, ...}."""
+    with entered(str(netns_path(ns))):
+        with open("/proc/thread-self/net/snmp") as f:
+            lines = f.read().splitlines()
+    counters: dict[str, int] = {}
+    for header, values in zip(lines[::2], lines[1::2], strict=False):
+        proto, names = header.split(":", 1)
+        for name, value in zip(names.split(), values.split(":", 1)[1].split(), strict=False):
+            counters[f"{proto}.{name}"] = int(value)
+    return counters
+
+
+def udp_blast(bed: Testbed, server_addr: str, count: int, port: int = 5401) -> int:
+    """Send count datagrams A->B one way; returns how many B's socket received (bounded wait)."""
+    sink = socket_in(bed.ns_b, socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind((server_addr, port))
+    sink.settimeout(0.3)
+    sender = socket_in(bed.ns_a, socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for seq in range(count):
+            sender.sendto(seq.to_bytes(4, "big") + b"\0" * 60, (server_addr, port))
+            time.sleep(0.001)  # pacing, so queue limits play no part in what we measure
+        received = 0
+        while True:
+            try:
+                sink.recv(65536)
+            except TimeoutError:
+                return received
+            received += 1
+    finally:
+        sender.close()
+        sink.close()
