@@ -115,21 +115,21 @@ def default_route_interface(ipr: IPRoute) -> str | None:
     return None
 
 
-def qdiscs(ipr: IPRoute, index: int) -> list[Any]:
-    return [q for q in ipr.tc("dump") if q["index"] == index]
+def qdiscs(ipr: IPRoute, index: int, dump: list[Any] | None = None) -> list[Any]:
+    return [q for q in (ipr.tc("dump") if dump is None else dump) if q["index"] == index]
 
 
-def root_qdisc(ipr: IPRoute, index: int) -> tuple[str, int] | None:
+def root_qdisc(ipr: IPRoute, index: int, dump: list[Any] | None = None) -> tuple[str, int] | None:
     """(kind, handle) of the root qdisc, or None if the device has none."""
-    for q in qdiscs(ipr, index):
+    for q in qdiscs(ipr, index, dump):
         if q["parent"] == TC_H_ROOT:
             return str(q.get_attr("TCA_KIND")), int(q["handle"])
     return None
 
 
-def ingress_qdisc(ipr: IPRoute, index: int) -> str | None:
+def ingress_qdisc(ipr: IPRoute, index: int, dump: list[Any] | None = None) -> str | None:
     """Kind of the ingress/clsact qdisc, or None."""
-    for q in qdiscs(ipr, index):
+    for q in qdiscs(ipr, index, dump):
         if q["parent"] == TC_H_INGRESS:
             return str(q.get_attr("TCA_KIND"))
     return None
@@ -328,11 +328,11 @@ def sweep_namespace(ipr: IPRoute, where: str) -> list[str]:
 def holdings(ipr: IPRoute) -> dict[str, str]:
     """Interfaces carrying anything of ours: name -> what (for conflict messages)."""
     held: dict[str, str] = {}
-    for link in ipr.get_links():
-        name = str(link.get_attr("IFLA_IFNAME"))
-        index = int(link["index"])
-        if root_owner(root_qdisc(ipr, index)) == "ours":
+    dump = list(ipr.tc("dump"))  # one dump for every device: plan latency is mostly netlink round trips
+    names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
+    for index, name in names.items():
+        if root_owner(root_qdisc(ipr, index, dump)) == "ours":
             held[name] = "qdisc fa17:"
-        if ingress_qdisc(ipr, index) is not None and INGRESS_FILTER_PRIO in ingress_filter_prios(ipr, index):
+        if ingress_qdisc(ipr, index, dump) is not None and INGRESS_FILTER_PRIO in ingress_filter_prios(ipr, index):
             held[name] = "ingress redirect"
     return held
