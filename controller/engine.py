@@ -66,6 +66,7 @@ class ExperimentRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._baseline: dict[str, str] = {}
         self._plan: Plan | None = None
+        self._finishing = False
 
     # --- planning (also what --dry-run runs)
 
@@ -188,8 +189,8 @@ class ExperimentRunner:
                 )
                 await self._dispatch_one(track, inject)
 
-        dispatch = asyncio.gather(*(node_faults(n) for n in targets))
-        waker = asyncio.ensure_future(self._wake_on_abort())
+        dispatch: asyncio.Future[Any] = asyncio.gather(*(node_faults(n) for n in targets))
+        waker: asyncio.Future[Any] = asyncio.ensure_future(self._wake_on_abort())
         try:
             await asyncio.wait({dispatch, waker}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -244,6 +245,9 @@ class ExperimentRunner:
             self.progress(f"{self._t()} {ev.node} {ev.fault_id} ({ev.kind}): {ev.state}{detail}")
         if ev.state in ("failed", "rejected") and not self.aborted:
             self.abort(f"agent {ev.node}: {ev.fault_id} ({ev.kind}) {ev.state}: {ev.reason}", node=ev.node)
+        elif ev.state == "reverted" and changed and not self.aborted and not self._finishing:
+            # Nobody here asked for it (halt, lease lapse, an agent stopping): the experiment is not what was planned.
+            self.abort(f"agent {ev.node} reverted {ev.fault_id} on its own: {ev.reason}", node=ev.node)
         self._wake.set()
 
     async def _on_control(self, msg: Any) -> None:
@@ -321,6 +325,7 @@ class ExperimentRunner:
                 pass
 
     async def _finish(self, targets: list[str]) -> None:
+        self._finishing = True
         reason = f"abort: {self.abort_info.reason}" if self.abort_info else "experiment ended"
         if self.aborted:
             self.progress(f"{self._t()} reverting on {', '.join(targets)}")

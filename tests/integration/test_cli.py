@@ -1,0 +1,387 @@
+"""`faultline` end to end: real CLI processes, a real nats-server, real agents and victims."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, AgentProcess, Victims, status, wait_until
+
+pytestmark = pytest.mark.integration
+EXAMPLES = REPO / "examples"
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAULTLINE_")}
+    env.update(extra)
+    return env
+
+
+def faultline(
+    *args: str, timeout_s: float = 60.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "controller.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=REPO,
+        env=env or cli_env(),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+class Running:
+    """A `faultline` process in the background; stderr to a file so progress can be read while it runs."""
+
+    def __init__(self, args: list[str], tmp: Path, env: dict[str, str] | None = None) -> None:
+        self.err_path = tmp / f"cli-{time.monotonic_ns()}.err"
+        self.out_path = self.err_path.with_suffix(".out")
+        with open(self.err_path, "wb") as err, open(self.out_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "controller.cli", *args],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                cwd=REPO,
+                env=env or cli_env(),
+            )
+
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"faultline did not exit within {timeout_s}s:\n{self.stderr()}") from None
+
+    def experiment_id(self) -> str:
+        def find() -> str | None:
+            for line in self.stderr().splitlines():
+                if line.startswith("running "):
+                    return line.split()[1].rstrip(";")
+            if self.proc.poll() is not None:
+                raise AssertionError(f"faultline exited {self.proc.returncode}:\n{self.stderr()}")
+            return None
+
+        found: str = wait_until(find, 20, "faultline run to print its experiment id")
+        return found
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Callable[..., Running]]:
+    procs: list[Running] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Running:
+        r = Running(list(args), tmp_path, env)
+        procs.append(r)
+        return r
+
+    yield start
+    for r in procs:
+        r.kill()
+
+
+def experiment_file(tmp_path: Path, faults: list[dict[str, Any]], **spec: Any) -> Path:
+    doc = {
+        "apiVersion": "faultline/v1",
+        "kind": "Experiment",
+        "metadata": {"name": "cli-test"},
+        "spec": {"duration": "3s", "faults": faults, **spec},
+    }
+    path = tmp_path / f"exp-{time.monotonic_ns()}.yaml"
+    path.write_text(json.dumps(doc))  # JSON is YAML
+    return path
+
+
+def pause(victims: Victims, tag: str = "") -> dict[str, Any]:
+    return {"kind": "process-pause", "match": {"cmdline": f"{victims.token}{tag}$"}}
+
+
+# --- no NATS needed ---------------------------------------------------------------
+
+
+def test_help_teaches_with_examples() -> None:
+    r = faultline("--help")
+    assert r.returncode == 0
+    assert "faultline demo" in r.stdout and "faultline run" in r.stdout and "Exit codes" in r.stdout
+
+
+def test_validate_ok_and_invalid(tmp_path: Path) -> None:
+    ok = faultline("validate", str(EXAMPLES / "pause-worker.yaml"))
+    assert ok.returncode == 0, ok.stderr
+    assert "valid" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: faultline/v1\nkind: Experiment\nmetadata: {name: x}\nspec:\n  duration: 5s\n"
+                   "  faults:\n    - kind: cpu\n      load: 0.5\n")  # fmt: skip
+    r = faultline("validate", str(bad))
+    assert r.returncode == 2
+    assert "spec.faults[0].load: must be between 1 and 100" in r.stderr
+
+
+def test_schema_is_json() -> None:
+    r = faultline("schema")
+    assert r.returncode == 0
+    schema = json.loads(r.stdout)
+    assert "spec" in schema["properties"]
+
+
+def test_run_invalid_file_exits_2_and_sends_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: faultline/v1\nkind: Experiment\nmetadata: {name: x}\nspec: {duration: 1s}\n")
+    # an unreachable URL: if the CLI tried to connect, it would say so; it must stop at the file
+    r = faultline("run", str(bad), "--nats", "nats://127.0.0.1:1")
+    assert r.returncode == 2
+    assert "spec.faults" in r.stderr and "nothing sent" in r.stderr and "connect" not in r.stderr
+
+
+# --- local mode -----------------------------------------------------------------------
+
+
+def _descendants(pid: int) -> set[tuple[int, float]]:
+    try:
+        return {(c.pid, c.create_time()) for c in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
+def _alive(procs: set[tuple[int, float]]) -> list[str]:
+    out = []
+    for pid, created in procs:
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{pid} {' '.join(p.cmdline())[:120]}")
+    return out
+
+
+def test_demo_exits_0_and_leaves_nothing_behind(tmp_path: Path, running: Callable[..., Running]) -> None:
+    started = time.monotonic()
+    demo = running("demo", "-o", "json", env=cli_env(FAULTLINE_STATE_DIR=str(tmp_path / "state")))
+    seen: set[tuple[int, float]] = set()
+    while demo.proc.poll() is None and time.monotonic() - started < 40:
+        seen |= _descendants(demo.proc.pid)
+        time.sleep(0.1)
+    code = demo.wait(5)
+    elapsed = time.monotonic() - started
+    assert code == 0, demo.stderr()
+    report = json.loads(demo.stdout())
+    assert report["outcome"] == "completed"
+    by_kind = {f["kind"]: f for f in report["faults"]}
+    assert by_kind["process-pause"]["measurements"]["resumed_pids"]
+    assert by_kind["process-kill"]["measurements"]["hit_pids"]
+    assert "status:" in demo.stderr() and "supervisor: victim B died" in demo.stderr()
+    assert len(seen) >= 4, f"expected nats-server, agent and two victims among {seen}"
+    assert not _alive(seen), f"left behind: {_alive(seen)}"
+    assert elapsed < 20, f"demo took {elapsed:.1f}s"
+    assert not list((tmp_path / "state" / "journal").glob("*.json"))
+
+
+def test_run_without_nats_uses_local_agent(tmp_path: Path, victims: Victims) -> None:
+    (victim,) = victims.start(1)
+    path = experiment_file(tmp_path, [pause(victims)], duration="1s", targets={"nodes": ["elsewhere"]})
+    r = faultline("run", str(path), "-o", "json", env=cli_env(FAULTLINE_STATE_DIR=str(tmp_path / "state")))
+    assert r.returncode == 0, r.stderr
+    assert "replaced by the local node" in r.stderr
+    report = json.loads(r.stdout)
+    assert report["faults"][0]["measurements"]["hit_pids"] == [victim.pid]
+    assert status(victim) != psutil.STATUS_STOPPED
+
+
+# --- against a fleet (real nats-server and agents from tests/conftest.py) ----------------
+
+
+def test_agents_lists_the_fleet(nats_url: str, agent_factory: Callable[..., AgentProcess]) -> None:
+    agent_factory("node-a", extra=["--label", "zone=a"])
+    r = faultline("agents", "--nats", nats_url, "-o", "json")
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)
+    assert row["node"] == "node-a" and row["labels"] == {"zone": "a"} and row["state"] == "ready"
+    assert "process-pause" in row["capabilities"]
+    text = faultline("agents", "--nats", nats_url)
+    assert "node-a" in text.stdout and "zone=a" in text.stdout
+
+
+def test_run_example_against_a_real_agent(
+    tmp_path: Path, nats_url: str, agent_factory: Callable[..., AgentProcess], victims: Victims
+) -> None:
+    agent = agent_factory("node-a", extra=["--label", "zone=a"])
+    # the zone-outage example as it is, with its victim started as its comment says
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import signal; signal.pause()", "faultline-example-service"], stdin=subprocess.DEVNULL
+    )
+    victims.procs.append(proc)
+    victim = psutil.Process(proc.pid)
+    text = (EXAMPLES / "zone-outage.yaml").read_text().replace("duration: 30s", "duration: 3s")
+    path = tmp_path / "zone-outage.yaml"
+    path.write_text(text)
+    dry = faultline("run", str(path), "--nats", nats_url, "--dry-run", "-o", "json")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["targets"] == ["node-a"]
+    assert status(victim) != psutil.STATUS_STOPPED and not agent.journal()
+
+    r = faultline("run", str(path), "--nats", nats_url, "-o", "json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    (fault,) = report["faults"]
+    assert fault["state"] == "expired" and fault["measurements"]["hit_pids"] == [victim.pid]
+    assert fault["dispatched_at"] <= fault["acked_at"] <= fault["active_at"] <= fault["ended_at"]
+    assert status(victim) != psutil.STATUS_STOPPED
+    assert agent.journal() == []
+
+
+def test_refused_before_dispatch(tmp_path: Path, nats_url: str, agent_factory: Callable[..., AgentProcess]) -> None:
+    agent_factory("node-a")
+    unknown = experiment_file(tmp_path, [{"kind": "process-pause", "match": {"pid": 1}}], targets={"nodes": ["ghost"]})
+    r = faultline("run", str(unknown), "--nats", nats_url)
+    assert r.returncode == 2 and "ghost is not in the fleet" in r.stderr
+    net = experiment_file(tmp_path, [{"kind": "network", "delay": "10ms", "destinations": ["192.0.2.0/24"]}])
+    r = faultline("run", str(net), "--nats", nats_url, "--dry-run")
+    if r.returncode == 0:
+        pytest.skip("this machine's agent can inject netem delay; nothing to refuse")
+    assert r.returncode == 2 and "node node-a: spec.faults[0] (network) needs" in r.stderr
+
+
+def test_heartbeat_loss_aborts_and_reverts(
+    tmp_path: Path,
+    nats_url: str,
+    agent_factory: Callable[..., AgentProcess],
+    victims: Victims,
+    running: Callable[..., Running],
+) -> None:
+    a = agent_factory("node-a")
+    b = agent_factory("node-b")
+    (victim,) = victims.start(1)
+    path = experiment_file(tmp_path, [pause(victims)], duration="30s", abort={"heartbeatTimeout": "1s"})
+    run = running("run", str(path), "--nats", nats_url, "-o", "json")
+    run.experiment_id()
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
+    wait_until(lambda: "active" in run.stderr().split("node-b", 1)[-1], 10, "node-b to report active")
+    b.signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        code = run.wait(20)
+        assert code == 1, run.stderr()
+        report = json.loads(run.stdout())
+        assert report["outcome"] == "aborted"
+        assert report["abort"]["node"] == "node-b" and "silent" in report["abort"]["reason"]
+        detected = report["abort"]["at"] - (time.time() - (time.monotonic() - stopped_at))
+        assert detected <= 1.0 + 0.5 + 0.5, f"abort came {detected:.2f}s after the agent stopped"
+        node_a = [f for f in report["faults"] if f["node"] == "node-a"]
+        assert node_a[0]["state"] == "reverted"
+        assert status(victim) != psutil.STATUS_STOPPED  # node-a resumed it (both agents paused it)
+        assert a.journal() == []
+    finally:
+        b.signal(signal.SIGCONT)
+
+
+def test_sigint_aborts_and_reverts(
+    tmp_path: Path,
+    nats_url: str,
+    agent_factory: Callable[..., AgentProcess],
+    victims: Victims,
+    running: Callable[..., Running],
+) -> None:
+    agent = agent_factory("node-a")
+    (victim,) = victims.start(1)
+    path = experiment_file(tmp_path, [pause(victims)], duration="30s")
+    run = running("run", str(path), "--nats", nats_url, "-o", "json")
+    run.experiment_id()
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
+    run.proc.send_signal(signal.SIGINT)
+    assert run.wait(15) == 1
+    report = json.loads(run.stdout())
+    assert report["outcome"] == "aborted" and "SIGINT" in report["abort"]["reason"]
+    assert report["faults"][0]["state"] == "reverted"
+    assert status(victim) != psutil.STATUS_STOPPED
+    assert agent.journal() == []
+
+
+def test_abort_from_another_process(
+    tmp_path: Path,
+    nats_url: str,
+    agent_factory: Callable[..., AgentProcess],
+    victims: Victims,
+    running: Callable[..., Running],
+) -> None:
+    agent_factory("node-a")
+    (victim,) = victims.start(1)
+    path = experiment_file(tmp_path, [pause(victims)], duration="30s")
+    run = running("run", str(path), "--nats", nats_url, "-o", "json")
+    exp_id = run.experiment_id()
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
+    r = faultline("abort", exp_id, "--nats", nats_url, "--reason", "enough")
+    assert r.returncode == 0, r.stderr
+    assert run.wait(15) == 1
+    report = json.loads(run.stdout())
+    assert report["outcome"] == "aborted" and "enough" in report["abort"]["reason"]
+    assert status(victim) != psutil.STATUS_STOPPED
+
+
+def test_abort_without_controller_reverts_on_agents(
+    tmp_path: Path,
+    nats_url: str,
+    agent_factory: Callable[..., AgentProcess],
+    victims: Victims,
+    running: Callable[..., Running],
+) -> None:
+    agent_factory("node-a")
+    (victim,) = victims.start(1)
+    path = experiment_file(tmp_path, [pause(victims)], duration="60s", abort={"leaseTimeout": "60s"})
+    run = running("run", str(path), "--nats", nats_url)
+    exp_id = run.experiment_id()
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
+    run.kill()  # the controller is gone; the lease would take 60 s to lapse
+    r = faultline("abort", exp_id, "--nats", nats_url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "node-a: revert acknowledged" in r.stdout
+    wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 5, "the victim to resume after abort")
+
+
+def test_abort_unknown_experiment(nats_url: str, agent_factory: Callable[..., AgentProcess]) -> None:
+    agent_factory("node-a")
+    r = faultline("abort", "no-such-exp-123456", "--nats", nats_url)
+    assert r.returncode == 2 and "unknown experiment id" in r.stderr
+
+
+def test_halt(
+    tmp_path: Path,
+    nats_url: str,
+    agent_factory: Callable[..., AgentProcess],
+    victims: Victims,
+    running: Callable[..., Running],
+) -> None:
+    agent_factory("node-a")
+    (victim,) = victims.start(1)
+    path = experiment_file(tmp_path, [pause(victims)], duration="30s")
+    run = running("run", str(path), "--nats", nats_url, "-o", "json")
+    run.experiment_id()
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
+    r = faultline("halt", "--nats", nats_url, "--reason", "test halt")
+    assert r.returncode == 0
+    wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 5, "the victim to resume after halt")
+    # the agent reverted on its own: the run ends with every fault reverted, not "completed"
+    assert run.wait(40) == 1
+    report = json.loads(run.stdout())
+    assert report["faults"][0]["state"] == "reverted"
+    assert report["outcome"] == "aborted" and "halt" in report["abort"]["reason"]
