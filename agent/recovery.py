@@ -13,7 +13,7 @@ from collections import OrderedDict
 from typing import Any
 
 from agent.config import AgentSettings
-from agent.faults.base import FaultContext, Injector
+from agent.faults.base import FaultContext, Injector, Plan
 from agent.faults_table import merge
 from agent.journal import Journal
 from proto.messages import FaultEvent, FaultState, Measurements
@@ -45,6 +45,7 @@ class Recovery:
             log.error("%s", line)
         for fid, (state, _) in (await asyncio.to_thread(self.journal.load_ended)).items():
             self.remember(self.ended, fid, state)
+        journaled: dict[str, list[Plan]] = {}
         for entry in entries:
             inj = self.injectors.get(entry.spec.kind)
             if inj is None:
@@ -61,6 +62,7 @@ class Recovery:
             try:
                 if entry.plan is not None:
                     plan = inj.plan_model.model_validate(entry.plan)
+                    journaled.setdefault(entry.spec.kind, []).append(plan)
                     m = merge(m, await asyncio.wait_for(inj.revert(plan, ctx), self.settings.timing.revert_timeout_s))
                 else:
                     reason = "recovered from journal after restart: never applied"
@@ -85,7 +87,9 @@ class Recovery:
             )
         for kind, inj in self.injectors.items():
             try:
-                lines = await asyncio.wait_for(inj.sweep([]), self.settings.timing.revert_timeout_s)
+                lines = await asyncio.wait_for(
+                    inj.sweep(journaled.get(kind, [])), self.settings.timing.revert_timeout_s
+                )
             except Exception as exc:
                 log.error("sweep of %s leftovers failed: %s", kind, exc)
                 continue

@@ -237,7 +237,7 @@ def required_capabilities(spec: ProcessKillSpec | ProcessPauseSpec | CpuSpec | M
     The controller checks these before dispatch (also under --dry-run); the
     agent checks them again and rejects with the reason it noted at probe time.
     """
-    caps = [spec.kind]
+    caps: list[str] = [spec.kind]
     if isinstance(spec, NetworkSpec):
         if spec.needs_netem():
             caps.append("network.netem")

@@ -11,6 +11,7 @@ status=$?
 if [ -x tests/kernel/run-uml.sh ]; then
   PYTHON="$PY" bash tests/kernel/run-uml.sh
   kstatus=$?
-  if [ $kstatus -ne 0 ]; then status=$kstatus; fi
+  # 77: User-Mode Linux could not start here; the script printed why (a skip, not a pass)
+  if [ $kstatus -ne 0 ] && [ $kstatus -ne 77 ]; then status=$kstatus; fi
 fi
 exit $status
