@@ -191,7 +191,10 @@ async def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         env = AgentEnv(node="bench", state_dir=Path(tmp), instance_id="bench", protected_pids=dict)
-        print(f"machine: {os.cpu_count()} cores, stress-ng: {STRESS_NG or 'not found'}")
+        load1 = os.getloadavg()[0]
+        print(
+            f"machine: {os.cpu_count()} cores, load average at start {load1:.2f}, stress-ng: {STRESS_NG or 'not found'}"
+        )
         cpu_reverts = await bench_cpu(env, args.window)
         mem_reverts = await bench_memory(env)
         print("\nRevert latency: revert() call to last stressor reaped")
@@ -199,6 +202,7 @@ async def main() -> None:
         print("-" * 52)
         for name, xs in (("cpu (1-2 workers)", cpu_reverts), ("memory 256Mi / 1Gi held", mem_reverts)):
             print(f"{name:>28} | {len(xs):>2} {1000 * statistics.median(xs):9.1f} {1000 * max(xs):7.1f}")
+        print(f"\nload average at end {os.getloadavg()[0]:.2f} (other work on the machine skews every figure)")
 
 
 if __name__ == "__main__":
