@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,9 @@ async def _start_extras(runtime: AgentRuntime, settings: AgentSettings) -> list[
         try:
             from agent import k8s
 
-            labels = await k8s.fetch_node_labels(settings.identity.node)
+            # the Node object's own name: identity.node was made subject-safe (dots replaced)
+            raw_node = os.environ.get("FAULTLINE_NODE") or socket.gethostname()
+            labels = await k8s.fetch_node_labels(raw_node)
             runtime.labels = {**labels, **runtime.labels}
             log.info("node labels from the Kubernetes API: %d", len(labels))
         except Exception as exc:
@@ -173,8 +176,8 @@ async def _start_extras(runtime: AgentRuntime, settings: AgentSettings) -> list[
     if settings.http_addr:
         from agent import health
 
-        host, _, port = settings.http_addr.rpartition(":")
-        server = await health.start_health_server(host or "0.0.0.0", int(port), runtime.ready)
+        host, port = health.parse_http_addr(settings.http_addr)
+        server = await health.start_health_server(host, port, runtime.ready)
         closers.append(server)
     return closers
 

@@ -81,7 +81,7 @@ def _allowed_pids(ctx: FaultContext) -> set[int] | None:
     allowed: set[int] = set()
     for pod in ctx.pods:
         try:
-            allowed |= pods_mod.pod_pids(pod.uid)
+            allowed |= pods_mod.pod_pids(pod.uid, container_ids=pod.container_ids or None)
         except pods_mod.PodNotFound as exc:
             raise Rejected(f"pod {pod.namespace}/{pod.name}: {exc}") from None
     return allowed
