@@ -270,3 +270,24 @@ async def test_stressor_runs_in_the_named_cgroup(env: AgentEnv, cleanup: None, t
             assert set(applied.stressor_pids) <= cgroups.pids_in(target, controller), controller
     finally:
         await inj.revert(plan, ctx)
+
+
+async def test_oom_kill_in_a_limited_cgroup_is_reported(env: AgentEnv, cleanup: None, test_cgroup: str) -> None:
+    target = cgroups.resolve(test_cgroup, "memory")
+    mem_dir = target.dirs["memory"]
+    limit_file = mem_dir / ("memory.max" if target.versions["memory"] == "v2" else "memory.limit_in_bytes")
+    if not limit_file.exists():
+        pytest.skip(f"no memory limit file in {mem_dir}")
+    limit_file.write_text(str(64 * MiB))
+    events: Events = []
+    inj, ctx = MemoryStress(env), ctx_for(env, events)
+    spec = MemorySpec(size="128Mi", cgroup=test_cgroup)
+    plan = await inj.plan(spec, ctx)
+    try:
+        applied = await inj.apply(spec, plan, ctx)
+        pid = (applied.stressor_pids or [0])[0]
+        await wait_for(lambda: any(m.oom_killed for _, m, _ in events), 10, "an OOM-kill progress event")
+    finally:
+        m = await inj.revert(plan, ctx)
+    assert gone(pid)
+    assert m.oom_killed is True and m.note and "OOM" in m.note
