@@ -385,7 +385,10 @@ async def _resolve_pods(namespace: str, labels: dict[str, str]) -> dict[str, lis
         from controller import k8s  # lazy: Kubernetes support is optional
     except ImportError as exc:
         raise PreflightError(f"spec.targets.pods: Kubernetes pod targeting is not available here ({exc})") from None
-    resolved = await k8s.resolve_pods(namespace, labels)
+    try:
+        resolved = await k8s.resolve_pods(namespace, labels)
+    except k8s.KubernetesError as exc:
+        raise PreflightError(f"spec.targets.pods: {exc}") from None
     by_node: dict[str, list[PodRef]] = {}
     for rp in resolved:
         # agents name themselves with subject-safe tokens; Kubernetes node names may contain dots

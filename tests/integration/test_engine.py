@@ -1,0 +1,251 @@
+"""ExperimentRunner against a real nats-server and scripted in-process agents.
+
+The scripted agent speaks the wire protocol (heartbeats, Ack, FaultEvent) and
+lets a test make it restart, leave, go silent or reject, which a real agent
+cannot be told to do on cue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from controller.engine import ExperimentRunner
+from controller.experiment import Experiment, parse_experiment
+from controller.fleet import Fleet
+from controller.tracking import PreflightError
+from proto.codec import decode, decode_command, encode
+from proto.messages import Ack, FaultEvent, Heartbeat, Inject, Lease, Revert
+from proto.subjects import ALL_LEASES, agent_cmd, agent_hb, exp_control, exp_events
+from tests.conftest import async_wait_until
+
+pytestmark = pytest.mark.integration
+
+
+class ScriptedAgent:
+    def __init__(self, nc: Any, node: str, capabilities: list[str] | None = None) -> None:
+        self.nc, self.node = nc, node
+        self.capabilities = capabilities or ["process-kill", "process-pause"]
+        self.instance_id = uuid.uuid4().hex
+        self.state = "ready"
+        self.silent = False
+        self.reject: str | None = None
+        self.held: dict[str, Inject] = {}
+        self.reverts: list[Revert] = []
+        self.leases: list[Lease] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subs: list[Any] = []
+        self._seq = 0
+
+    async def start(self) -> ScriptedAgent:
+        self._subs.append(await self.nc.subscribe(agent_cmd(self.node), cb=self._on_cmd))
+        self._subs.append(await self.nc.subscribe(ALL_LEASES, cb=self._on_lease))
+        self._spawn(self._heartbeats())
+        await self._beat()
+        return self
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for s in self._subs:
+            with contextlib.suppress(Exception):
+                await s.unsubscribe()
+
+    async def _beat(self) -> None:
+        self._seq += 1
+        hb = Heartbeat(
+            node=self.node,
+            instance_id=self.instance_id,
+            version="test",
+            capabilities=self.capabilities,
+            capability_notes={"cpu": "cpu: not in this scripted agent"},
+            state=self.state,  # type: ignore[arg-type]
+            interval_s=0.2,
+            seq=self._seq,
+            started_at=0.0,
+        )
+        await self.nc.publish(agent_hb(self.node), encode(hb))
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            if not self.silent:
+                await self._beat()
+
+    async def _event(self, inject: Inject | None, fid: str, exp_id: str, state: str, reason: str | None = None) -> None:
+        ev = FaultEvent(
+            experiment_id=exp_id,
+            fault_id=fid,
+            node=self.node,
+            kind=inject.spec.kind if inject else "process-pause",
+            state=state,  # type: ignore[arg-type]
+            reason=reason,
+        )
+        await self.nc.publish(exp_events(exp_id), encode(ev))
+
+    async def _on_lease(self, msg: Any) -> None:
+        self.leases.append(decode(msg.data, Lease))
+
+    async def _on_cmd(self, msg: Any) -> None:
+        cmd = decode_command(msg.data)
+        if isinstance(cmd, Inject):
+            if self.reject:
+                await msg.respond(encode(Ack(in_reply_to=cmd.id, node=self.node, accepted=False, reason=self.reject)))
+                return
+            self.held[cmd.fault_id] = cmd
+            ack = Ack(in_reply_to=cmd.id, node=self.node, accepted=True, fault_states={cmd.fault_id: "accepted"})
+            await msg.respond(encode(ack))
+            await self._event(cmd, cmd.fault_id, cmd.experiment_id, "active")
+            self._spawn(self._expire(cmd))
+        else:
+            self.reverts.append(cmd)
+            await msg.respond(encode(Ack(in_reply_to=cmd.id, node=self.node, accepted=True)))
+            for fid, inj in list(self.held.items()):
+                if inj.experiment_id == cmd.experiment_id:
+                    del self.held[fid]
+                    await self._event(inj, fid, cmd.experiment_id, "reverted", f"requested: {cmd.reason}")
+
+    async def _expire(self, inject: Inject) -> None:
+        await asyncio.sleep(max(0.0, inject.expires_at - time.time()))
+        if self.held.pop(inject.fault_id, None) is not None:
+            await self._event(inject, inject.fault_id, inject.experiment_id, "expired", "deadline reached")
+
+
+def experiment(duration: str = "1s", kind: str = "process-pause", hb_timeout: str = "1s") -> Experiment:
+    fault: dict[str, Any] = {"kind": kind, "match": {"pid": 12345}} if kind != "cpu" else {"kind": "cpu", "load": 10}
+    return parse_experiment(
+        {
+            "apiVersion": "faultline/v1",
+            "kind": "Experiment",
+            "metadata": {"name": "engine-test"},
+            "spec": {
+                "duration": duration,
+                "faults": [fault],
+                "abort": {"heartbeatTimeout": hb_timeout, "leaseTimeout": "3s"},
+            },
+        }
+    )
+
+
+@pytest.fixture
+async def fleet(nc: Any) -> Any:
+    f = Fleet(nc)
+    await f.start()
+    yield f
+    await f.stop()
+
+
+@pytest.fixture
+async def agents(nc: Any) -> Any:
+    made: list[ScriptedAgent] = []
+
+    async def make(node: str, **kw: Any) -> ScriptedAgent:
+        a = await ScriptedAgent(nc, node, **kw).start()
+        made.append(a)
+        return a
+
+    yield make
+    for a in made:
+        await a.stop()
+
+
+async def test_normal_run_completes_with_lease_and_final_revert(nc: Any, fleet: Fleet, agents: Any) -> None:
+    a = await agents("n1")
+    b = await agents("n2")
+    await fleet.wait_for(["n1", "n2"], 5)
+    lines: list[str] = []
+    runner = ExperimentRunner(nc, fleet, experiment("1s"), progress=lines.append)
+    report = await asyncio.wait_for(runner.run(), 15)
+    assert report.outcome == "completed", report
+    assert report.targets == ["n1", "n2"]
+    assert [f.state for f in report.faults] == ["expired", "expired"]
+    assert a.leases and all(le.experiment_id == runner.experiment_id for le in a.leases)
+    assert [r.reason for r in b.reverts] == ["experiment ended"]  # the final, idempotent revert
+    assert any("active" in line for line in lines)
+
+
+@pytest.mark.parametrize("change", ["restart", "leaving", "silent"])
+async def test_automatic_abort(nc: Any, fleet: Fleet, agents: Any, change: str) -> None:
+    a = await agents("n1")
+    b = await agents("n2")
+    await fleet.wait_for(["n1", "n2"], 5)
+    runner = ExperimentRunner(nc, fleet, experiment("30s", hb_timeout="0.6s"))
+    run = asyncio.create_task(runner.run())
+    await async_wait_until(lambda: len(a.held) == 1 and len(b.held) == 1, 5, "both agents to hold the fault")
+    changed_at = time.time()
+    if change == "restart":
+        b.instance_id = uuid.uuid4().hex
+    elif change == "leaving":
+        b.state = "leaving"
+    else:
+        b.silent = True
+    report = await asyncio.wait_for(run, 15)
+    assert report.outcome == "aborted" and report.abort is not None
+    assert report.abort.node == "n2"
+    assert {"restart": "restarted", "leaving": "leaving", "silent": "silent"}[change] in report.abort.reason
+    assert report.abort.at - changed_at < 0.6 + 0.2 + 0.3
+    assert a.held == {} and a.reverts and a.reverts[0].reason.startswith("abort: agent n2")
+    n1 = next(f for f in report.faults if f.node == "n1")
+    assert n1.state == "reverted"
+
+
+async def test_rejection_aborts_and_names_reason(nc: Any, fleet: Fleet, agents: Any) -> None:
+    a = await agents("n1")
+    a.reject = "no process matches the selector"
+    await fleet.wait_for(["n1"], 5)
+    report = await asyncio.wait_for(ExperimentRunner(nc, fleet, experiment("5s")).run(), 15)
+    assert report.outcome == "aborted" and report.abort is not None
+    assert "no process matches the selector" in report.abort.reason
+    (f,) = report.faults
+    assert f.state == "rejected" and f.accepted is False
+
+
+async def test_no_reply_is_bounded(nc: Any, fleet: Fleet, agents: Any) -> None:
+    a = await agents("n1")
+    await fleet.wait_for(["n1"], 5)
+    await a._subs[0].unsubscribe()  # heartbeats continue, commands go nowhere
+    runner = ExperimentRunner(nc, fleet, experiment("5s"), dispatch_timeout_s=0.3, dispatch_attempts=2)
+    started = time.monotonic()
+    report = await asyncio.wait_for(runner.run(), 15)
+    assert time.monotonic() - started < 6
+    assert report.outcome == "aborted" and report.faults[0].state == "no-reply"
+
+
+async def test_capabilities_refused_before_dispatch(nc: Any, fleet: Fleet, agents: Any) -> None:
+    a = await agents("n1")
+    await fleet.wait_for(["n1"], 5)
+    with pytest.raises(PreflightError, match=r"node n1: spec.faults\[0\] \(cpu\) needs cpu: cpu: not in this"):
+        await ExperimentRunner(nc, fleet, experiment("5s", kind="cpu")).plan()
+    assert a.held == {} and a.reverts == []
+
+
+async def test_control_subject_aborts(nc: Any, fleet: Fleet, agents: Any) -> None:
+    a = await agents("n1")
+    await fleet.wait_for(["n1"], 5)
+    runner = ExperimentRunner(nc, fleet, experiment("30s"))
+    run = asyncio.create_task(runner.run())
+    await async_wait_until(lambda: len(a.held) == 1, 5, "the agent to hold the fault")
+    cmd = Revert(experiment_id=runner.experiment_id, reason="stop it", expires_at=time.time() + 10)
+    reply = await nc.request(exp_control(runner.experiment_id), encode(cmd), timeout=2)
+    assert decode(reply.data, Ack).accepted
+    report = await asyncio.wait_for(run, 15)
+    assert report.outcome == "aborted" and report.abort is not None and "stop it" in report.abort.reason
+    assert a.held == {}
+
+
+async def test_fleet_counts_garbage(nc: Any, fleet: Fleet) -> None:
+    await nc.publish(agent_hb("junk"), b"not json")
+    await nc.flush()
+    await async_wait_until(lambda: fleet.garbage == 1, 5, "the garbage heartbeat to be counted")
+    assert fleet.nodes() == {}
