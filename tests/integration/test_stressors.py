@@ -118,7 +118,7 @@ async def test_memory_200mi_rss(env: AgentEnv, cleanup: None) -> None:
     applied = await inj.apply(spec, plan, ctx)
     assert applied.stressor_pids
     proc = psutil.Process(applied.stressor_pids[0])
-    assert Path(f"/proc/{proc.pid}/oom_score_adj").read_text().strip() == "1000"
+    assert Path(f"/proc/{proc.pid}/oom_score_adj").read_text().strip() == "1000"  # noqa: ASYNC240 - procfs, instant
     await wait_for(lambda: proc.memory_info().rss >= 190 * MiB, 20, "stressor RSS reaching 190 MiB")
     for _ in range(5):
         rss = proc.memory_info().rss
@@ -190,7 +190,8 @@ async def test_stressors_die_with_killed_agent_then_sweep_is_empty(
 ) -> None:
     inj = CpuStress(env)
     marker = inj.marker_for("orphan-test")
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, marker], stdout=subprocess.PIPE, text=True)
+    # a plain Popen on purpose: this stands in for the agent, which the test then SIGKILLs
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, marker], stdout=subprocess.PIPE, text=True)  # noqa: ASYNC220
     parent_proc.append(parent)
     assert parent.stdout is not None
     ready, _, _ = select.select([parent.stdout], [], [], 15)
