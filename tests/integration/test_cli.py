@@ -385,3 +385,35 @@ def test_halt(
     report = json.loads(run.stdout())
     assert report["faults"][0]["state"] == "reverted"
     assert report["outcome"] == "aborted" and "halt" in report["abort"]["reason"]
+
+
+def test_killed_controller_lease_lapses_and_victim_resumes(
+    tmp_path: Path,
+    nats_url: str,
+    agent_factory: Callable[..., AgentProcess],
+    victims: Victims,
+    running: Callable[..., Running],
+) -> None:
+    agent = agent_factory("node-a")
+    (victim,) = victims.start(1)
+    path = experiment_file(tmp_path, [pause(victims)], duration="60s", abort={"leaseTimeout": "2s"})
+    run = running("run", str(path), "--nats", nats_url)
+    run.experiment_id()
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
+    run.kill()  # kill -9: no revert from the controller; the dead-man's switch must do it
+    wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 2 + 1, "the victim to resume after the lease lapsed")
+    wait_until(lambda: agent.journal() == [], 5, "the agent's journal to empty")
+
+
+def test_killed_local_cli_leaves_nothing_paused_or_running(
+    tmp_path: Path, victims: Victims, running: Callable[..., Running]
+) -> None:
+    (victim,) = victims.start(1)
+    path = experiment_file(tmp_path, [pause(victims)], duration="60s")
+    run = running("run", str(path), env=cli_env(FAULTLINE_STATE_DIR=str(tmp_path / "state")))
+    run.experiment_id()
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
+    children = _descendants(run.proc.pid)
+    run.kill()  # kill -9 the CLI: its agent gets SIGTERM (pdeathsig), reverts and exits; nats-server too
+    wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 10, "the victim to resume after the CLI died")
+    wait_until(lambda: not _alive(children), 15, f"local agent and nats-server to exit: {_alive(children)}")
