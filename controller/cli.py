@@ -361,7 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run a short experiment on this machine, against its own processes")
     output_opt(d)
-    r = sub.add_parser("run", help="run an experiment file to its end", epilog=EPILOG)
+    r = sub.add_parser(
+        "run",
+        help="run an experiment file to its end",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     r.add_argument("file", help="experiment file (YAML)")
     nats_opt(r, local=True)
     output_opt(r)
