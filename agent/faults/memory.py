@@ -124,15 +124,19 @@ class MemoryStress(StressInjector):
             # SIGKILL we did not send: the OOM killer, unless the node counter proves otherwise
             running.oom_killed = not (before is not None and after is not None and after <= before)
 
+    def _sample(self, plan: StressPlan, running: Running, ctx: FaultContext) -> None:
+        assert isinstance(plan, MemoryPlan)
+        rss = rss_bytes(running.stressors[0].proc) or 0
+        running.peak_rss_bytes = max(running.peak_rss_bytes, rss)
+        if running.reached_s is None and rss >= REACHED_FRACTION * plan.size_bytes:
+            running.reached_s = round(time.monotonic() - running.started_at, 3)
+            with contextlib.suppress(Exception):  # a failing emit must not stop the watch
+                ctx.emit("active", Measurements(rss_bytes=rss, rss_reached_s=running.reached_s), None)
+
     async def _monitor(self, plan: MemoryPlan, running: Running, ctx: FaultContext) -> None:
         s = running.stressors[0]
         while s.popen.poll() is None:
-            rss = rss_bytes(s.proc) or 0
-            running.peak_rss_bytes = max(running.peak_rss_bytes, rss)
-            if running.reached_s is None and rss >= REACHED_FRACTION * plan.size_bytes:
-                running.reached_s = round(time.monotonic() - running.started_at, 3)
-                with contextlib.suppress(Exception):  # a failing emit must not stop the watch
-                    ctx.emit("active", Measurements(rss_bytes=rss, rss_reached_s=running.reached_s), None)
+            self._sample(plan, running, ctx)
             await asyncio.sleep(0.02 if running.reached_s is None else 0.5)
         self._note_exit(running)
         if running.oom_killed:
@@ -149,6 +153,8 @@ class MemoryStress(StressInjector):
         running = self._running.get(plan.marker)
         if running is not None:
             self._note_exit(running)  # before our own SIGKILL muddles the exit status
+            if running.exit_code is None:
+                self._sample(plan, running, ctx)  # the monitor may not have looked for up to 0.5 s
         running, killed, took_s = await self.stop(plan)
         if running is None:
             return Measurements(
