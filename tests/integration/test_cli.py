@@ -190,6 +190,7 @@ def test_demo_exits_0_and_leaves_nothing_behind(tmp_path: Path, running: Callabl
     by_kind = {f["kind"]: f for f in report["faults"]}
     assert by_kind["process-pause"]["measurements"]["resumed_pids"]
     assert by_kind["process-kill"]["measurements"]["hit_pids"]
+    assert by_kind["process-kill"]["measurements"].get("restarted") is True, by_kind["process-kill"]
     assert "status:" in demo.stderr() and "supervisor: victim B died" in demo.stderr()
     assert len(seen) >= 4, f"expected nats-server, agent and two victims among {seen}"
     assert not _alive(seen), f"left behind: {_alive(seen)}"
