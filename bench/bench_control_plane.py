@@ -1,0 +1,376 @@
+"""Control-plane latency with N simulated agents in one process. Prints a table; not a test.
+
+    /work/venv/bin/python bench/bench_control_plane.py [--sizes 10,100,1000] [--rounds 20,20,10]
+
+Each simulated agent is the real ``agent.runtime.AgentRuntime`` (run() as a
+task: probe, journal recovery, its own NATS connection, subscriptions,
+heartbeat and watchdog loops), with a no-op ``process-pause`` injector and its
+journal on tmpfs (/dev/shm). One real nats-server (controller.natsserver).
+
+Per round, with a fresh experiment id:
+- dispatch->all-acked: the controller's own ``controller.dispatch.request_ack``
+  for every node at once (asyncio.gather, as ExperimentRunner._dispatch_all
+  does), Inject built per node inside the timed window; ends at the last Ack.
+- abort->all-reverted: ``controller.dispatch.revert_experiment`` to all nodes;
+  ends when a "reverted" FaultEvent from every node has arrived on the
+  experiment's events subject (decoded, as the engine does).
+The floor, in the same run before the agents start: raw nats-py, one publisher
+and N subscriber connections in this process, one publish, until every
+subscriber got it (median). A raw request-reply fan-out (N subjects, N
+replies, no decoding) is printed as a diagnostic beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import nats
+import uvloop
+
+from agent.config import AgentSettings, IdentitySettings, NatsSettings, TimingSettings
+from agent.faults.base import AgentEnv, Capability, FaultContext, Injector, Plan
+from agent.runtime import AgentRuntime
+from controller.dispatch import request_ack, revert_experiment
+from controller.experiment import fault_id
+from controller.natsserver import NatsServer
+from proto.codec import DecodeError, decode
+from proto.faults import ProcessMatch, ProcessPauseSpec
+from proto.messages import FaultEvent, Inject, Measurements, Revert
+from proto.subjects import exp_events
+
+SHM = Path("/dev/shm")
+START_BATCH = 100
+WAIT_S = 60.0  # bound on any single wait in a round
+
+
+class NoopPlan(Plan):
+    noop: bool = True
+
+
+class NoopInjector(Injector):
+    """Accepts every process-pause and touches nothing: measures the control plane alone."""
+
+    kind = "process-pause"
+    plan_model = NoopPlan
+
+    def probe(self) -> list[Capability]:
+        return [Capability(self.kind, True)]
+
+    async def plan(self, spec: Any, ctx: FaultContext) -> Plan:
+        return NoopPlan()
+
+    async def apply(self, spec: Any, plan: Plan, ctx: FaultContext) -> Measurements:
+        return Measurements()
+
+    async def revert(self, plan: Plan, ctx: FaultContext) -> Measurements:
+        return Measurements()
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
+    return s[k]
+
+
+def raise_fd_limit(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, need)
+    if want < need:
+        raise SystemExit(f"file-descriptor hard limit {hard} < {need} needed; run with a higher ulimit -Hn")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+async def quiet_connect(url: str) -> Any:
+    async def quiet(exc: Exception) -> None:
+        logging.getLogger("bench").debug("nats: %s", exc)
+
+    return await nats.connect(url, connect_timeout=5, allow_reconnect=False, error_cb=quiet)
+
+
+async def close_all(conns: list[Any]) -> None:
+    async def one(nc: Any) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 5.0)
+
+    await asyncio.gather(*(one(nc) for nc in conns))
+
+
+# --- the floor ---------------------------------------------------------------
+
+
+async def floor(url: str, n: int, rounds: int) -> tuple[list[float], list[float]]:
+    """(fan-out times, raw request-reply times), seconds."""
+    subs: list[Any] = []
+    for i in range(0, n, START_BATCH):
+        subs += await asyncio.gather(*(quiet_connect(url) for _ in range(i, min(n, i + START_BATCH))))
+    pub = await quiet_connect(url)
+    token = uuid.uuid4().hex[:8]
+    got = 0
+    done = asyncio.Event()
+
+    async def on_msg(msg: Any) -> None:
+        nonlocal got
+        got += 1
+        if got == n:
+            done.set()
+
+    async def echo(msg: Any) -> None:
+        await msg.respond(b"ok")
+
+    for i, nc in enumerate(subs):
+        await nc.subscribe(f"bench.floor.{token}", cb=on_msg)
+        await nc.subscribe(f"bench.rr.{token}.{i}", cb=echo)
+    await asyncio.gather(*(nc.flush(timeout=10) for nc in subs))
+    fan: list[float] = []
+    rr: list[float] = []
+    payload = b"x" * 400  # about an Inject's size
+    try:
+        for _ in range(rounds + 1):  # first round warms up
+            got = 0
+            done.clear()
+            t0 = time.perf_counter()
+            await pub.publish(f"bench.floor.{token}", payload)
+            await asyncio.wait_for(done.wait(), WAIT_S)
+            fan.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await asyncio.gather(*(pub.request(f"bench.rr.{token}.{i}", payload, timeout=WAIT_S) for i in range(n)))
+            rr.append(time.perf_counter() - t0)
+    finally:
+        await close_all([*subs, pub])
+    return fan[1:], rr[1:]
+
+
+# --- the agents --------------------------------------------------------------
+
+
+def agent_settings(url: str, node: str, state_root: Path) -> AgentSettings:
+    return AgentSettings(
+        identity=IdentitySettings(node=node),
+        nats=NatsSettings(urls=[url]),
+        timing=TimingSettings(heartbeat_interval_s=1.0),
+        state_dir=state_root / node,
+    )
+
+
+def make_runtime(url: str, node: str, state_root: Path) -> AgentRuntime:
+    settings = agent_settings(url, node, state_root)
+    env = AgentEnv(node=node, state_dir=settings.state_dir, instance_id="bench", protected_pids=dict)
+    return AgentRuntime(settings, injectors={"process-pause": NoopInjector(env)})
+
+
+async def start_agents(
+    ctl: Any, url: str, n: int, state_root: Path
+) -> tuple[list[AgentRuntime], list[asyncio.Task[int]]]:
+    """Start n runtimes in batches; each is proven subscribed by a harmless Revert answered."""
+    runtimes: list[AgentRuntime] = []
+    tasks: list[asyncio.Task[int]] = []
+    for i in range(0, n, START_BATCH):
+        batch = [make_runtime(url, f"bench-{j:04d}", state_root) for j in range(i, min(n, i + START_BATCH))]
+        runtimes += batch
+        tasks += [asyncio.create_task(rt.run(), name=f"agent:{rt.node}") for rt in batch]
+        probe = Revert(experiment_id="bench-warmup", reason="bench readiness probe", expires_at=time.time() + 60)
+        acks = await asyncio.gather(*(request_ack(ctl, rt.node, probe, timeout_s=10.0, attempts=30) for rt in batch))
+        missing = [rt.node for rt, (ack, _) in zip(batch, acks, strict=True) if ack is None]
+        if missing:
+            raise RuntimeError(f"agents did not come up: {missing[:5]} ({acks[0][1]})")
+    return runtimes, tasks
+
+
+async def stop_agents(runtimes: list[AgentRuntime], tasks: list[asyncio.Task[int]]) -> None:
+    for rt in runtimes:
+        rt.request_stop()
+    _, pending = await asyncio.wait(tasks, timeout=60.0)
+    for t in pending:
+        t.cancel()
+    if pending:
+        print(f"  warning: {len(pending)} agent(s) did not stop within 60s")
+
+
+class Round:
+    """Collects one experiment's events: which nodes reached which state, when the last one did."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.active: set[str] = set()
+        self.reverted: set[str] = set()
+        self.bad: list[str] = []
+        self.all_active = asyncio.Event()
+        self.all_reverted = asyncio.Event()
+        self.reverted_at = 0.0
+
+    async def on_event(self, msg: Any) -> None:
+        try:
+            ev = decode(msg.data, FaultEvent)
+        except DecodeError as exc:
+            self.bad.append(f"undecodable event: {exc}")
+            return
+        if ev.state == "active":
+            self.active.add(ev.node)
+            if len(self.active) == self.n:
+                self.all_active.set()
+        elif ev.state == "reverted":
+            self.reverted.add(ev.node)
+            if len(self.reverted) == self.n:
+                self.reverted_at = time.perf_counter()
+                self.all_reverted.set()
+        elif ev.state in ("failed", "rejected", "expired"):
+            self.bad.append(f"{ev.node}: {ev.state} {ev.reason}")
+
+
+async def one_round(ctl: Any, nodes: list[str], lease_timeout_s: float) -> tuple[float, float]:
+    exp = "b" + uuid.uuid4().hex[:16]
+    rnd = Round(len(nodes))
+    sub = await ctl.subscribe(exp_events(exp), cb=rnd.on_event)
+    await ctl.flush(timeout=5)
+    spec = ProcessPauseSpec(match=ProcessMatch(name="bench-noop"))
+    fid = fault_id(exp, 0)
+    try:
+
+        async def dispatch(node: str) -> Any:
+            # as ExperimentRunner._dispatch_all: the Inject is built per node, then request_ack
+            inject = Inject(
+                experiment_id=exp,
+                fault_id=fid,
+                spec=spec,
+                expires_at=time.time() + 120.0,
+                lease_timeout_s=lease_timeout_s,
+            )
+            return await request_ack(ctl, node, inject, timeout_s=10.0, attempts=1)
+
+        t0 = time.perf_counter()
+        acks = await asyncio.gather(*(dispatch(n) for n in nodes))
+        dispatch_s = time.perf_counter() - t0
+        refused = [
+            (n, why or (ack.reason if ack else None))
+            for n, (ack, why) in zip(nodes, acks, strict=True)
+            if ack is None or not ack.accepted
+        ]
+        if refused:
+            raise RuntimeError(f"{len(refused)} inject(s) not accepted, e.g. {refused[0]}")
+        try:
+            await asyncio.wait_for(rnd.all_active.wait(), WAIT_S)
+        except TimeoutError:
+            raise RuntimeError(f"only {len(rnd.active)}/{len(nodes)} faults active after {WAIT_S}s") from None
+        t0 = time.perf_counter()
+        reverting = asyncio.ensure_future(revert_experiment(ctl, nodes, exp, "bench abort", timeout_s=10.0))
+        try:
+            await asyncio.wait_for(rnd.all_reverted.wait(), WAIT_S)
+        except TimeoutError:
+            raise RuntimeError(
+                f"only {len(rnd.reverted)}/{len(nodes)} reverted after {WAIT_S}s: {rnd.bad[:3]}"
+            ) from None
+        abort_s = rnd.reverted_at - t0
+        results = await reverting
+        noack = [n for n, (ack, _) in results.items() if ack is None]
+        if noack or rnd.bad:
+            raise RuntimeError(f"revert not acked by {noack[:5]}; bad events {rnd.bad[:3]}")
+        return dispatch_s, abort_s
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def bench_size(url: str, n: int, rounds: int, tmp_root: Path | None) -> dict[str, float]:
+    fan, rr = await floor(url, n, rounds)
+    state_root = Path(tempfile.mkdtemp(prefix=f"faultline-bench-{n}-", dir=tmp_root))
+    ctl = await quiet_connect(url)
+    runtimes: list[AgentRuntime] = []
+    tasks: list[asyncio.Task[int]] = []
+    try:
+        t_start = time.perf_counter()
+        runtimes, tasks = await start_agents(ctl, url, n, state_root)
+        start_s = time.perf_counter() - t_start
+        nodes = [rt.node for rt in runtimes]
+        await one_round(ctl, nodes, lease_timeout_s=120.0)  # warm-up, not counted
+        dispatch: list[float] = []
+        abort: list[float] = []
+        for _ in range(rounds):
+            d, a = await one_round(ctl, nodes, lease_timeout_s=120.0)
+            dispatch.append(d)
+            abort.append(a)
+    finally:
+        await stop_agents(runtimes, tasks)
+        await close_all([ctl])
+        shutil.rmtree(state_root, ignore_errors=True)
+    return {
+        "n": n,
+        "rounds": rounds,
+        "start_s": start_s,
+        "d50": pct(dispatch, 50),
+        "d99": pct(dispatch, 99),
+        "floor50": statistics.median(fan),
+        "rr50": statistics.median(rr),
+        "a50": pct(abort, 50),
+        "a99": pct(abort, 99),
+    }
+
+
+def ms(s: float) -> str:
+    return f"{s * 1000:.1f}"
+
+
+def print_table(rows: list[dict[str, float]]) -> None:
+    print()
+    print(
+        "dispatch: controller.dispatch.request_ack per node, asyncio.gather; abort: controller.dispatch.revert_experiment"
+    )
+    print()
+    print(
+        "| N | rounds | dispatch→all-acked p50 / p99 (ms) | floor p50 (ms) | ratio | abort→all-reverted p50 / p99 (ms) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {int(r['n'])} | {int(r['rounds'])} | {ms(r['d50'])} / {ms(r['d99'])} | {ms(r['floor50'])} | "
+            f"{r['d50'] / r['floor50']:.1f}× | {ms(r['a50'])} / {ms(r['a99'])} |"
+        )
+    print()
+    print("diagnostics:")
+    print()
+    print("| N | raw request-reply fan-out p50 (ms) | dispatch / raw req-reply | agents start (s) |")
+    print("|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {int(r['n'])} | {ms(r['rr50'])} | {r['d50'] / r['rr50']:.1f}× | {r['start_s']:.1f} |")
+
+
+async def main_async(url: str, sizes: list[int], rounds: list[int], tmp_root: Path | None) -> None:
+    rows = []
+    for n, r in zip(sizes, rounds, strict=True):
+        t0 = time.perf_counter()
+        rows.append(await bench_size(url, n, r, tmp_root))
+        print(f"  N={n}: done in {time.perf_counter() - t0:.1f}s", flush=True)
+    print_table(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10,100,1000", help="comma-separated N values")
+    ap.add_argument("--rounds", default="20,20,10", help="comma-separated rounds per N")
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
+    rounds = [int(x) for x in args.rounds.split(",")]
+    if len(rounds) != len(sizes):
+        raise SystemExit("--rounds needs one value per --sizes value")
+    logging.basicConfig(level=logging.ERROR)
+    raise_fd_limit(2 * max(sizes) + 200)  # before the nats-server starts: it inherits the limit
+    tmp_root = SHM if SHM.is_dir() else None  # journals on tmpfs
+    with NatsServer() as server, asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert server.url is not None
+        runner.run(main_async(server.url, sizes, rounds, tmp_root))
+
+
+if __name__ == "__main__":
+    main()
