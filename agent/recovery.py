@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentSettings
 from agent.faults.base import FaultContext, Injector, Plan
@@ -33,18 +33,21 @@ class Recovery:
     recovered: list[str]
     recovery_done: bool
 
-    def remember(self, table: OrderedDict[str, Any], key: str, value: Any) -> None: ...
-    def publish_event(self, ev: FaultEvent) -> None: ...
-    def make_context(
-        self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
-    ) -> FaultContext: ...
+    if TYPE_CHECKING:
+        # Declared for the type checker only: at run time the mixin defines
+        # none of these, so AgentRuntime's own methods are the only ones in the MRO.
+        def remember(self, table: OrderedDict[str, Any], key: str, value: Any) -> None: ...
+        def publish_event(self, ev: FaultEvent) -> None: ...
+        def make_context(
+            self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
+        ) -> FaultContext: ...
 
     async def recover(self) -> None:
         entries, problems = await asyncio.to_thread(self.journal.load)
         for line in problems:
             log.error("%s", line)
-        for fid, (state, _) in (await asyncio.to_thread(self.journal.load_ended)).items():
-            self.remember(self.ended, fid, state)
+        for fid, (ended_state, _) in (await asyncio.to_thread(self.journal.load_ended)).items():
+            self.remember(self.ended, fid, ended_state)
         journaled: dict[str, list[Plan]] = {}
         for entry in entries:
             inj = self.injectors.get(entry.spec.kind)
