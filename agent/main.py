@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,7 @@ def load_settings(args: argparse.Namespace, environ: dict[str, str]) -> AgentSet
         raw = (json.loads(text) if args.config.suffix == ".json" else yaml.safe_load(text)) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{args.config}: expected a mapping of settings")
-    env_map = {
+    env_map: dict[str, tuple[str, Callable[[str], Any]]] = {
         "FAULTLINE_NATS_URL": ("nats.urls", lambda v: [u.strip() for u in v.split(",") if u.strip()]),
         "FAULTLINE_NODE": ("identity.node", str),
         "FAULTLINE_STATE_DIR": ("state_dir", str),

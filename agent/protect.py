@@ -70,8 +70,9 @@ def protection_reason(
     if is_kernel_thread(proc):
         return "a kernel thread"
     name = str(info.get("name") or "")
-    cmdline_list = info.get("cmdline") or []
-    cmdline = " ".join(str(x) for x in cmdline_list) if isinstance(cmdline_list, list) else ""
+    raw_cmdline = info.get("cmdline")
+    cmdline_list: list[object] = raw_cmdline if isinstance(raw_cmdline, list) else []
+    cmdline = " ".join(str(x) for x in cmdline_list)
     if name == "nats-server" or os.path.basename(str(cmdline_list[0]) if cmdline_list else "") == "nats-server":
         return "a NATS server"
     if any(marker in cmdline for marker in AGENT_MARKERS):

@@ -38,7 +38,7 @@ from agent.protect import protected_pids
 from agent.recovery import Recovery
 from proto import __version__, subjects
 from proto.codec import DecodeError, decode, encode
-from proto.messages import FaultEvent, FaultState, Halt, Heartbeat, Lease, Measurements, new_id
+from proto.messages import AgentState, FaultEvent, FaultState, Halt, Heartbeat, Lease, Measurements, new_id
 
 log = logging.getLogger("faultline.agent")
 
@@ -160,7 +160,7 @@ class AgentRuntime(CommandHandler, Recovery):
             return
         self.spawn(self.publish(subjects.exp_events(ev.experiment_id), encode(ev)), name="publish-event")
 
-    def heartbeat(self, state: str = "ready") -> Heartbeat:
+    def heartbeat(self, state: AgentState = "ready") -> Heartbeat:
         self._hb_seq += 1
         return Heartbeat(
             node=self.node,
@@ -169,7 +169,7 @@ class AgentRuntime(CommandHandler, Recovery):
             labels=self.labels,
             capabilities=self.capabilities,
             capability_notes=self.capability_notes,
-            state=state,  # type: ignore[arg-type]
+            state=state,
             interval_s=self.settings.timing.heartbeat_interval_s,
             seq=self._hb_seq,
             started_at=self.started_at,

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -65,10 +65,10 @@ def _load(data: bytes | str) -> dict[str, Any]:
 
 
 def _validate(adapter_or_model: Any, obj: dict[str, Any], lenient: bool) -> Any:
-    extra = "ignore" if lenient else None
+    extra: Literal["ignore"] | None = "ignore" if lenient else None
     try:
         if isinstance(adapter_or_model, TypeAdapter):
-            return adapter_or_model.validate_python(obj, extra=extra)  # type: ignore[call-arg]
+            return adapter_or_model.validate_python(obj, extra=extra)
         return adapter_or_model.model_validate(obj, extra=extra)
     except ValidationError as exc:
         raise DecodeError(format_validation_error(exc)) from None

@@ -206,7 +206,8 @@ class ProcessKill(_ProcessInjector):
         if spec.watch_restart:
             task = asyncio.create_task(self._watch(spec, plan, ctx, killed_at), name=f"watch-restart:{ctx.fault_id}")
             self._watches[ctx.fault_id] = task
-            task.add_done_callback(lambda _t, fid=ctx.fault_id: self._watches.pop(fid, None))
+            fid = ctx.fault_id
+            task.add_done_callback(lambda _t: self._watches.pop(fid, None))
         m = self._measure(plan, hit)
         return m.model_copy(update={"restarted": False} if spec.watch_restart else {})
 
