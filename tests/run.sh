@@ -5,6 +5,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$(command -v python)}"
 
+# Lint and strict typing first; a failure fails the run, but the tests still
+# run so one report shows both.
+lint_status=0
+"$PY" -m ruff check proto agent controller tests bench || lint_status=1
+"$PY" -m mypy || lint_status=1
+
 "$PY" -m pytest -q -p no:cacheprovider tests/unit tests/integration tests/system
 status=$?
 
@@ -14,4 +20,5 @@ if [ -x tests/kernel/run-uml.sh ]; then
   # 77: User-Mode Linux could not start here; the script printed why (a skip, not a pass)
   if [ $kstatus -ne 0 ] && [ $kstatus -ne 77 ]; then status=$kstatus; fi
 fi
+if [ $status -eq 0 ] && [ $lint_status -ne 0 ]; then status=$lint_status; fi
 exit $status
