@@ -19,6 +19,7 @@ character class so it never matches an argv that merely contains the pattern.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import re
@@ -190,6 +191,10 @@ class Observer:
             return bytes(msg.data)
 
         return decode(self.nsloop.run(go(), timeout_s + 5), Ack)
+
+    def spawn(self, fn: Callable[[Any], Coroutine[Any, Any, Any]]) -> concurrent.futures.Future[Any]:
+        """Start fn(nc) on the observer's loop and return at once (e.g. a heartbeat forger)."""
+        return asyncio.run_coroutine_threadsafe(fn(self.nc), self.nsloop.loop)
 
     def call(self, fn: Callable[[Any], Coroutine[Any, Any, Any]], timeout_s: float = 60.0) -> Any:
         """Run fn(nc) on the observer's loop, for floods and crafted messages."""

@@ -8,13 +8,20 @@ never taken from what the agents report.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 import time
+from typing import Any
 
 import psutil
 import pytest
 
+from controller.fleet import Fleet
 from controller.report import Report
+from proto import subjects
+from proto.codec import decode, encode
+from proto.messages import Ack, Inject, Lease, Revert
 from tests.conftest import wait_until
 from tests.system.fleet import Controller, FleetHarness, victim_status
 from tests.system.report import Row
@@ -262,4 +269,264 @@ def test_rolling_restart(fleet_factory, row):
     assert f1.state == "reverted" and "SIGTERM" in (f1.reason or ""), f1
     assert all(f.state == "reverted" for f in rep.faults), [(f.node, f.state) for f in rep.faults]
     row.notes.append(f"controller: aborted ({rep.abort.reason[:50]})")
+    assert_clean(fleet, row)
+
+
+# --- 6 ---------------------------------------------------------------------------
+
+
+def pause_inject(fleet: FleetHarness, exp: str, fid: str, lease_s: float = 30.0, duration_s: float = 30.0) -> Inject:
+    return Inject(
+        experiment_id=exp,
+        fault_id=fid,
+        spec={"kind": "process-pause", "match": {"cmdline": fleet.victim_regex}},
+        expires_at=time.time() + duration_s,
+        lease_timeout_s=lease_s,
+    )
+
+
+def with_version(msg: Any, version: str, **extra: Any) -> bytes:
+    obj = json.loads(encode(msg))
+    obj["schema_version"] = version
+    obj.update(extra)
+    return json.dumps(obj).encode()
+
+
+def test_version_skew(fleet_factory, row):
+    """6. version skew: newer minor with an extra field, older, unknown major"""
+    row.bound = "1.9 (+ unknown field) and 1.0 understood both ways; 2.x refused with a reason"
+    fleet = fleet_factory(1)
+    obs = fleet.observer
+    assert obs is not None
+    victims = fleet.nodes["n1"].victim_procs()
+
+    # a newer controller (1.9, fields we do not know, also inside the spec) -> this agent
+    newer = json.loads(with_version(pause_inject(fleet, "skewnew", "skewnew.0", lease_s=2.0), "1.9", priority=7))
+    newer["spec"]["rampDown"] = "1s"
+    ack = obs.request("n1", json.dumps(newer).encode())
+    assert ack.accepted, ack.reason
+    wait_paused(victims, 5, "by a 1.9 command")
+
+    async def leases(nc: Any) -> None:  # 1.9 leases with an extra field keep the fault alive
+        for seq in range(12):
+            lease = Lease(experiment_id="skewnew", seq=seq)
+            await nc.publish(subjects.exp_lease("skewnew"), with_version(lease, "1.9", region_hint="r1"))
+            await asyncio.sleep(0.25)
+
+    obs.call(leases)
+    assert paused(victims), "a 1.9 lease was not understood: the fault lapsed"
+    revert = Revert(experiment_id="skewnew", reason="skew", expires_at=time.time() + 10)
+    t0 = time.monotonic()
+    assert obs.request("n1", with_version(revert, "1.9", batch=1)).accepted
+    row.seconds(wait_resumed(victims, t0, 3, "by a 1.9 revert"))
+
+    # an older controller (1.0, exactly our fields)
+    assert obs.request("n1", encode(pause_inject(fleet, "skewold", "skewold.0"))).accepted
+    wait_paused(victims, 5, "by a 1.0 command")
+    assert obs.request("n1", encode(Revert(experiment_id="skewold", expires_at=time.time() + 10))).accepted
+    wait_resumed(victims, time.monotonic(), 3, "by a 1.0 revert")
+
+    # an unknown major version is refused, never misread
+    v2 = with_version(pause_inject(fleet, "skewv2", "skewv2.0"), "2.0")
+    ack = obs.request("n1", v2)
+    assert not ack.accepted and "major version 2 is not supported" in (ack.reason or ""), ack
+    assert ack.in_reply_to == json.loads(v2)["id"]
+    assert not any(victim_status(p) == psutil.STATUS_STOPPED for p in victims)
+
+    # heartbeats the other way: a newer agent (1.9 + a field) is listed, a 2.x one is not
+    real = fleet.wait_heartbeats(["n1"], 5)["n1"]
+
+    def forged(node: str, version: str) -> bytes:
+        hb = real.model_copy(update={"node": node, "instance_id": f"forged-{node}", "sent_at": time.time()})
+        return with_version(hb, version, gpu_count=4)
+
+    async def forge(nc: Any) -> None:
+        for _ in range(40):
+            await nc.publish(subjects.agent_hb("skew-new"), forged("skew-new", "1.9"))
+            await nc.publish(subjects.agent_hb("skew-v2"), forged("skew-v2", "2.0"))
+            await asyncio.sleep(0.2)
+
+    forger = obs.spawn(forge)
+    listed = {a["node"]: a for a in json.loads(fleet.faultline_agents())}
+    forger.result(15)
+    assert "n1" in listed and "skew-new" in listed, sorted(listed)
+    assert "skew-v2" not in listed
+    view = Fleet(nc=None)
+    assert view.observe(forged("skew-v2", "2.0")) is None
+    assert "major version 2 is not supported" in (view.last_garbage_reason or "")
+    row.notes.append("2.0 refused: " + (ack.reason or "")[:60])
+    assert fleet.nodes["n1"].agent.proc is not None and fleet.nodes["n1"].agent.proc.poll() is None
+    assert_clean(fleet, row)
+
+
+# --- 7 ---------------------------------------------------------------------------
+
+
+def test_zone_outage(fleet_factory, row):
+    """7. zone outage: labels {zone: a}, mode all"""
+    row.bound = "exactly the zone-a nodes get the fault; reverted within 1 s of its deadline"
+    fleet = fleet_factory(6)
+    obs = fleet.observer
+    assert obs is not None
+    zone_a = sorted(n for n, node in fleet.nodes.items() if node.labels["zone"] == "a")
+    others = sorted(set(fleet.nodes) - set(zone_a))
+    assert zone_a == ["n1", "n2"]
+    yaml_text = experiment_yaml(fleet, "s7", duration_s=4, targets="{labels: {zone: a}, mode: all}")
+    ctl = start_and_wait_active(fleet, yaml_text, zone_a)
+    in_a = [p for n in zone_a for p in fleet.nodes[n].victim_procs()]
+    outside = [p for n in others for p in fleet.nodes[n].victim_procs()]
+    touched: set[int] = set()
+
+    def resumed_watching_others() -> bool:
+        touched.update(p.pid for p in outside if victim_status(p) == psutil.STATUS_STOPPED)
+        return all(victim_status(p) != psutil.STATUS_STOPPED for p in in_a)
+
+    wait_until(resumed_watching_others, 10, "zone-a victims resumed at the deadline", POLL_S)
+    resumed_at = time.time()
+    assert not touched, f"victims outside zone a were paused: {sorted(touched)}"
+    ctl.wait(30)
+    rep = report_of(ctl)
+    assert rep.outcome == "completed" and rep.targets == zone_a, (rep.outcome, rep.targets, rep.problems)
+    assert all(f.state == "expired" for f in rep.faults), [(f.node, f.state) for f in rep.faults]
+    late = resumed_at - max(f.expires_at or 0.0 for f in rep.faults)
+    row.measured = f"{late:.2f} s after the deadline"
+    assert late <= 1.0
+    assert {e.node for e in obs.events if e.experiment_id == rep.experiment_id} == set(zone_a)
+    assert_clean(fleet, row)
+
+
+# --- 8 ---------------------------------------------------------------------------
+
+FLOOD_COUNT = 10_000
+RSS_BOUND_BYTES = 64 * 1024 * 1024
+
+
+def garbage(rng: random.Random, i: int) -> bytes:
+    kind = i % 5
+    if i % 100 == 99:
+        return b"{" + b"x" * (300 * 1024)  # oversized: refused before parsing
+    if kind == 0:
+        return rng.randbytes(rng.randint(0, 512))
+    if kind == 1:
+        return rng.choice([b"{", b"[1,2", b'{"schema_version": "1.0",', b"null", b"\xff\xfe{}", b"{" * 5000])
+    if kind == 2:  # valid JSON of the wrong type
+        return rng.choice([b"[]", b"42", b'"inject"', b'{"type": "inject"}', b'{"schema_version": 1.0}'])
+    if kind == 3:  # a real message of another type: a lease on a command subject, an ack on a heartbeat one
+        return encode(Lease(experiment_id="flood", seq=i))
+    return encode(Ack(in_reply_to="x", node="ghost", accepted=True))
+
+
+def rss(pid: int) -> int:
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+def test_garbage_flood(fleet_factory, row):
+    """8. garbage flood: 10,000 malformed messages during an experiment"""
+    row.bound = f"no crash, experiment completes, RSS growth < {RSS_BOUND_BYTES >> 20} MiB per process"
+    fleet = fleet_factory(3)
+    obs = fleet.observer
+    assert obs is not None
+    ctl = start_and_wait_active(fleet, experiment_yaml(fleet, "s8", duration_s=10), list(fleet.nodes))
+    pids = {f"agent {n}": node.agent.pid for n, node in fleet.nodes.items()} | {"controller": ctl.proc.pid}
+    before = {k: rss(pid) for k, pid in pids.items()}
+    targets = [subjects.agent_cmd(n) for n in fleet.nodes] + [subjects.agent_hb(n) for n in fleet.nodes]
+    targets.append(subjects.agent_hb("ghost"))
+
+    async def flood(nc: Any) -> float:
+        rng = random.Random(8)
+        t0 = time.monotonic()
+        for i in range(FLOOD_COUNT):
+            await nc.publish(targets[i % len(targets)], garbage(rng, i))
+            if i % 200 == 199:
+                await nc.flush(timeout=10)
+        await nc.flush(timeout=10)
+        return time.monotonic() - t0
+
+    flood_s = obs.call(flood, timeout_s=120)
+    code = ctl.wait(40)
+    rep = report_of(ctl)
+    after = {k: rss(pid) for k, pid in pids.items() if k != "controller" or ctl.proc.poll() is None}
+    assert all(node.agent.proc is not None and node.agent.proc.poll() is None for node in fleet.nodes.values())
+    assert code == 0 and rep.outcome == "completed", (rep.outcome, rep.abort, rep.problems)
+    fleet.wait_heartbeats(list(fleet.nodes), 5, since=time.time())
+    rejected = {n: node.agent.log(since_start=True).count("rejected command") for n, node in fleet.nodes.items()}
+    # every command-subject message must have reached an agent and been refused (none dropped unseen)
+    per_agent = FLOOD_COUNT // len(targets)
+    assert all(c >= per_agent for c in rejected.values()), rejected
+    row.notes.append(f"refusals logged per agent {min(rejected.values())}-{max(rejected.values())}")
+    growth = {k: after[k] - before[k] for k in after}
+    worst = max(growth, key=lambda k: growth[k])
+    row.measured = f"flood {flood_s:.1f} s; worst RSS growth {growth[worst] / 2**20:+.1f} MiB ({worst})"
+    row.notes.append(f"controller RSS before {before['controller'] / 2**20:.0f} MiB")
+    assert all(g < RSS_BOUND_BYTES for g in growth.values()), growth
+    assert_clean(fleet, row)
+
+
+# --- 9 ---------------------------------------------------------------------------
+
+
+def test_replays_and_duplicates(fleet_factory, row):
+    """9. replays and duplicates: same command twice, replay after revert"""
+    row.bound = "applied once, never re-injected"
+    fleet = fleet_factory(1)
+    obs = fleet.observer
+    assert obs is not None
+    victims = fleet.nodes["n1"].victim_procs()
+    cmd = encode(pause_inject(fleet, "dup", "dup.0"))
+    first = obs.request("n1", cmd)
+    assert first.accepted and first.fault_states == {"dup.0": "accepted"}
+    second = obs.request("n1", cmd)
+    assert second.accepted and second.in_reply_to == first.in_reply_to
+
+    async def burst(nc: Any) -> list[bytes]:
+        replies = await asyncio.gather(*(nc.request(subjects.agent_cmd("n1"), cmd, timeout=3) for _ in range(5)))
+        return [r.data for r in replies]
+
+    acks = [decode(data, Ack) for data in obs.call(burst)]
+    assert all(a.accepted for a in acks)
+    wait_paused(victims, 5, "by the first delivery")
+    active = wait_until(lambda: obs.events_of("n1", "active"), 5, "the active event")
+    assert sorted(active[0].measurements.hit_pids or []) == sorted(p.pid for p in victims)
+    assert len(obs.events_of("n1", "injecting")) == 1, "a duplicate was applied again"
+    assert fleet.nodes["n1"].agent.journal() == ["dup.0.json"]
+    t0 = time.monotonic()
+    assert obs.request("n1", encode(Revert(experiment_id="dup", expires_at=time.time() + 10))).accepted
+    row.seconds(wait_resumed(victims, t0, 3, "after the revert"))
+    wait_until(lambda: obs.events_of("n1", "reverted"), 5, "the reverted event")
+    replay = obs.request("n1", cmd)
+    assert not replay.accepted and "not re-injected" in (replay.reason or ""), replay
+    fresh_id = encode(pause_inject(fleet, "dup", "dup.0"))  # same fault, new command id
+    again = obs.request("n1", fresh_id)
+    assert not again.accepted and "not re-injected" in (again.reason or ""), again
+    assert not any(victim_status(p) == psutil.STATUS_STOPPED for p in victims)
+    assert len(obs.events_of("n1", "injecting")) == 1
+    row.notes.append("8 deliveries, 1 injection")
+    assert_clean(fleet, row)
+
+
+# --- 10 --------------------------------------------------------------------------
+
+
+def test_expired_command(fleet_factory, row):
+    """10. expiry: a command whose expires_at passed before it arrived"""
+    row.bound = "refused as expired; nothing applied"
+    fleet = fleet_factory(1)
+    obs = fleet.observer
+    assert obs is not None
+    victims = fleet.nodes["n1"].victim_procs()
+    stale = Inject(
+        experiment_id="late",
+        fault_id="late.0",
+        spec={"kind": "process-pause", "match": {"cmdline": fleet.victim_regex}},
+        sent_at=time.time() - 10,
+        expires_at=time.time() - 5,
+        lease_timeout_s=30,
+    )
+    ack = obs.request("n1", encode(stale))
+    assert not ack.accepted and "expired" in (ack.reason or ""), ack
+    ev = wait_until(lambda: obs.events_of("n1", "rejected"), 5, "a rejected event")
+    assert ev[0].fault_id == "late.0" and "expired" in (ev[0].reason or "")
+    assert not any(victim_status(p) == psutil.STATUS_STOPPED for p in victims)
+    assert fleet.nodes["n1"].agent.journal() == []
+    row.notes.append((ack.reason or "")[:60])
     assert_clean(fleet, row)
