@@ -20,7 +20,7 @@ from agent.faults_table import FaultRecord
 from agent.journal import Journal, JournalEntry
 from proto.codec import DecodeError, decode_command, encode, peek_id
 from proto.faults import required_capabilities
-from proto.messages import Ack, FaultEvent, FaultState, Inject, Revert
+from proto.messages import Ack, FaultEvent, FaultState, Inject, PodRef, Revert
 
 if TYPE_CHECKING:
     from agent.config import AgentSettings
@@ -29,6 +29,42 @@ if TYPE_CHECKING:
 log = logging.getLogger("faultline.agent")
 
 MAX_CLOCK_SKEW_S = 300.0
+
+
+def pod_scoped(spec: Any, pods: list[PodRef]) -> Any:
+    """The spec narrowed to one pod: stressors in its cgroup, tc in its network namespace.
+
+    The rewritten spec is what gets journaled, so a revert after a pod restart
+    still finds the namespace by the path kept there.
+    """
+    from agent import pods as pods_mod  # only pod-level faults need it
+
+    if len(pods) != 1:
+        names = ", ".join(f"{p.namespace}/{p.name}" for p in pods)
+        raise Rejected(
+            f"targets.pods: a {spec.kind} fault takes one pod per node, and {len(pods)} matched here ({names}); "
+            "narrow targets.pods.labels"
+        )
+    pod = pods[0]
+    try:
+        loc = pods_mod.locate_pod(pod.uid)
+    except pods_mod.PodNotFound as exc:
+        raise Rejected(f"pod {pod.namespace}/{pod.name}: {exc}") from None
+    if spec.kind in ("cpu", "memory"):
+        if spec.cgroup is not None:
+            raise Rejected("cgroup: give a cgroup or target pods, not both")
+        if loc.cgroup_path is None:
+            raise Rejected(f"pod {pod.namespace}/{pod.name}: its cgroup was not found on this node")
+        return spec.model_copy(update={"cgroup": loc.cgroup_path})
+    if spec.netns is not None:
+        raise Rejected("netns: give a netns or target pods, not both")
+    if loc.netns_path is None:
+        raise Rejected(f"pod {pod.namespace}/{pod.name}: no running process to find its network namespace from")
+    if pods_mod.netns_is_host(loc.netns_path):
+        raise Rejected(
+            f"pod {pod.namespace}/{pod.name} uses the host network: a network fault there would hit the whole node"
+        )
+    return spec.model_copy(update={"netns": loc.netns_path})
 
 
 class CommandHandler:
@@ -112,6 +148,11 @@ class CommandHandler:
         if len(self.faults) >= self.settings.safety.max_faults:
             return self._reject(cmd.id, f"agent holds the maximum of {self.settings.safety.max_faults} faults", cmd)
         kind = cmd.spec.kind
+        if cmd.pods and kind in ("cpu", "memory", "network"):
+            try:
+                cmd = cmd.model_copy(update={"spec": await asyncio.to_thread(pod_scoped, cmd.spec, cmd.pods)})
+            except Rejected as exc:
+                return self._reject(cmd.id, str(exc), cmd)
         injector = self.injectors.get(kind)
         if injector is None:
             return self._reject(
