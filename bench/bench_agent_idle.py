@@ -164,6 +164,7 @@ def run(window_s: float) -> int:
     )
     print()
     print("targets: RSS <= 40 MB, CPU <= 0.5 % of a core")
+    print(f"load average (1 min) at end {os.getloadavg()[0]:.2f}; cpus {os.cpu_count()}")
     return 0
 
 

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import resource
 import shutil
 import statistics
@@ -348,11 +349,14 @@ def print_table(rows: list[dict[str, float]]) -> None:
 
 async def main_async(url: str, sizes: list[int], rounds: list[int], tmp_root: Path | None) -> None:
     rows = []
+    load0 = os.getloadavg()[0]
     for n, r in zip(sizes, rounds, strict=True):
         t0 = time.perf_counter()
         rows.append(await bench_size(url, n, r, tmp_root))
         print(f"  N={n}: done in {time.perf_counter() - t0:.1f}s", flush=True)
     print_table(rows)
+    # one process on a 2-core machine: anything else running skews every figure
+    print(f"\nload average (1 min) at start {load0:.2f}, at end {os.getloadavg()[0]:.2f}; cpus {os.cpu_count()}")
 
 
 def main() -> None:
