@@ -42,7 +42,8 @@ def render(rows: list[Row]) -> str:
     for r in rows:
         residue = "; ".join(r.residue) if r.residue else "none"
         measured = r.measured + (f" ({'; '.join(r.notes)})" if r.notes else "")
-        lines.append(f"| {r.scenario} | {r.bound} | {measured} | {residue} | {r.result} |")
+        cells = [r.scenario, r.bound, measured, residue, r.result]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 
 
