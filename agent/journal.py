@@ -106,6 +106,12 @@ class Journal:
         with contextlib.suppress(OSError):
             (ended / fault_id).write_text(json.dumps({"state": state, "expires_at": expires_at}))
 
+    def finish(self, fault_id: str, state: str, expires_at: float, remove: bool) -> None:
+        """Tombstone first, then drop the entry: a crash in between only repeats an idempotent revert."""
+        self.mark_ended(fault_id, state, expires_at)
+        if remove:
+            self.remove(fault_id)
+
     def load_ended(self) -> dict[str, tuple[str, float]]:
         out: dict[str, tuple[str, float]] = {}
         now = time.time()

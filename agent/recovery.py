@@ -69,8 +69,7 @@ class Recovery:
                     m = merge(m, await asyncio.wait_for(inj.revert(plan, ctx), self.settings.timing.revert_timeout_s))
                 else:
                     reason = "recovered from journal after restart: never applied"
-                await asyncio.to_thread(self.journal.remove, entry.fault_id)
-                self.journal.mark_ended(entry.fault_id, state, entry.expires_at)
+                await asyncio.to_thread(self.journal.finish, entry.fault_id, state, entry.expires_at, True)
             except Exception as exc:
                 state, reason = "failed", f"recovery revert failed: {exc}"
                 log.error("journal recovery of %s failed: %s (entry kept)", entry.fault_id, exc)

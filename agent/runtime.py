@@ -257,9 +257,8 @@ class AgentRuntime(CommandHandler, Recovery):
         reason = rec.end_reason or "reverted"
         if error:
             reason = f"{reason}; revert failed: {error}"
-        else:
-            await asyncio.to_thread(self.journal.remove, rec.fault_id)
-        self.journal.mark_ended(rec.fault_id, state, rec.entry.expires_at)
+        # a failed revert keeps its journal entry: the next start retries it
+        await asyncio.to_thread(self.journal.finish, rec.fault_id, state, rec.entry.expires_at, not error)
         rec.set_state(state)
         self.faults.pop(rec.fault_id, None)
         self.remember(self.ended, rec.fault_id, state)
@@ -373,11 +372,12 @@ class AgentRuntime(CommandHandler, Recovery):
 
     async def heartbeat_loop(self) -> None:
         interval = self.settings.timing.heartbeat_interval_s
-        while not self.stop_event.is_set():
-            await self.publish(subjects.agent_hb(self.node), encode(self.heartbeat()))
+        # plain sleeps: shutdown() cancels this task, and a wait_for per tick costs a task each
+        while True:
+            if not self.stopping:  # the last word is shutdown()'s "leaving" heartbeat
+                await self.publish(subjects.agent_hb(self.node), encode(self.heartbeat()))
             # a little jitter spreads a fleet's heartbeats over time
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), interval * random.uniform(0.9, 1.1))
+            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
 
     def check_leases(self) -> None:
         now = time.monotonic()
@@ -398,11 +398,9 @@ class AgentRuntime(CommandHandler, Recovery):
 
     async def watchdog_loop(self) -> None:
         idle = max(1.0, self.settings.timing.watchdog_interval_s)
-        while not self.stop_event.is_set():
+        while True:
             self.check_leases()
-            wait = self.settings.timing.watchdog_interval_s if self.faults else idle
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), wait)
+            await asyncio.sleep(self.settings.timing.watchdog_interval_s if self.faults else idle)
 
     # --- main ----------------------------------------------------------------
 
