@@ -41,6 +41,7 @@ def experiment_yaml(
     targets: str = "{mode: all}",
     hb_timeout_s: float = HB_TIMEOUT_S,
     lease_timeout_s: float = LEASE_TIMEOUT_S,
+    extra_faults: str = "",
 ) -> str:
     return f"""\
 apiVersion: faultline/v1
@@ -52,7 +53,7 @@ spec:
   faults:
     - kind: process-pause
       match: {{cmdline: '{fleet.victim_regex}'}}
-  abort: {{heartbeatTimeout: {hb_timeout_s}s, leaseTimeout: {lease_timeout_s}s}}
+{extra_faults}  abort: {{heartbeatTimeout: {hb_timeout_s}s, leaseTimeout: {lease_timeout_s}s}}
 """
 
 
@@ -104,23 +105,51 @@ def assert_clean(fleet: FleetHarness, row: Row) -> None:
 # --- 1 ---------------------------------------------------------------------------
 
 
+# A rate this low would starve the heartbeats (~1.6 KB/s per agent) if the
+# lifeline were not exempt; with it exempt the experiment must run undisturbed.
+STARVING_RATE_AND_CPU = """\
+    - kind: network
+      interface: eth0
+      rate: 2kbit
+    - kind: cpu
+      load: 10
+      workers: 1
+"""
+
+
 def test_controller_kill9(fleet_factory, row):
-    """1. controller kill -9 mid-experiment"""
-    row.bound = f"every agent reverts within leaseTimeout + 1 s = {LEASE_TIMEOUT_S + 1:g} s"
+    """1. controller kill -9 mid-experiment (pause + network rate limit + cpu on every node)"""
+    row.bound = f"every agent reverts everything within leaseTimeout + 1 s = {LEASE_TIMEOUT_S + 1:g} s"
     fleet = fleet_factory(3)
-    ctl = start_and_wait_active(fleet, experiment_yaml(fleet, "s1"), list(fleet.nodes))
+    yaml_text = experiment_yaml(fleet, "s1", extra_faults=STARVING_RATE_AND_CPU)
+    ctl = start_and_wait_active(fleet, yaml_text, list(fleet.nodes))
+    assert fleet.observer is not None
+    wait_until(
+        lambda: len({(e.node, e.fault_id) for e in fleet.observer.events_of(state="active")}) == 9,
+        20,
+        "pause, network and cpu active on all three nodes",
+    )
+    # the lifeline: with 2 kbit/s on every node's only link, heartbeats still flow (NATS is exempt),
+    # so the controller does not abort over an observation window longer than heartbeatTimeout
+    window_end = time.monotonic() + HB_TIMEOUT_S + 1.0
+    while time.monotonic() < window_end:
+        assert ctl.proc.poll() is None, f"the controller ended while faults were active:\n{ctl.stderr()[-2000:]}"
+        time.sleep(POLL_S)
+    assert fleet.observer.events_of(state="reverted") == [], "a fault ended early: the lifeline was cut?"
     t0 = time.monotonic()
     ctl.kill9()
     took = wait_resumed(fleet.all_victims(), t0, LEASE_TIMEOUT_S + 1, "after the controller died")
-    row.seconds(took)
-    assert fleet.observer is not None
+    wait_until(
+        lambda: not residue(fleet), LEASE_TIMEOUT_S + 1 - (time.monotonic() - t0) + 0.5, "qdiscs and stressors gone"
+    )
+    row.seconds(max(took, time.monotonic() - t0))
     evs = wait_until(
         lambda: (
-            len({e.node for e in fleet.observer.events_of(state="reverted")}) == 3
+            len({(e.node, e.fault_id) for e in fleet.observer.events_of(state="reverted")}) == 9
             and fleet.observer.events_of(state="reverted")
         ),
         5,
-        "a reverted event from every agent",
+        "a reverted event for every fault on every agent",
     )
     assert all("lease lapsed" in (e.reason or "") for e in evs), [e.reason for e in evs]
     row.notes.append("agents report: lease lapsed")
