@@ -63,6 +63,8 @@ def _netem_params(spec: NetworkSpec) -> tc.NetemParams:
         reorder=spec.reorder or 0.0,
         gap=spec.gap or 0,
         limit_packets=spec.limit or 1000,
+        # "uniform" is netem's built-in jitter: no table to load.
+        distribution=None if spec.distribution in (None, "uniform") else spec.distribution,
     )
 
 
@@ -159,15 +161,17 @@ class NetworkFault(Injector):
     def check(self, spec: Any, ctx: FaultContext) -> None:
         if not isinstance(spec, NetworkSpec):
             raise Rejected(f"network injector got a {type(spec).__name__}")
+        if spec.distribution is not None and not spec.jitter_s:
+            # netem draws from the table only to spread the delay by jitter; without it the table is ignored.
+            raise Rejected(
+                f"distribution {spec.distribution} needs jitter: the distribution shapes the delay's spread, "
+                "e.g. delay: 50ms, jitter: 10ms"
+            )
         caps = self._caps if self._caps is not None else {c.name: c for c in self.probe()}
         for name in required_capabilities(spec):
             cap = caps.get(name)
             if cap is None or not cap.available:
                 raise Rejected(cap.note if cap is not None and cap.note else f"{name} is not available on this node")
-        if spec.distribution not in (None, "uniform"):
-            raise Rejected(
-                f"distribution {spec.distribution} is not supported by this agent yet (netem's built-in jitter is uniform)"
-            )
         if spec.interface is not None:
             try:
                 key = (netns_inode(spec.netns), spec.interface)

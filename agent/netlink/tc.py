@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from agent.netlink import netem_dist
+
 HANDLE_MAJOR = 0xFA17
 ROOT_HANDLE = HANDLE_MAJOR << 16  # fa17:0 - also the "direct" (pass-through) verdict
 FAULT_CLASS = ROOT_HANDLE | 1  # fa17:1
@@ -80,6 +82,7 @@ class NetemParams(BaseModel):
     reorder: float = 0.0
     gap: int = 0
     limit_packets: int = 1000
+    distribution: netem_dist.Distribution | None = None  # None: netem's built-in uniform jitter
 
 
 class TcTree(BaseModel):
@@ -209,13 +212,17 @@ def install(ipr: IPRoute, index: int, tree: TcTree) -> None:
     )  # fmt: skip
     if tree.netem is not None:
         n = tree.netem
-        ipr.tc(
-            "add", "netem", index, CHILD_HANDLE, parent=FAULT_CLASS,
+        params: dict[str, Any] = dict(
             delay=n.delay_us, jitter=n.jitter_us, delay_corr=n.delay_corr if n.jitter_us else 0,
             loss=n.loss, loss_corr=n.loss_corr if n.loss else 0, duplicate=n.duplicate,
             prob_corrupt=n.corrupt, prob_reorder=n.reorder, gap=n.gap if n.reorder else 0,
             limit=n.limit_packets,
         )  # fmt: skip
+        if n.distribution is not None and n.jitter_us:
+            # pyroute2's tc() cannot send a delay table: our own message carries it.
+            netem_dist.add_netem(ipr, index, CHILD_HANDLE, FAULT_CLASS, params, n.distribution)
+        else:
+            ipr.tc("add", "netem", index, CHILD_HANDLE, parent=FAULT_CLASS, **params)
     elif tree.tbf_rate_bps is not None:
         rate_bytes = tree.tbf_rate_bps // 8
         # A burst of ~4 ms (at least two full frames) keeps the rate honest at
