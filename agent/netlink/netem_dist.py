@@ -15,7 +15,7 @@ are identical to the shipped files wherever those exist.
 
 pyroute2's netem encoder maps TCA_NETEM_DELAY_DIST to 'none' (it cannot send
 one), so a netem with a table is built here as our own tcmsg whose options
-class carries the attribute as raw bytes, and sent with nlm_request.
+class carries the attribute as raw bytes, and sent with nlm_request_batch.
 """
 
 from __future__ import annotations
@@ -124,6 +124,12 @@ def encode(values: tuple[int, ...]) -> bytes:
 class NetemOptions(sched_netem.options):  # type: ignore[misc]
     """pyroute2's netem options with TCA_NETEM_DELAY_DIST as raw bytes instead of 'none'."""
 
+    # pyroute2 compiles a class's nla_map once and marks that in a class attribute
+    # (nlmsg_base's name-mangled __compiled_nla) which a subclass inherits: once the
+    # parent has been used, the subclass would silently encode with the parent's
+    # map (our table dropped: an empty attribute, EINVAL). False: compile our own.
+    _nlmsg_base__compiled_nla = False
+
     nla_map = tuple(
         ("TCA_NETEM_DELAY_DIST", "cdata") if name == "TCA_NETEM_DELAY_DIST" else (name, kind)
         for name, kind in sched_netem.options.nla_map
@@ -132,6 +138,8 @@ class NetemOptions(sched_netem.options):  # type: ignore[misc]
 
 class NetemQdiscMsg(tcmsg):  # type: ignore[misc]
     """A tcmsg whose TCA_OPTIONS always encode (and decode) as NetemOptions."""
+
+    _nlmsg_base__compiled_nla = False  # see NetemOptions
 
     nla_map = tuple(
         ("TCA_OPTIONS", "netem_options") if name == "TCA_OPTIONS" else (name, kind) for name, kind in tcmsg.nla_map
@@ -158,4 +166,8 @@ def netem_msg(index: int, handle: int, parent: int, params: dict[str, Any], dist
 def add_netem(ipr: Any, index: int, handle: int, parent: int, params: dict[str, Any], dist: Distribution) -> None:
     """Create the netem qdisc with its delay table. Raises NetlinkError like ipr.tc('add', ...)."""
     msg = netem_msg(index, handle, parent, params, dist)
-    ipr.nlm_request(msg, RTM_NEWQDISC, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)
+    msg["header"]["type"] = RTM_NEWQDISC
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+    # Not the sync nlm_request(): in pyroute2 0.9 it reads a status key the sync
+    # socket lacks (KeyError). The batch call waits for the ACK and raises NetlinkError.
+    ipr.nlm_request_batch([msg])

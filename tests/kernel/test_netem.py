@@ -20,6 +20,8 @@ import pytest
 
 from agent.faults.base import AgentEnv, FaultContext
 from agent.faults.network import NetworkFault
+from agent.netlink import tc
+from agent.netlink.netns import iproute
 from agent.netlink.probe import probe
 from agent.netlink.testbed import (
     Testbed,
@@ -90,6 +92,46 @@ async def test_delay_50ms_each_way_adds_100ms_round_trip(bed: Testbed, tmp_path:
     finally:
         for plan, c in plans:
             await inj.revert(plan, c)
+    await assert_clean(bed)
+
+
+def netem_child(ns: str, dev: str) -> dict[str, int]:
+    """The fa18: netem under our class, as the kernel dumps it (the delay table itself is never dumped)."""
+    with iproute(ns) as ipr:
+        index = tc.link_index(ipr, dev)
+        assert index is not None, f"{dev} missing in {ns}"
+        for q in tc.qdiscs(ipr, index):
+            if q["handle"] == tc.CHILD_HANDLE and q.get_attr("TCA_KIND") == "netem":
+                opts = q.get_attr("TCA_OPTIONS")
+                return {"delay": int(opts["delay"]), "jitter": int(opts["jitter"])}
+    raise AssertionError(f"no netem fa18: on {dev} in {ns}")
+
+
+async def test_normal_distribution_spreads_like_a_normal(bed: Testbed, tmp_path: Path) -> None:
+    env = env_for(bed, tmp_path)
+    inj = NetworkFault(env)
+    base = await rtt_median_s(bed, bed.addrs_b[0])
+    spec = NetworkSpec(delay="50ms", jitter="10ms", distribution="normal", netns=bed.ns_a, interface=bed.dev_a)
+    c = ctx(env, "dist")
+    plan = await inj.plan(spec, c)
+    n = 150
+    try:
+        await inj.apply(spec, plan, c)  # the kernel ACKed the netem with its TCA_NETEM_DELAY_DIST
+        dumped = await asyncio.to_thread(netem_child, bed.ns_a, bed.dev_a)
+        received, rtts = await asyncio.to_thread(udp_probe, bed, bed.addrs_b[0], n, 1.0)
+    finally:
+        await inj.revert(plan, c)
+    assert dumped["jitter"] > 0 and dumped["delay"] > dumped["jitter"], f"netem dump {dumped}"
+    assert received >= n - 2, f"only {received}/{n} echoes"
+    added_ms = [(rtt - base) * 1e3 for rtt in rtts]
+    median, stdev = statistics.median(added_ms), statistics.stdev(added_ms)
+    outside = sum(abs(x - 50.0) > 10.0 for x in added_ms) / len(added_ms)
+    detail = f"median {median:.1f} ms, stdev {stdev:.1f} ms, {outside:.0%} beyond ±10 ms"
+    assert abs(median - 50.0) <= 5.0, detail
+    # Normal, sigma 10 ms: stdev ~10 and ~32 % beyond one sigma. netem's built-in
+    # uniform jitter would give stdev 5.8 and nothing beyond ±10 ms.
+    assert 7.5 <= stdev <= 14.0, detail
+    assert outside >= 0.15, detail
     await assert_clean(bed)
 
 

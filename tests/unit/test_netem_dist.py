@@ -8,6 +8,8 @@ import time
 from typing import Any
 
 import pytest
+from pyroute2.netlink.rtnl import RTM_NEWQDISC
+from pyroute2.netlink.rtnl.tcmsg import sched_netem, tcmsg
 
 from agent.faults.base import AgentEnv, FaultContext, Rejected
 from agent.faults.network import NetworkFault, build_tree
@@ -65,6 +67,10 @@ def test_encode_bounds() -> None:
 
 
 def test_message_carries_the_table_and_decodes_back() -> None:
+    # pyroute2's own netem classes used first (as the agent does): ours must still use our nla map.
+    plain = tcmsg()
+    plain["attrs"] = [["TCA_KIND", "netem"], ["TCA_OPTIONS", sched_netem.get_parameters({"delay": 1000})]]
+    plain.encode()
     msg = netem_dist.netem_msg(7, CHILD, PARENT, {"delay": 50_000, "jitter": 10_000, "limit": 500}, "normal")
     msg.encode()
     back = netem_dist.NetemQdiscMsg(msg.data)
@@ -93,9 +99,9 @@ class _RecordingIpr:
         self.tc_calls.append((*args, kwargs))
         return []
 
-    def nlm_request(self, msg: Any, msg_type: int, msg_flags: int) -> tuple[Any, ...]:
-        self.raw.append(msg)
-        return ()
+    def nlm_request_batch(self, msgs: list[Any]) -> list[Any]:
+        self.raw.extend(msgs)
+        return []
 
 
 @pytest.mark.parametrize(
@@ -109,6 +115,7 @@ def test_install_sends_the_table_only_for_shaped_distributions(distribution: Any
     netem_adds = [c for c in ipr.tc_calls if c[:2] == ("add", "netem")]
     assert len(netem_adds) == 1 - raw_messages
     if raw_messages:
+        assert ipr.raw[0]["header"]["type"] == RTM_NEWQDISC
         opts = dict(ipr.raw[0]["attrs"])["TCA_OPTIONS"]
         assert dict(opts["attrs"])["TCA_NETEM_DELAY_DIST"] == netem_dist.encode(netem_dist.table(distribution))
 
