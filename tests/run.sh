@@ -15,7 +15,7 @@ lint_status=0
 status=$?
 
 if [ -x tests/kernel/run-uml.sh ]; then
-  PYTHON="$PY" bash tests/kernel/run-uml.sh
+  bash tests/kernel/run-uml.sh "$PY"
   kstatus=$?
   # 77: User-Mode Linux could not start here; the script printed why (a skip, not a pass)
   if [ $kstatus -ne 0 ] && [ $kstatus -ne 77 ]; then status=$kstatus; fi

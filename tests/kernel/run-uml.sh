@@ -1,7 +1,7 @@
 #!/bin/sh
 # Run the kernel tier (netem) inside User-Mode Linux.
 #
-# Usage: tests/kernel/run-uml.sh [PYTHON]   (or FAULTLINE_PYTHON=...; default /work/venv/bin/python)
+# Usage: tests/kernel/run-uml.sh [PYTHON]   (or FAULTLINE_PYTHON / PYTHON; default: python3 on PATH)
 # Exit: pytest's status from inside the guest; 77 when UML cannot start here
 # (the reason is printed), so CI can report the tier as skipped, never silently.
 #
@@ -12,7 +12,7 @@ set -eu
 
 SKIP=77
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
-PYTHON=${1:-${FAULTLINE_PYTHON:-/work/venv/bin/python}}
+PYTHON=${1:-${FAULTLINE_PYTHON:-${PYTHON:-$(command -v python3)}}}
 UML=${UML_KERNEL:-/usr/bin/linux.uml}
 TIMEOUT_S=${UML_TIMEOUT_S:-170}
 
@@ -33,17 +33,20 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /var/run 2>/dev/null || true
-mkdir -p /run/netns /tmp/out
-mount -t hostfs -o $OUT hostfs /tmp/out
+# /tmp is NOT covered with a tmpfs: the checkout (and its venv) may live under the
+# host's /tmp (CI clones there), and the read-only host root must show it.
+# Scratch goes to /run/tmp instead.
+mkdir -p /run/netns /run/tmp /run/out
+export TMPDIR=/run/tmp
+mount -t hostfs -o $OUT hostfs /run/out
 # No kmod needed (the host may lack it and /lib/modules): finit_module from the UML tree.
 $PYTHON $REPO/tests/kernel/load_modules.py $MODDIR/\$(uname -r) \\
   sch_netem sch_htb sch_tbf cls_u32 veth ifb act_mirred sch_ingress
 ip link set lo up
 cd $REPO
-HOME=/tmp PYTHONDONTWRITEBYTECODE=1 $PYTHON -m pytest -m kernel tests/kernel -p no:cacheprovider --color=no -q -rs --timeout 120
-echo \$? > /tmp/out/status
+HOME=/run/tmp PYTHONDONTWRITEBYTECODE=1 $PYTHON -m pytest -m kernel tests/kernel -p no:cacheprovider --color=no -q -rs --timeout 120
+echo \$? > /run/out/status
 sync
 poweroff -f
 INNER
