@@ -170,6 +170,8 @@ class CommandHandler:
         except Exception as exc:
             log.exception("check of %s failed", fid)
             return self._reject(cmd.id, f"check failed: {exc}", cmd)
+        # The Ack says "accepted" at once, with no I/O on its path; the lifecycle journals the
+        # plan before it touches anything (invariant 4). A crash in between leaves nothing applied.
         entry = JournalEntry(
             fault_id=fid,
             experiment_id=exp,
@@ -179,10 +181,6 @@ class CommandHandler:
             pods=cmd.pods,
             command_id=cmd.id,
         )
-        try:
-            await asyncio.to_thread(self.journal.write, entry)  # journal before act
-        except OSError as exc:
-            return self._reject(cmd.id, f"journal write failed, not acting: {exc}", cmd)
         rec = FaultRecord(
             entry=entry,
             injector=injector,

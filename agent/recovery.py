@@ -64,7 +64,7 @@ class Recovery:
             reason = "recovered from journal after restart: reverted"
             try:
                 if entry.plan is not None:
-                    plan = inj.plan_model.model_validate(entry.plan)
+                    plan = inj.load_plan(entry.plan)
                     journaled.setdefault(entry.spec.kind, []).append(plan)
                     m = merge(m, await asyncio.wait_for(inj.revert(plan, ctx), self.settings.timing.revert_timeout_s))
                 else:

@@ -46,7 +46,14 @@ MAX_REMEMBERED = 4096
 
 
 class AgentRuntime(CommandHandler, Recovery):
-    def __init__(self, settings: AgentSettings, injectors: dict[str, Injector] | None = None) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        injectors: dict[str, Injector] | None = None,
+        load_sampler: LoadSampler | None = None,
+    ) -> None:
+        """``injectors`` and ``load_sampler`` replace the defaults in tests and simulations
+        (a thousand runtimes in one process share one sampler)."""
         self.settings = settings
         self.node = settings.identity.node
         self.labels = dict(settings.identity.labels)
@@ -84,7 +91,7 @@ class AgentRuntime(CommandHandler, Recovery):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending_events: list[FaultEvent] = []
         self._hb_seq = 0
-        self._load = LoadSampler()
+        self._load = load_sampler or LoadSampler()
         self._cp_cache: dict[str, list[tuple[str, int]]] = {}
         self._subs: list[Any] = []
 
@@ -211,7 +218,10 @@ class AgentRuntime(CommandHandler, Recovery):
                 plan = await asyncio.wait_for(inj.plan(spec, ctx), timing.revert_timeout_s)
                 rec.plan = plan
                 rec.entry = rec.entry.model_copy(update={"plan": plan.model_dump(mode="json")})
-                await asyncio.to_thread(self.journal.write, rec.entry)  # journal before act
+                try:
+                    await asyncio.to_thread(self.journal.write, rec.entry)  # journal before act
+                except OSError as exc:
+                    raise RuntimeError(f"journal write failed, not acting: {exc}") from exc
                 if not rec.ended.is_set():
                     m = await asyncio.wait_for(inj.apply(spec, plan, ctx), timing.revert_timeout_s)
                     rec.measurements = merge(rec.measurements, m)
@@ -257,13 +267,15 @@ class AgentRuntime(CommandHandler, Recovery):
         reason = rec.end_reason or "reverted"
         if error:
             reason = f"{reason}; revert failed: {error}"
-        # a failed revert keeps its journal entry: the next start retries it
-        await asyncio.to_thread(self.journal.finish, rec.fault_id, state, rec.entry.expires_at, not error)
         rec.set_state(state)
         self.faults.pop(rec.fault_id, None)
         self.remember(self.ended, rec.fault_id, state)
+        # The event first: the system is already back. Dropping the journal entry is
+        # bookkeeping, and a crash before it only repeats an idempotent revert at start.
         self.event(rec, state, reason)
         log.info("fault %s %s: %s", rec.fault_id, state, reason)
+        # a failed revert keeps its journal entry: the next start retries it
+        await asyncio.to_thread(self.journal.finish, rec.fault_id, state, rec.entry.expires_at, not error)
         rec.finished.set()
 
     def remember(self, table: OrderedDict[str, Any], key: str, value: Any) -> None:

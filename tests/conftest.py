@@ -225,6 +225,17 @@ class AgentProcess:
         d = self.state_dir / "journal"
         return sorted(p.name for p in d.glob("*.json")) if d.is_dir() else []
 
+    def settled_journal(self, timeout_s: float = 2.0) -> list[str]:
+        """The journal once it is empty, or as it stands after ``timeout_s``.
+
+        The agent publishes "reverted" before it drops the journal entry (one
+        worker-thread call later), so a check right after the event waits for it.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.journal() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.journal()
+
 
 @pytest.fixture
 def agent_factory(nats_url: str, tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:

@@ -47,7 +47,7 @@ async def test_pause_then_revert_resumes_and_empties_journal(nc, agent_factory, 
     assert ack.accepted
     await async_wait_until(lambda: events.events("exp1.0", "reverted"), 5, "a reverted event")
     assert all(status(p) != "stopped" for p in procs)
-    assert agent.journal() == []
+    assert agent.settled_journal() == []
 
 
 async def test_deadline_expires_the_fault(nc, agent_factory, victims, events):
@@ -148,7 +148,7 @@ async def test_crash_recovery_resumes_paused_victim(nc, agent_factory, victims, 
     assert agent.journal() == ["exp1.0.json"]
     agent.start().wait_ready()
     assert status(proc) != "stopped"
-    assert agent.journal() == []
+    assert agent.settled_journal() == []
     hb = await async_wait_until(
         lambda: [h for h in heartbeats.heartbeats("node-a") if "exp1.0" in h.recovered],
         5,

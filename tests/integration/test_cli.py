@@ -239,7 +239,7 @@ def test_run_example_against_a_real_agent(
     dry = faultline("run", str(path), "--nats", nats_url, "--dry-run", "-o", "json")
     assert dry.returncode == 0, dry.stderr
     assert json.loads(dry.stdout)["targets"] == ["node-a"]
-    assert status(victim) != psutil.STATUS_STOPPED and not agent.journal()
+    assert status(victim) != psutil.STATUS_STOPPED and not agent.settled_journal()
 
     r = faultline("run", str(path), "--nats", nats_url, "-o", "json")
     assert r.returncode == 0, r.stderr
@@ -248,7 +248,7 @@ def test_run_example_against_a_real_agent(
     assert fault["state"] == "expired" and fault["measurements"]["hit_pids"] == [victim.pid]
     assert fault["dispatched_at"] <= fault["acked_at"] <= fault["active_at"] <= fault["ended_at"]
     assert status(victim) != psutil.STATUS_STOPPED
-    assert agent.journal() == []
+    assert agent.settled_journal() == []
 
 
 def test_refused_before_dispatch(tmp_path: Path, nats_url: str, agent_factory: Callable[..., AgentProcess]) -> None:
@@ -291,7 +291,7 @@ def test_heartbeat_loss_aborts_and_reverts(
         node_a = [f for f in report["faults"] if f["node"] == "node-a"]
         assert node_a[0]["state"] == "reverted"
         assert status(victim) != psutil.STATUS_STOPPED  # node-a resumed it (both agents paused it)
-        assert a.journal() == []
+        assert a.settled_journal() == []
     finally:
         b.signal(signal.SIGCONT)
 
@@ -315,7 +315,7 @@ def test_sigint_aborts_and_reverts(
     assert report["outcome"] == "aborted" and "SIGINT" in report["abort"]["reason"]
     assert report["faults"][0]["state"] == "reverted"
     assert status(victim) != psutil.STATUS_STOPPED
-    assert agent.journal() == []
+    assert agent.settled_journal() == []
 
 
 def test_abort_from_another_process(
@@ -403,7 +403,7 @@ def test_killed_controller_lease_lapses_and_victim_resumes(
     wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
     run.kill()  # kill -9: no revert from the controller; the dead-man's switch must do it
     wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 2 + 1, "the victim to resume after the lease lapsed")
-    wait_until(lambda: agent.journal() == [], 5, "the agent's journal to empty")
+    wait_until(lambda: agent.settled_journal() == [], 5, "the agent's journal to empty")
 
 
 def test_killed_local_cli_leaves_nothing_paused_or_running(

@@ -64,7 +64,7 @@ async def test_cpu_50_percent_for_6s_then_expires(nc, agent_factory, events):
     assert expired.measurements.cpu_load_mean_percent is not None
     assert 45 <= expired.measurements.cpu_load_mean_percent <= 55
     assert gone(pid) and stressors_of(agent) == {}
-    assert agent.journal() == []
+    assert agent.settled_journal() == []
 
 
 async def test_memory_200mi_then_revert(nc, agent_factory, events):
@@ -81,7 +81,7 @@ async def test_memory_200mi_then_revert(nc, agent_factory, events):
     assert reverted.measurements.rss_bytes is not None
     assert abs(reverted.measurements.rss_bytes - 200 * MiB) <= 0.05 * 200 * MiB
     assert reverted.measurements.oom_killed is False
-    assert gone(pid) and stressors_of(agent) == {} and agent.journal() == []
+    assert gone(pid) and stressors_of(agent) == {} and agent.settled_journal() == []
 
 
 async def test_kill9_agent_takes_stressors_with_it_and_restart_sweeps_nothing(nc, agent_factory, events):
@@ -94,7 +94,7 @@ async def test_kill9_agent_takes_stressors_with_it_and_restart_sweeps_nothing(nc
     await async_wait_until(lambda: all(gone(p) for p in pids), 1.0, "stressors dying with the agent (pdeathsig)")
     agent.start().wait_ready()
     await async_wait_until(lambda: events.events("exp1.0", "reverted"), 5, "the recovery revert event")
-    assert agent.journal() == [] and stressors_of(agent) == {}
+    assert agent.settled_journal() == [] and stressors_of(agent) == {}
     log = agent.log()
     assert "sweep: no stray cpu stressors" in log and "killed stray" not in log
 
@@ -128,4 +128,4 @@ async def test_bad_input_rejected_naming_the_field(nc, agent_factory, spec, fiel
     reply = await nc.request(subjects.agent_cmd("node-a"), json.dumps(cmd).encode(), timeout=3)
     ack = decode(reply.data, Ack)
     assert not ack.accepted and ack.reason and field in ack.reason, ack.reason
-    assert stressors_of(agent) == {} and agent.journal() == []
+    assert stressors_of(agent) == {} and agent.settled_journal() == []

@@ -52,7 +52,7 @@ def residue(fleet: FleetHarness) -> list[str]:
         for p in node.victim_procs():
             if victim_status(p) == psutil.STATUS_STOPPED:
                 found.append(f"{node.name}: victim pid {p.pid} is still paused")
-        journal = node.agent.journal()
+        journal = node.agent.settled_journal()
         if journal:
             found.append(f"{node.name}: journal not empty: {', '.join(journal)}")
     return found

@@ -69,7 +69,7 @@ async def test_kill9_then_restart_removes_the_qdisc(nc, agent_factory, events, b
     await assert_clean(bed.ns_a, bed.dev_a)
     ev = await async_wait_until(lambda: events.events("net1.0", "reverted"), 5, "a recovery event")
     assert ev[0].measurements.recovered_from_journal
-    assert agent.journal() == []
+    assert agent.settled_journal() == []
 
 
 async def test_revert_command_and_lease_lapse_leave_the_interface_clean(

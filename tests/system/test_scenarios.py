@@ -278,7 +278,7 @@ def test_rolling_restart(fleet_factory, row):
         assert not any(victim_status(p) == psutil.STATUS_STOPPED for p in node.victim_procs()), (
             f"{name} exited with paused victims"
         )
-        assert node.agent.journal() == []
+        assert node.agent.settled_journal() == []
         worst = max(worst, exited)
         leaving = wait_until(
             lambda n=name: [h for h in obs.heartbeats_of(n) if h.state == "leaving"], 5, f"{name}'s leaving heartbeat"
@@ -556,6 +556,6 @@ def test_expired_command(fleet_factory, row):
     ev = wait_until(lambda: obs.events_of("n1", "rejected"), 5, "a rejected event")
     assert ev[0].fault_id == "late.0" and "expired" in (ev[0].reason or "")
     assert not any(victim_status(p) == psutil.STATUS_STOPPED for p in victims)
-    assert fleet.nodes["n1"].agent.journal() == []
+    assert fleet.nodes["n1"].agent.settled_journal() == []
     row.notes.append(f"refused: {ack.reason}")
     assert_clean(fleet, row)
