@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-import yaml
 from pydantic import ValidationError
 
 from agent.config import AgentSettings
@@ -98,7 +97,12 @@ def load_settings(args: argparse.Namespace, environ: dict[str, str]) -> AgentSet
     raw: dict[str, Any] = {}
     if args.config:
         text = args.config.read_text()
-        raw = (json.loads(text) if args.config.suffix == ".json" else yaml.safe_load(text)) or {}
+        if args.config.suffix == ".json":
+            raw = json.loads(text) or {}
+        else:
+            import yaml  # only for a YAML settings file: an agent without one never loads it
+
+            raw = yaml.safe_load(text) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{args.config}: expected a mapping of settings")
     env_map: dict[str, tuple[str, Callable[[str], Any]]] = {

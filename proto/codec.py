@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Literal, TypeVar
 
@@ -83,21 +84,28 @@ def decode(data: bytes | str, model: type[M]) -> M:
     return result
 
 
-_COMMAND = TypeAdapter(Command)
-_ANY = TypeAdapter(AnyMessage)
+@functools.cache
+def _command_adapter() -> TypeAdapter[Any]:
+    # built on first use: an idle agent never pays for the command schemas
+    return TypeAdapter(Command)
+
+
+@functools.cache
+def _any_adapter() -> TypeAdapter[Any]:
+    return TypeAdapter(AnyMessage)
 
 
 def decode_command(data: bytes | str) -> Any:
     """An Inject or a Revert."""
     obj = _load(data)
     _, minor = _version_of(obj)
-    return _validate(_COMMAND, obj, lenient=minor > SCHEMA_MINOR)
+    return _validate(_command_adapter(), obj, lenient=minor > SCHEMA_MINOR)
 
 
 def decode_any(data: bytes | str) -> Any:
     obj = _load(data)
     _, minor = _version_of(obj)
-    return _validate(_ANY, obj, lenient=minor > SCHEMA_MINOR)
+    return _validate(_any_adapter(), obj, lenient=minor > SCHEMA_MINOR)
 
 
 def peek_id(data: bytes | str) -> str | None:

@@ -29,6 +29,7 @@ class SpecModel(BaseModel):
         populate_by_name=True,
         alias_generator=to_camel,
         str_strip_whitespace=True,
+        defer_build=True,  # schemas are built on first use: an idle agent needs few of them
     )
 
 

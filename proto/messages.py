@@ -32,7 +32,7 @@ def new_id() -> str:
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     schema_version: str = Field(SCHEMA_VERSION, pattern=r"^\d+\.\d+$")
     id: str = Field(default_factory=new_id, min_length=1, max_length=64)
@@ -55,7 +55,7 @@ TERMINAL_STATES: frozenset[str] = frozenset({"reverted", "expired", "failed", "r
 class PodRef(BaseModel):
     """A pod on the target node, resolved by the controller from the Kubernetes API."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     namespace: str
     name: str
@@ -118,7 +118,7 @@ class Lease(Message):
 
 
 class NodeLoad(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     cpu_percent: float
     cpu_count: int
@@ -129,7 +129,7 @@ class NodeLoad(BaseModel):
 
 
 class ActiveFault(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     fault_id: str
     experiment_id: str
@@ -162,7 +162,7 @@ class Heartbeat(Message):
 
 
 class SkippedProcess(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     pid: int
     name: str
@@ -172,7 +172,7 @@ class SkippedProcess(BaseModel):
 class Measurements(BaseModel):
     """What a fault did, as measured by the agent. Every field optional; each kind fills its own."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     # process faults
     matched_pids: list[int] | None = None

@@ -18,7 +18,8 @@ INJECTORS: dict[str, str] = {
     "process-pause": "agent.faults.process:ProcessPause",
     "cpu": "agent.faults.cpu:CpuStress",
     "memory": "agent.faults.memory:MemoryStress",
-    "network": "agent.faults.network:NetworkFault",
+    # lazy: pyroute2 is imported on the first network fault, not by an idle agent
+    "network": "agent.faults.network_lazy:LazyNetworkFault",
 }
 
 

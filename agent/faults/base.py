@@ -98,6 +98,10 @@ class Injector(abc.ABC):
     def check(self, spec: Any, ctx: FaultContext) -> None:  # noqa: B027 - optional hook
         """Raise Rejected with a reason if this node cannot run spec. Must be fast."""
 
+    def load_plan(self, raw: dict[str, Any]) -> Plan:
+        """A journaled plan back from its JSON form (at start, to revert it)."""
+        return self.plan_model.model_validate(raw)
+
     @abc.abstractmethod
     async def plan(self, spec: Any, ctx: FaultContext) -> Plan: ...
 

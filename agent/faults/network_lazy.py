@@ -1,0 +1,85 @@
+"""The network fault kind, loaded only when a network fault needs it.
+
+pyroute2 and the netlink code add about 11 MB to an agent's resident memory.
+An idle agent needs only two things from them: what the kernel can do, and a
+sweep of leftovers at start. Both run in a short-lived child process
+(`python -m agent.netlink.startup`); the real injector (agent.faults.network)
+is imported on the first network fault, or at start when the journal holds
+one to revert.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from typing import Any
+
+from agent.faults.base import Capability, FaultContext, Injector, Plan
+from proto.messages import Measurements
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 30.0
+
+
+class LazyNetworkFault(Injector):
+    kind = "network"
+    plan_model = Plan  # the real one comes with load_plan()
+
+    def __init__(self, env: Any) -> None:
+        super().__init__(env)
+        self._real: Any = None
+        self._caps: list[Capability] | None = None
+        self._swept: list[str] = []
+
+    def _load(self) -> Any:
+        if self._real is None:
+            from agent.faults.network import NetworkFault
+
+            self._real = NetworkFault(self.env)
+            if self._caps is not None:
+                self._real._caps = {c.name: c for c in self._caps}  # probed already: not again
+        return self._real
+
+    def probe(self) -> list[Capability]:
+        argv = [sys.executable, "-m", "agent.netlink.startup"]
+        try:
+            out = subprocess.run(argv, capture_output=True, timeout=STARTUP_TIMEOUT_S, check=True, text=True)
+            data = json.loads(out.stdout)
+            self._caps = [
+                Capability(str(n), bool(a), str(note) if note else None) for n, a, note in data["capabilities"]
+            ]
+            self._swept = [str(line) for line in data["swept"]]
+        except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError) as exc:
+            stderr = getattr(exc, "stderr", "") or ""
+            log.warning("network start-up child failed (%s %s); probing in-process", exc, stderr[-300:])
+            self._caps = self._load().probe()
+        return list(self._caps)
+
+    def load_plan(self, raw: dict[str, Any]) -> Plan:
+        plan: Plan = self._load().load_plan(raw)
+        return plan
+
+    def check(self, spec: Any, ctx: FaultContext) -> None:
+        self._load().check(spec, ctx)
+
+    async def plan(self, spec: Any, ctx: FaultContext) -> Plan:
+        plan: Plan = await self._load().plan(spec, ctx)
+        return plan
+
+    async def apply(self, spec: Any, plan: Plan, ctx: FaultContext) -> Measurements:
+        m: Measurements = await self._load().apply(spec, plan, ctx)
+        return m
+
+    async def revert(self, plan: Plan, ctx: FaultContext) -> Measurements:
+        m: Measurements = await self._load().revert(plan, ctx)
+        return m
+
+    async def sweep(self, journaled: list[Plan]) -> list[str]:
+        swept, self._swept = self._swept, []
+        if journaled or self._real is not None:
+            lines: list[str] = await self._load().sweep(journaled)
+            swept += lines
+        return swept
