@@ -21,7 +21,7 @@ import uvloop
 from pydantic import ValidationError
 
 from agent.config import AgentSettings
-from agent.runtime import AgentRuntime
+from agent.runtime import AgentRuntime, release_startup_memory
 from proto import __version__
 
 log = logging.getLogger("faultline.agent")
@@ -157,9 +157,16 @@ async def serve(settings: AgentSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     extras = await _start_extras(runtime, settings)
+
+    async def trim_when_ready() -> None:
+        await runtime.ready_event.wait()
+        release_startup_memory()  # once per agent process (not per runtime: simulations run many)
+
+    trim = asyncio.create_task(trim_when_ready(), name="trim-startup-memory")
     try:
         return await runtime.run()
     finally:
+        trim.cancel()
         for closer in extras:
             closer.close()
 

@@ -42,6 +42,7 @@ import uvloop
 
 from agent.config import AgentSettings, IdentitySettings, NatsSettings, TimingSettings
 from agent.faults.base import AgentEnv, Capability, FaultContext, Injector, Plan
+from agent.nodeload import LoadSampler
 from agent.runtime import AgentRuntime
 from controller.dispatch import request_ack, revert_experiment
 from controller.experiment import fault_id
@@ -166,10 +167,14 @@ def agent_settings(url: str, node: str, state_root: Path) -> AgentSettings:
     )
 
 
+# One node, many simulated agents: they share one psutil sampler (a real agent has its own).
+SHARED_LOAD = LoadSampler()
+
+
 def make_runtime(url: str, node: str, state_root: Path) -> AgentRuntime:
     settings = agent_settings(url, node, state_root)
     env = AgentEnv(node=node, state_dir=settings.state_dir, instance_id="bench", protected_pids=dict)
-    return AgentRuntime(settings, injectors={"process-pause": NoopInjector(env)})
+    return AgentRuntime(settings, injectors={"process-pause": NoopInjector(env)}, load_sampler=SHARED_LOAD)
 
 
 async def start_agents(
