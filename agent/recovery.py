@@ -38,6 +38,9 @@ class Recovery:
         # none of these, so AgentRuntime's own methods are the only ones in the MRO.
         def remember(self, table: OrderedDict[str, Any], key: str, value: Any) -> None: ...
         def publish_event(self, ev: FaultEvent) -> None: ...
+        def record_end(
+            self, fault_id: str, experiment_id: str, kind: str, state: FaultState, reason: str | None
+        ) -> None: ...
         def make_context(
             self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
         ) -> FaultContext: ...
@@ -74,6 +77,7 @@ class Recovery:
                 state, reason = "failed", f"recovery revert failed: {exc}"
                 log.error("journal recovery of %s failed: %s (entry kept)", entry.fault_id, exc)
             self.remember(self.ended, entry.fault_id, state)
+            self.record_end(entry.fault_id, entry.experiment_id, entry.spec.kind, state, reason)
             self.recovered.append(entry.fault_id)
             log.warning("journal recovery: %s %s (%s)", entry.fault_id, state, reason)
             self.publish_event(

@@ -21,7 +21,7 @@ import os
 import random
 import socket
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Coroutine
 from typing import Any
 
@@ -40,11 +40,22 @@ from agent.protect import protected_pids
 from agent.recovery import Recovery
 from proto import __version__, subjects
 from proto.codec import DecodeError, decode, encode
-from proto.messages import AgentState, FaultEvent, FaultState, Halt, Heartbeat, Lease, Measurements, new_id
+from proto.messages import (
+    AgentState,
+    EndedFault,
+    FaultEvent,
+    FaultState,
+    Halt,
+    Heartbeat,
+    Lease,
+    Measurements,
+    new_id,
+)
 
 log = logging.getLogger("faultline.agent")
 
 MAX_REMEMBERED = 4096
+ENDED_IN_HEARTBEATS_S = 120.0
 
 
 def release_startup_memory() -> None:
@@ -94,6 +105,7 @@ class AgentRuntime(CommandHandler, Recovery):
         self.ended_experiments: OrderedDict[str, str] = OrderedDict()
         self.lease_seen: dict[str, float] = {}
         self.recovered: list[str] = []
+        self.recent_ended: deque[EndedFault] = deque(maxlen=200)
         self.rejected_count = 0
         self.nc: NATS | None = None
         self.connected = False
@@ -197,6 +209,7 @@ class AgentRuntime(CommandHandler, Recovery):
             load=self._load.sample(),
             faults=[r.view() for r in self.faults.values()],
             recovered=self.recovered[-50:],
+            ended=[e for e in self.recent_ended if e.at > time.time() - ENDED_IN_HEARTBEATS_S],
         )
 
     # --- fault lifecycle ---------------------------------------------------
@@ -284,6 +297,7 @@ class AgentRuntime(CommandHandler, Recovery):
         rec.set_state(state)
         self.faults.pop(rec.fault_id, None)
         self.remember(self.ended, rec.fault_id, state)
+        self.record_end(rec.fault_id, rec.experiment_id, rec.kind, state, reason)
         # The event first: the system is already back. Dropping the journal entry is
         # bookkeeping, and a crash before it only repeats an idempotent revert at start.
         self.event(rec, state, reason)
@@ -291,6 +305,13 @@ class AgentRuntime(CommandHandler, Recovery):
         # a failed revert keeps its journal entry: the next start retries it
         await asyncio.to_thread(self.journal.finish, rec.fault_id, state, rec.entry.expires_at, not error)
         rec.finished.set()
+
+    def record_end(self, fault_id: str, experiment_id: str, kind: str, state: FaultState, reason: str | None) -> None:
+        self.recent_ended.append(
+            EndedFault(
+                fault_id=fault_id, experiment_id=experiment_id, kind=kind, state=state, reason=reason, at=time.time()
+            )
+        )
 
     def remember(self, table: OrderedDict[str, Any], key: str, value: Any) -> None:
         table[key] = value

@@ -240,15 +240,39 @@ class ExperimentRunner:
             return
         track.merge(ev.measurements)
         changed = track.move(ev.state, ev.reason)
-        if changed or ev.measurements != type(ev.measurements)():
-            detail = f" ({ev.reason})" if ev.reason else ""
-            self.progress(f"{self._t()} {ev.node} {ev.fault_id} ({ev.kind}): {ev.state}{detail}")
-        if ev.state in ("failed", "rejected") and not self.aborted:
-            self.abort(f"agent {ev.node}: {ev.fault_id} ({ev.kind}) {ev.state}: {ev.reason}", node=ev.node)
-        elif ev.state == "reverted" and changed and not self.aborted and not self._finishing:
+        self._after_move(track, ev.state, ev.reason, changed, changed or ev.measurements != type(ev.measurements)())
+
+    def _after_move(self, track: Track, state: str, reason: str | None, changed: bool, show: bool) -> None:
+        if show:
+            detail = f" ({reason})" if reason else ""
+            self.progress(f"{self._t()} {track.node} {track.fault_id} ({track.kind}): {state}{detail}")
+        if state in ("failed", "rejected") and not self.aborted:
+            self.abort(f"agent {track.node}: {track.fault_id} ({track.kind}) {state}: {reason}", node=track.node)
+        elif state == "reverted" and changed and not self.aborted and not self._finishing:
             # Nobody here asked for it (halt, lease lapse, an agent stopping): the experiment is not what was planned.
-            self.abort(f"agent {ev.node} reverted {ev.fault_id} on its own: {ev.reason}", node=ev.node)
+            self.abort(f"agent {track.node} reverted {track.fault_id} on its own: {reason}", node=track.node)
         self._wake.set()
+
+    def _reconcile_from_heartbeats(self) -> None:
+        """Ends the agents report in heartbeats (since 1.1) for faults whose event we missed.
+
+        Events are at-most-once; an event sent while this controller was
+        reconnecting is gone, but the agent repeats the outcome in every
+        heartbeat for two minutes, so the report still tells the truth.
+        """
+        for node in {t.node for t in self.tracks.values() if not t.terminal}:
+            view = self.fleet.get(node)
+            if view is None:
+                continue
+            for ended in view.heartbeat.ended:
+                if ended.experiment_id != self.experiment_id:
+                    continue
+                track = self.tracks.get((node, ended.fault_id))
+                if track is None or track.terminal:
+                    continue
+                reason = f"{ended.reason or ended.state} (from the agent's heartbeat: its event was missed)"
+                changed = track.move(ended.state, reason, at=ended.at)
+                self._after_move(track, ended.state, reason, changed, changed)
 
     async def _on_control(self, msg: Any) -> None:
         """`faultline abort ID` from another process: a Revert sent to the controller."""
@@ -281,6 +305,9 @@ class ExperimentRunner:
         hb_timeout_s = self.experiment.spec.abort.heartbeat_timeout_s
         period_s = min(0.1, hb_timeout_s / 10)
         while not self.aborted:
+            self._reconcile_from_heartbeats()
+            if self.aborted:
+                return
             now = time.monotonic()
             for node in targets:
                 view = self.fleet.get(node)
@@ -309,6 +336,7 @@ class ExperimentRunner:
     async def _wait_for_end(self) -> None:
         deadline = max((t.expires_at or 0.0) for t in self.tracks.values()) + self.end_grace_s
         while not self.aborted:
+            self._reconcile_from_heartbeats()
             if all(t.terminal for t in self.tracks.values()):
                 return
             remaining = deadline - time.time()
@@ -342,6 +370,10 @@ class ExperimentRunner:
         pending = [t for t in self.tracks.values() if t.held_by_agent and t.node not in unreached]
         end = time.monotonic() + self.revert_wait_s
         while pending and time.monotonic() < end:
+            self._reconcile_from_heartbeats()
+            pending = [t for t in pending if not t.terminal]
+            if not pending:
+                break
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), min(0.5, end - time.monotonic()))

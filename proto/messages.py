@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from proto.faults import FaultSpec
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 0
+SCHEMA_MINOR = 1  # 1.1: Heartbeat.ended
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 MAX_MESSAGE_BYTES = 256 * 1024
@@ -139,6 +139,23 @@ class ActiveFault(BaseModel):
     expires_at: float
 
 
+class EndedFault(BaseModel):
+    """A fault that ended recently, carried in heartbeats for a while.
+
+    Events are at-most-once (core NATS): a controller that was reconnecting
+    when the "reverted" event went out learns the outcome from here instead.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+
+    fault_id: str
+    experiment_id: str
+    kind: str
+    state: FaultState
+    reason: str | None = None
+    at: float
+
+
 AgentState = Literal["starting", "ready", "leaving"]
 
 
@@ -159,6 +176,9 @@ class Heartbeat(Message):
     load: NodeLoad | None = None
     faults: list[ActiveFault] = Field(default_factory=list)
     recovered: list[str] = Field(default_factory=list, description="fault ids reverted from the journal at start")
+    ended: list[EndedFault] = Field(
+        default_factory=list, description="faults that ended in the last two minutes (since 1.1)"
+    )
 
 
 class SkippedProcess(BaseModel):

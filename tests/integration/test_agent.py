@@ -218,3 +218,18 @@ async def test_replay_after_revert_is_never_reinjected(nc, agent_factory, victim
     replay = await send(nc, "node-a", cmd)
     assert not replay.accepted and "not re-injected" in (replay.reason or "")
     assert status(proc) != "stopped"
+
+
+async def test_heartbeats_repeat_recent_ends(nc, agent_factory, victims, events, heartbeats):
+    agent_factory("node-a")
+    (proc,) = victims.start(1)
+    assert (await send(nc, "node-a", pause(victims.token))).accepted
+    await async_wait_until(lambda: status(proc) == "stopped", 5, "victim paused")
+    await send(nc, "node-a", Revert(experiment_id="exp1", expires_at=time.time() + 10, reason="test"))
+    hbs = await async_wait_until(
+        lambda: [h for h in heartbeats.heartbeats("node-a") if any(e.fault_id == "exp1.0" for e in h.ended)],
+        5,
+        "a heartbeat that repeats the end of exp1.0",
+    )
+    (ended,) = [e for e in hbs[-1].ended if e.fault_id == "exp1.0"]
+    assert ended.state == "reverted" and "requested: test" in (ended.reason or "")

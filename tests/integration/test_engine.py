@@ -20,7 +20,7 @@ from controller.experiment import Experiment, parse_experiment
 from controller.fleet import Fleet
 from controller.tracking import PreflightError
 from proto.codec import decode, decode_command, encode
-from proto.messages import Ack, FaultEvent, Heartbeat, Inject, Lease, Revert
+from proto.messages import Ack, EndedFault, FaultEvent, Heartbeat, Inject, Lease, Revert
 from proto.subjects import ALL_LEASES, agent_cmd, agent_hb, exp_control, exp_events
 from tests.conftest import async_wait_until
 
@@ -35,6 +35,8 @@ class ScriptedAgent:
         self.state = "ready"
         self.silent = False
         self.reject: str | None = None
+        self.drop_events = False  # simulate events lost in flight (core NATS is at-most-once)
+        self.ended: list[EndedFault] = []
         self.held: dict[str, Inject] = {}
         self.reverts: list[Revert] = []
         self.leases: list[Lease] = []
@@ -74,6 +76,7 @@ class ScriptedAgent:
             interval_s=0.2,
             seq=self._seq,
             started_at=0.0,
+            ended=self.ended,
         )
         await self.nc.publish(agent_hb(self.node), encode(hb))
 
@@ -92,7 +95,14 @@ class ScriptedAgent:
             state=state,  # type: ignore[arg-type]
             reason=reason,
         )
-        await self.nc.publish(exp_events(exp_id), encode(ev))
+        if state in ("reverted", "expired", "failed"):
+            self.ended.append(
+                EndedFault(
+                    fault_id=fid, experiment_id=exp_id, kind=ev.kind, state=ev.state, reason=reason, at=time.time()
+                )
+            )
+        if not self.drop_events:
+            await self.nc.publish(exp_events(exp_id), encode(ev))
 
     async def _on_lease(self, msg: Any) -> None:
         self.leases.append(decode(msg.data, Lease))
@@ -173,6 +183,17 @@ async def test_normal_run_completes_with_lease_and_final_revert(nc: Any, fleet: 
     assert a.leases and all(le.experiment_id == runner.experiment_id for le in a.leases)
     assert [r.reason for r in b.reverts] == ["experiment ended"]  # the final, idempotent revert
     assert any("active" in line for line in lines)
+
+
+async def test_missed_end_events_are_learned_from_heartbeats(nc: Any, fleet: Fleet, agents: Any) -> None:
+    a = await agents("n1")
+    await fleet.wait_for(["n1"], 5)
+    a.drop_events = True  # every event is lost; only heartbeats get through
+    report = await asyncio.wait_for(ExperimentRunner(nc, fleet, experiment("1s")).run(), 15)
+    (f,) = report.faults
+    assert f.state == "expired", report
+    assert "from the agent's heartbeat" in (f.reason or ""), f.reason
+    assert report.outcome == "completed", report
 
 
 @pytest.mark.parametrize("change", ["restart", "leaving", "silent"])
