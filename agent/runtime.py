@@ -49,6 +49,7 @@ from proto.messages import (
     Heartbeat,
     Lease,
     Measurements,
+    Revert,
     new_id,
 )
 
@@ -383,6 +384,7 @@ class AgentRuntime(CommandHandler, Recovery):
         self._subs.append(await self.nc.subscribe(subjects.agent_cmd(self.node), cb=self._on_cmd))
         self._subs.append(await self.nc.subscribe(subjects.HALT, cb=self._on_halt))
         self._subs.append(await self.nc.subscribe(subjects.ALL_LEASES, cb=self._on_lease))
+        self._subs.append(await self.nc.subscribe(subjects.ALL_ABORTS, cb=self._on_abort))
         await self.nc.flush(timeout=5)
 
     async def _on_cmd(self, msg: Msg) -> None:
@@ -401,6 +403,24 @@ class AgentRuntime(CommandHandler, Recovery):
         for rec in hit:
             self.remember(self.ended_experiments, rec.experiment_id, "halted")
         log.warning("HALT from %s: %s; reverting %d fault(s)", halt.issued_by, halt.reason, len(hit))
+
+    async def _on_abort(self, msg: Msg) -> None:
+        """A broadcast Revert of one experiment (the controller's fast path; per-node Reverts follow)."""
+        exp = subjects.experiment_from_subject(msg.subject)
+        if exp is None:
+            return
+        if not any(r.experiment_id == exp for r in self.faults.values()):
+            # nothing held (yet): a late or retried Inject of this experiment must not apply it
+            self.remember(self.ended_experiments, exp, "was aborted")
+            return
+        try:
+            cmd = decode(msg.data, Revert)
+        except DecodeError as exc:
+            self.rejected_count += 1
+            log.warning("ignored malformed abort on %s: %s", msg.subject, exc)
+            return
+        if cmd.experiment_id == exp:
+            self._revert_command(cmd)
 
     async def _on_lease(self, msg: Msg) -> None:
         exp = subjects.experiment_from_subject(msg.subject)

@@ -17,7 +17,7 @@ import nats.errors
 
 from proto.codec import DecodeError, decode, encode
 from proto.messages import Ack, Inject, Revert
-from proto.subjects import agent_cmd
+from proto.subjects import agent_cmd, exp_abort
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +113,19 @@ async def revert_experiment(
 
     results = await asyncio.gather(*(one(n) for n in nodes))
     return dict(zip(nodes, results, strict=True))
+
+
+async def broadcast_revert(nc: Any, experiment_id: str, reason: str, *, timeout_s: float = 2.0) -> str | None:
+    """One publish that every agent holding faults of the experiment acts on. Returns why it failed, or None.
+
+    It is the fast path only: core NATS may drop it for an agent that is
+    reconnecting, so callers follow up with per-node requests (revert_experiment)
+    for any node whose faults they have not seen end.
+    """
+    cmd = Revert(experiment_id=experiment_id, reason=reason[:500], expires_at=time.time() + 60.0)
+    try:
+        await nc.publish(exp_abort(experiment_id), encode(cmd))
+        await nc.flush(timeout=timeout_s)
+    except (nats.errors.Error, TimeoutError, OSError) as exc:
+        return f"broadcast failed: {exc or type(exc).__name__}"
+    return None

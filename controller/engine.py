@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from controller.dispatch import request_ack, revert_experiment
+from controller.dispatch import broadcast_revert, request_ack, revert_experiment
 from controller.experiment import Experiment, fault_id, new_experiment_id
 from controller.fleet import Fleet
 from controller.report import AbortInfo, Outcome, Report
@@ -45,6 +45,7 @@ class ExperimentRunner:
         dispatch_attempts: int = 3,
         end_grace_s: float = 5.0,
         revert_wait_s: float = 5.0,
+        broadcast_wait_s: float = 1.0,
     ) -> None:
         self.nc = nc
         self.fleet = fleet
@@ -57,6 +58,7 @@ class ExperimentRunner:
         self.dispatch_attempts = dispatch_attempts
         self.end_grace_s = end_grace_s
         self.revert_wait_s = revert_wait_s
+        self.broadcast_wait_s = broadcast_wait_s
         self.abort_info: AbortInfo | None = None
         self.started_at = time.time()
         self.tracks: dict[tuple[str, str], Track] = {}
@@ -357,7 +359,23 @@ class ExperimentRunner:
         reason = f"abort: {self.abort_info.reason}" if self.abort_info else "experiment ended"
         if self.aborted:
             self.progress(f"{self._t()} reverting on {', '.join(targets)}")
-        results = await revert_experiment(self.nc, targets, self.experiment_id, reason)
+        # Fast path: one broadcast reaches every agent at NATS fan-out speed. Then, for any node
+        # whose faults have not all been seen to end, the per-node request with its Ack.
+        why = await broadcast_revert(self.nc, self.experiment_id, reason)
+        if why is not None:
+            log.warning("%s; reverting node by node", why)
+        end_fast = time.monotonic() + self.broadcast_wait_s
+        while time.monotonic() < end_fast:
+            self._reconcile_from_heartbeats()
+            if not any(t.held_by_agent for t in self.tracks.values()):
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(0.1, max(0.0, end_fast - time.monotonic())))
+            except TimeoutError:
+                pass
+        stragglers = sorted({t.node for t in self.tracks.values() if not t.terminal} | set(self._unheard(targets)))
+        results = await revert_experiment(self.nc, stragglers, self.experiment_id, reason) if stragglers else {}
         unreached = [n for n, (ack, _why) in results.items() if ack is None]
         for n in unreached:
             held = [t.fault_id for t in self.tracks.values() if t.node == n and t.held_by_agent]
@@ -385,6 +403,10 @@ class ExperimentRunner:
                 f"no reverted event within {self.revert_wait_s:g}s for: "
                 + ", ".join(f"{t.node} {t.fault_id}" for t in pending)
             )
+
+    def _unheard(self, targets: list[str]) -> list[str]:
+        """Targets with a fault whose dispatch never got an answer: they get the per-node revert too."""
+        return [n for n in targets if any(t.node == n and t.accepted is None for t in self.tracks.values())]
 
     def _report(self, plan: Plan) -> Report:
         tracks = sorted(self.tracks.values(), key=lambda t: (t.node, t.index))

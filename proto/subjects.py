@@ -8,6 +8,7 @@ PREFIX = "faultline.v1"
 HALT = f"{PREFIX}.halt"
 ALL_HEARTBEATS = f"{PREFIX}.agent.*.hb"
 ALL_LEASES = f"{PREFIX}.exp.*.lease"
+ALL_ABORTS = f"{PREFIX}.exp.*.abort"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -30,6 +31,11 @@ def agent_hb(node: str) -> str:
 
 def exp_lease(experiment_id: str) -> str:
     return f"{PREFIX}.exp.{safe_token(experiment_id)}.lease"
+
+
+def exp_abort(experiment_id: str) -> str:
+    """Broadcast Revert of a whole experiment: one publish reaches every agent at NATS fan-out speed."""
+    return f"{PREFIX}.exp.{safe_token(experiment_id)}.abort"
 
 
 def exp_events(experiment_id: str) -> str:

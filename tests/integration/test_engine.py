@@ -21,7 +21,7 @@ from controller.fleet import Fleet
 from controller.tracking import PreflightError
 from proto.codec import decode, decode_command, encode
 from proto.messages import Ack, EndedFault, FaultEvent, Heartbeat, Inject, Lease, Revert
-from proto.subjects import ALL_LEASES, agent_cmd, agent_hb, exp_control, exp_events
+from proto.subjects import ALL_ABORTS, ALL_LEASES, agent_cmd, agent_hb, exp_control, exp_events
 from tests.conftest import async_wait_until
 
 pytestmark = pytest.mark.integration
@@ -35,6 +35,7 @@ class ScriptedAgent:
         self.state = "ready"
         self.silent = False
         self.reject: str | None = None
+        self.hear_broadcasts = True  # False: as if the abort broadcast was lost for this agent
         self.drop_events = False  # simulate events lost in flight (core NATS is at-most-once)
         self.ended: list[EndedFault] = []
         self.held: dict[str, Inject] = {}
@@ -47,6 +48,7 @@ class ScriptedAgent:
     async def start(self) -> ScriptedAgent:
         self._subs.append(await self.nc.subscribe(agent_cmd(self.node), cb=self._on_cmd))
         self._subs.append(await self.nc.subscribe(ALL_LEASES, cb=self._on_lease))
+        self._subs.append(await self.nc.subscribe(ALL_ABORTS, cb=self._on_abort))
         self._spawn(self._heartbeats())
         await self._beat()
         return self
@@ -104,6 +106,17 @@ class ScriptedAgent:
         if not self.drop_events:
             await self.nc.publish(exp_events(exp_id), encode(ev))
 
+    async def _on_abort(self, msg: Any) -> None:
+        if self.hear_broadcasts:
+            await self._revert(decode(msg.data, Revert))
+
+    async def _revert(self, cmd: Revert) -> None:
+        self.reverts.append(cmd)
+        for fid, inj in list(self.held.items()):
+            if inj.experiment_id == cmd.experiment_id:
+                del self.held[fid]
+                await self._event(inj, fid, cmd.experiment_id, "reverted", f"requested: {cmd.reason}")
+
     async def _on_lease(self, msg: Any) -> None:
         self.leases.append(decode(msg.data, Lease))
 
@@ -119,12 +132,8 @@ class ScriptedAgent:
             await self._event(cmd, cmd.fault_id, cmd.experiment_id, "active")
             self._spawn(self._expire(cmd))
         else:
-            self.reverts.append(cmd)
             await msg.respond(encode(Ack(in_reply_to=cmd.id, node=self.node, accepted=True)))
-            for fid, inj in list(self.held.items()):
-                if inj.experiment_id == cmd.experiment_id:
-                    del self.held[fid]
-                    await self._event(inj, fid, cmd.experiment_id, "reverted", f"requested: {cmd.reason}")
+            await self._revert(cmd)
 
     async def _expire(self, inject: Inject) -> None:
         await asyncio.sleep(max(0.0, inject.expires_at - time.time()))
@@ -183,6 +192,22 @@ async def test_normal_run_completes_with_lease_and_final_revert(nc: Any, fleet: 
     assert a.leases and all(le.experiment_id == runner.experiment_id for le in a.leases)
     assert [r.reason for r in b.reverts] == ["experiment ended"]  # the final, idempotent revert
     assert any("active" in line for line in lines)
+
+
+async def test_lost_abort_broadcast_falls_back_to_per_node_revert(nc: Any, fleet: Fleet, agents: Any) -> None:
+    a = await agents("n1")
+    b = await agents("n2")
+    b.hear_broadcasts = False
+    await fleet.wait_for(["n1", "n2"], 5)
+    runner = ExperimentRunner(nc, fleet, experiment("30s"), broadcast_wait_s=0.5)
+    run = asyncio.create_task(runner.run())
+    await async_wait_until(lambda: len(a.held) == 1 and len(b.held) == 1, 5, "both agents to hold the fault")
+    runner.abort("test")
+    report = await asyncio.wait_for(run, 15)
+    assert a.held == {} and b.held == {}, "a fault was left behind"
+    assert len(a.reverts) == 1, "n1 heard the broadcast and needed no per-node revert"
+    assert len(b.reverts) == 1, "n2 missed the broadcast and got the per-node revert"
+    assert {f.node: f.state for f in report.faults} == {"n1": "reverted", "n2": "reverted"}
 
 
 async def test_missed_end_events_are_learned_from_heartbeats(nc: Any, fleet: Fleet, agents: Any) -> None:
