@@ -80,6 +80,7 @@ class CommandHandler:
     ended: OrderedDict[str, str]
     ended_experiments: OrderedDict[str, str]
     rejected_count: int
+    halt_seq: int
     stopping: bool
 
     if TYPE_CHECKING:
@@ -149,10 +150,14 @@ class CommandHandler:
             return self._reject(cmd.id, f"agent holds the maximum of {self.settings.safety.max_faults} faults", cmd)
         kind = cmd.spec.kind
         if cmd.pods and kind in ("cpu", "memory", "network"):
+            halts_before = self.halt_seq
             try:
                 cmd = cmd.model_copy(update={"spec": await asyncio.to_thread(pod_scoped, cmd.spec, cmd.pods)})
             except Rejected as exc:
                 return self._reject(cmd.id, str(exc), cmd)
+            # a halt, an abort or a stop may have come in while the pod was being located
+            if self.halt_seq != halts_before or self.stopping or exp in self.ended_experiments:
+                return self._reject(cmd.id, "halted or aborted while the pod was being located; not applied", cmd)
         injector = self.injectors.get(kind)
         if injector is None:
             return self._reject(

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 import psutil
 
 AGENT_MARKERS = ("faultline-agent", "agent.main")
+STRESSOR_MARKER = "faultline-stressor:"
 
 
 def is_kernel_thread(proc: psutil.Process) -> bool:
@@ -77,6 +78,9 @@ def protection_reason(
         return "a NATS server"
     if any(marker in cmdline for marker in AGENT_MARKERS):
         return "a faultline agent"
+    if STRESSOR_MARKER in cmdline:
+        # any agent's stressor (also one started after the protected-pid snapshot, or another agent's)
+        return "a faultline stressor"
     for pattern in deny:
         if pattern.search(name) or pattern.search(cmdline):
             return f"on the deny list ({pattern.pattern})"

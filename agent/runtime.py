@@ -57,6 +57,8 @@ log = logging.getLogger("faultline.agent")
 
 MAX_REMEMBERED = 4096
 ENDED_IN_HEARTBEATS_S = 120.0
+REVERT_ATTEMPTS = 3
+REVERT_BACKOFF_S = 1.0
 
 
 def release_startup_memory() -> None:
@@ -108,6 +110,7 @@ class AgentRuntime(CommandHandler, Recovery):
         self.recovered: list[str] = []
         self.recent_ended: deque[EndedFault] = deque(maxlen=200)
         self.rejected_count = 0
+        self.halt_seq = 0  # bumped by every halt; an Inject that awaited across one is refused
         self.nc: NATS | None = None
         self.connected = False
         self.recovery_done = False
@@ -280,16 +283,7 @@ class AgentRuntime(CommandHandler, Recovery):
         error: str | None = None
         t0 = time.monotonic()
         if rec.plan is not None:
-            try:
-                m = await asyncio.wait_for(
-                    rec.injector.revert(rec.plan, rec.ctx), self.settings.timing.revert_timeout_s
-                )
-                rec.measurements = merge(rec.measurements, m)
-            except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                log.error(
-                    "fault %s: REVERT FAILED: %s (journal entry kept; retried at next start)", rec.fault_id, error
-                )
+            error = await self._revert_with_retries(rec)
         rec.measurements = merge(rec.measurements, Measurements(revert_s=round(time.monotonic() - t0, 4)))
         state: FaultState = "failed" if error else rec.end_state
         reason = rec.end_reason or "reverted"
@@ -303,9 +297,42 @@ class AgentRuntime(CommandHandler, Recovery):
         # bookkeeping, and a crash before it only repeats an idempotent revert at start.
         self.event(rec, state, reason)
         log.info("fault %s %s: %s", rec.fault_id, state, reason)
-        # a failed revert keeps its journal entry: the next start retries it
-        await asyncio.to_thread(self.journal.finish, rec.fault_id, state, rec.entry.expires_at, not error)
-        rec.finished.set()
+        try:
+            # a failed revert keeps its journal entry: the next start retries it
+            await asyncio.to_thread(self.journal.finish, rec.fault_id, state, rec.entry.expires_at, not error)
+        except OSError as exc:
+            log.error("fault %s: journal bookkeeping failed (%s); the next start reverts it again", rec.fault_id, exc)
+        finally:
+            rec.finished.set()
+
+    async def _revert_with_retries(self, rec: FaultRecord) -> str | None:
+        """Revert, retried with backoff: a transient failure (netlink busy, a stressor slow to die)
+        must not leave the fault in place until the next start. One attempt while stopping,
+        to stay inside the stop bound; the journal keeps what still failed."""
+        assert rec.plan is not None
+        attempts = 1 if self.stopping else REVERT_ATTEMPTS
+        error: str | None = None
+        for attempt in range(1, attempts + 1):
+            try:
+                m = await asyncio.wait_for(
+                    rec.injector.revert(rec.plan, rec.ctx), self.settings.timing.revert_timeout_s
+                )
+                rec.measurements = merge(rec.measurements, m)
+                return None
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                final = attempt == attempts
+                log.error(
+                    "fault %s: REVERT FAILED (attempt %d of %d): %s%s",
+                    rec.fault_id,
+                    attempt,
+                    attempts,
+                    error,
+                    " (journal entry kept; retried at next start)" if final else "",
+                )
+                if not final:
+                    await asyncio.sleep(REVERT_BACKOFF_S * 2 ** (attempt - 1))
+        return error
 
     def record_end(self, fault_id: str, experiment_id: str, kind: str, state: FaultState, reason: str | None) -> None:
         self.recent_ended.append(
@@ -399,6 +426,7 @@ class AgentRuntime(CommandHandler, Recovery):
             self.rejected_count += 1
             log.warning("ignored malformed halt: %s", exc)
             return
+        self.halt_seq += 1
         hit = self.end_all(f"halt: {halt.reason} (by {halt.issued_by})")
         for rec in hit:
             self.remember(self.ended_experiments, rec.experiment_id, "halted")

@@ -148,10 +148,14 @@ class ExperimentRunner:
             self.abort("cancelled")
             raise
         finally:
-            # Unconditional: an aborted, failed or cancelled run still reverts (shielded from cancellation).
-            await asyncio.shield(self._finish(plan.targets))
-            for t in list(self._tasks):
-                t.cancel()
+            try:
+                # Unconditional: an aborted, failed or cancelled run still reverts (shielded from cancellation).
+                await asyncio.shield(self._finish(plan.targets))
+            finally:
+                # Also when a second Ctrl-C cancels the wait above: the lease must stop now, so
+                # the agents' dead-man's switch fires on time instead of after the teardown.
+                for t in list(self._tasks):
+                    t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             for sub in subs:
                 try:

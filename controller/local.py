@@ -24,7 +24,7 @@ from controller.natsserver import NatsServer
 from proto.subjects import safe_token
 
 AGENT_READY_TIMEOUT_S = 20.0
-AGENT_STOP_TIMEOUT_S = 15.0
+AGENT_STOP_TIMEOUT_S = 25.0  # above the agent's own worst-case stop (~22 s): never kill it mid-revert
 
 
 class LocalModeError(RuntimeError):

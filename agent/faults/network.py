@@ -152,6 +152,7 @@ class NetworkFault(Injector):
         # (netns inode, interface) -> fault id. Rebuilt from journaled plans by sweep.
         self._holders: dict[tuple[int, str], str] = {}
         self._lock = threading.Lock()  # holders are touched from worker threads
+        self._ops = threading.Lock()  # one netlink operation at a time (see _serialized)
 
     def probe(self) -> list[Capability]:
         caps = probe_kernel()
@@ -184,16 +185,35 @@ class NetworkFault(Injector):
 
     async def _netlink(self, what: str, func: Any, *args: Any) -> Any:
         try:
-            return await asyncio.wait_for(asyncio.to_thread(func, *args), NETLINK_TIMEOUT_S)
+            return await asyncio.wait_for(asyncio.to_thread(self._serialized, func, *args), NETLINK_TIMEOUT_S)
         except TimeoutError:
             raise Rejected(f"{what}: netlink did not answer within {NETLINK_TIMEOUT_S} s") from None
+
+    def _serialized(self, func: Any, *args: Any) -> Any:
+        # A worker thread cannot be cancelled: an apply that timed out still finishes. One
+        # lock over every netlink operation makes the revert that follows wait for it, so
+        # it removes what that apply installed instead of finding nothing and leaving it.
+        with self._ops:
+            return func(*args)
+
+    def _forget(self, fault_id: str) -> None:
+        with self._ops, self._lock:
+            for key, holder in list(self._holders.items()):
+                if holder == fault_id:
+                    del self._holders[key]
 
     # -- plan -----------------------------------------------------------------
 
     async def plan(self, spec: Any, ctx: FaultContext) -> Plan:
         self.check(spec, ctx)
         control_plane = list(self.env.control_plane()) if spec.exempt_control_plane else []
-        plan: NetworkPlan = await self._netlink("plan", self._plan_sync, spec, ctx.fault_id, control_plane)
+        try:
+            plan: NetworkPlan = await self._netlink("plan", self._plan_sync, spec, ctx.fault_id, control_plane)
+        except Rejected:
+            # a plan thread that timed out may still claim the interface for this fault, which
+            # will never be reverted (it has no plan): drop the claim once that thread is done
+            asyncio.get_running_loop().run_in_executor(None, self._forget, ctx.fault_id)
+            raise
         return plan
 
     def _plan_sync(self, spec: NetworkSpec, fault_id: str, control_plane: list[tuple[str, int]]) -> NetworkPlan:

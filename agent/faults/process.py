@@ -27,6 +27,7 @@ from proto.messages import Measurements, SkippedProcess
 
 _ATTRS = ["pid", "name", "cmdline", "username", "create_time", "status"]
 WATCH_INTERVAL_S = 0.1
+STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
 
 class Target(Plan):
@@ -138,14 +139,21 @@ def _same_process(target: Target) -> psutil.Process | None:
 
 
 def _signal(target: Target, signum: int) -> bool:
-    proc = _same_process(target)
-    if proc is None:
+    """Signal exactly the planned process: identity is checked through a pidfd, which
+    cannot be recycled, so a pid reused between the check and the signal is never hit."""
+    try:
+        pidfd = os.pidfd_open(target.pid)
+    except (ProcessLookupError, OSError):
         return False
     try:
-        os.kill(proc.pid, signum)
+        if _same_process(target) is None:
+            return False
+        signal.pidfd_send_signal(pidfd, signum)
         return True
     except ProcessLookupError:
         return False
+    finally:
+        os.close(pidfd)
 
 
 class _ProcessInjector(Injector):
@@ -153,6 +161,12 @@ class _ProcessInjector(Injector):
     default_all = False
 
     def check(self, spec: Any, ctx: FaultContext) -> None:
+        if isinstance(spec, ProcessKillSpec) and spec.signal in STOP_SIGNALS:
+            name = signal.Signals(spec.signal).name
+            raise Rejected(
+                f"signal: {name} stops a process and process-kill never resumes it; use kind: process-pause "
+                "(SIGSTOP for the duration, SIGCONT at revert)"
+            )
         if spec.match.pid is not None and spec.match.pid in (1, os.getpid()):
             raise Rejected(
                 f"match.pid: {spec.match.pid} is protected ({'PID 1' if spec.match.pid == 1 else 'the agent'})"

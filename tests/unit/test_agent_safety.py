@@ -1,0 +1,146 @@
+"""Safety details of the agent, in-process with fake fault backends (no NATS, no kernel)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from agent.config import AgentSettings
+from agent.faults import network
+from agent.faults.base import AgentEnv, FaultContext, Injector, Plan, Rejected
+from agent.protect import protection_reason
+from agent.runtime import AgentRuntime
+from proto.codec import decode, encode
+from proto.messages import Ack, Inject, Measurements
+from tests.conftest import async_wait_until
+
+
+class FlakyPlan(Plan):
+    n: int = 0
+
+
+class FlakyRevert(Injector):
+    """Reverts fail ``failures`` times, then succeed."""
+
+    kind = "process-pause"
+    plan_model = FlakyPlan
+
+    def __init__(self, env: Any, failures: int) -> None:
+        super().__init__(env)
+        self.failures = failures
+        self.reverts = 0
+
+    async def plan(self, spec: Any, ctx: FaultContext) -> Plan:
+        return FlakyPlan()
+
+    async def apply(self, spec: Any, plan: Plan, ctx: FaultContext) -> Measurements:
+        return Measurements()
+
+    async def revert(self, plan: Plan, ctx: FaultContext) -> Measurements:
+        self.reverts += 1
+        if self.reverts <= self.failures:
+            raise OSError("netlink busy")
+        return Measurements()
+
+
+def runtime(tmp: Path, injector_factory: Any) -> tuple[AgentRuntime, Any]:
+    settings = AgentSettings(state_dir=tmp, identity={"node": "safety"})
+    env = AgentEnv(node="safety", state_dir=tmp, instance_id="t", protected_pids=dict)
+    inj = injector_factory(env)
+    rt = AgentRuntime(settings, injectors={"process-pause": inj})
+    rt.capabilities = ["process-pause"]
+    return rt, inj
+
+
+def inject(fid: str = "e.0") -> bytes:
+    return encode(
+        Inject(
+            experiment_id="e",
+            fault_id=fid,
+            spec={"kind": "process-pause", "match": {"pid": 99999}},
+            expires_at=time.time() + 30,
+            lease_timeout_s=30,
+        )
+    )
+
+
+async def test_a_failed_revert_is_retried_until_it_succeeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("agent.runtime.REVERT_BACKOFF_S", 0.01)
+    rt, inj = runtime(tmp_path, lambda env: FlakyRevert(env, failures=2))
+    assert decode(await rt.handle_command(inject()), Ack).accepted
+    rec = rt.faults["e.0"]
+    await async_wait_until(lambda: rec.state == "active", 2, "the fault to become active")
+    rec.request_end("test")
+    await asyncio.wait_for(rec.finished.wait(), 5)
+    assert inj.reverts == 3 and rec.state == "reverted"
+    assert rt.journal.fault_ids() == []
+
+
+async def test_a_revert_that_keeps_failing_keeps_its_journal_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("agent.runtime.REVERT_BACKOFF_S", 0.01)
+    rt, inj = runtime(tmp_path, lambda env: FlakyRevert(env, failures=99))
+    assert decode(await rt.handle_command(inject()), Ack).accepted
+    rec = rt.faults["e.0"]
+    await async_wait_until(lambda: rec.state == "active", 2, "the fault to become active")
+    rec.request_end("test")
+    await asyncio.wait_for(rec.finished.wait(), 5)
+    assert rec.state == "failed" and inj.reverts == 3
+    assert rt.journal.fault_ids() == ["e.0"], "the next start must retry it"
+
+
+async def test_process_kill_refuses_stop_signals(tmp_path: Path) -> None:
+    from agent.faults.process import ProcessKill
+
+    settings = AgentSettings(state_dir=tmp_path, identity={"node": "safety"})
+    rt = AgentRuntime(settings)
+    assert isinstance(rt.injectors["process-kill"], ProcessKill)
+    rt.capabilities = sorted(set(rt.capabilities) | {"process-kill"})
+    for sig in ("SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU"):
+        cmd = Inject(
+            experiment_id="e",
+            fault_id=f"e.{sig}",
+            spec={"kind": "process-kill", "match": {"pid": 99999}, "signal": sig},
+            expires_at=time.time() + 30,
+            lease_timeout_s=30,
+        )
+        ack = decode(await rt.handle_command(encode(cmd)), Ack)
+        assert not ack.accepted and "process-pause" in (ack.reason or ""), ack.reason
+
+
+def test_every_faultline_stressor_is_protected() -> None:
+    me = psutil.Process()
+    info = {
+        "name": "python3",
+        "cmdline": ["python3", "-m", "agent.stressor_main", "--marker", "faultline-stressor:cpu:x:y"],
+    }
+    assert protection_reason(me, info, {}, []) == "a faultline stressor"
+
+
+async def test_network_revert_waits_for_an_apply_that_timed_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(network, "NETLINK_TIMEOUT_S", 0.3)
+    inj = network.NetworkFault(AgentEnv(node="n", state_dir=tmp_path, instance_id="t", protected_pids=dict))
+    order: list[str] = []
+    release = threading.Event()
+
+    def slow_apply() -> None:
+        release.wait(2)
+        order.append("apply finished")
+
+    def revert() -> None:
+        order.append("revert")
+
+    with pytest.raises(Rejected, match="did not answer"):
+        await inj._netlink("apply", slow_apply)
+    threading.Timer(0.1, release.set).start()  # the stuck apply ends while the revert waits
+    await inj._netlink("revert", revert)
+    assert order == ["apply finished", "revert"], "the revert ran before the timed-out apply finished"
