@@ -11,8 +11,8 @@ Per round, with a fresh experiment id:
 - dispatch->all-acked: the controller's own ``controller.dispatch.request_ack``
   for every node at once (asyncio.gather, as ExperimentRunner._dispatch_all
   does), Inject built per node inside the timed window; ends at the last Ack.
-- abort->all-reverted: ``controller.dispatch.revert_experiment`` to all nodes;
-  ends when a "reverted" FaultEvent from every node has arrived on the
+- abort->all-reverted: the engine's abort path: ``controller.dispatch.broadcast_revert``
+  (one publish), per-node ``revert_experiment`` only for nodes not heard from; ends when a "reverted" FaultEvent from every node has arrived on the
   experiment's events subject (decoded, as the engine does).
 The floor, in the same run before the agents start: raw nats-py, one publisher
 and N subscriber connections in this process, one publish, until every
@@ -44,7 +44,7 @@ from agent.config import AgentSettings, IdentitySettings, NatsSettings, TimingSe
 from agent.faults.base import AgentEnv, Capability, FaultContext, Injector, Plan
 from agent.nodeload import LoadSampler
 from agent.runtime import AgentRuntime
-from controller.dispatch import request_ack, revert_experiment
+from controller.dispatch import broadcast_revert, request_ack, revert_experiment
 from controller.experiment import fault_id
 from controller.natsserver import NatsServer
 from proto.codec import DecodeError, decode
@@ -54,6 +54,7 @@ from proto.subjects import exp_events
 
 SHM = Path("/dev/shm")
 START_BATCH = 100
+BROADCAST_WAIT_S = 1.0  # as ExperimentRunner's broadcast_wait_s
 WAIT_S = 60.0  # bound on any single wait in a round
 
 
@@ -271,18 +272,27 @@ async def one_round(ctl: Any, nodes: list[str], lease_timeout_s: float) -> tuple
         except TimeoutError:
             raise RuntimeError(f"only {len(rnd.active)}/{len(nodes)} faults active after {WAIT_S}s") from None
         t0 = time.perf_counter()
-        reverting = asyncio.ensure_future(revert_experiment(ctl, nodes, exp, "bench abort", timeout_s=10.0))
+        # the engine's abort path: one broadcast, then per-node Reverts only for nodes not heard from
+        why = await broadcast_revert(ctl, exp, "bench abort")
+        if why is not None:
+            raise RuntimeError(why)
         try:
-            await asyncio.wait_for(rnd.all_reverted.wait(), WAIT_S)
+            await asyncio.wait_for(rnd.all_reverted.wait(), BROADCAST_WAIT_S)
         except TimeoutError:
-            raise RuntimeError(
-                f"only {len(rnd.reverted)}/{len(nodes)} reverted after {WAIT_S}s: {rnd.bad[:3]}"
-            ) from None
+            stragglers = [n for n in nodes if n not in rnd.reverted]
+            results = await revert_experiment(ctl, stragglers, exp, "bench abort", timeout_s=10.0)
+            noack = [n for n, (ack, _) in results.items() if ack is None]
+            if noack:
+                raise RuntimeError(f"revert not acked by {noack[:5]}") from None
+            try:
+                await asyncio.wait_for(rnd.all_reverted.wait(), WAIT_S)
+            except TimeoutError:
+                raise RuntimeError(
+                    f"only {len(rnd.reverted)}/{len(nodes)} reverted after {WAIT_S}s: {rnd.bad[:3]}"
+                ) from None
         abort_s = rnd.reverted_at - t0
-        results = await reverting
-        noack = [n for n, (ack, _) in results.items() if ack is None]
-        if noack or rnd.bad:
-            raise RuntimeError(f"revert not acked by {noack[:5]}; bad events {rnd.bad[:3]}")
+        if rnd.bad:
+            raise RuntimeError(f"bad events {rnd.bad[:3]}")
         return dispatch_s, abort_s
     finally:
         with contextlib.suppress(Exception):
@@ -331,7 +341,8 @@ def ms(s: float) -> str:
 def print_table(rows: list[dict[str, float]]) -> None:
     print()
     print(
-        "dispatch: controller.dispatch.request_ack per node, asyncio.gather; abort: controller.dispatch.revert_experiment"
+        "dispatch: controller.dispatch.request_ack per node, asyncio.gather; "
+        "abort: controller.dispatch.broadcast_revert (per-node revert_experiment for stragglers, as the engine)"
     )
     print()
     print(
