@@ -188,7 +188,9 @@ async def test_corrupt_visible_in_counters(bed: Testbed, tmp_path: Path) -> None
     finally:
         await inj.revert(plan, c)
     errors = sum(after[k] - before[k] for k in ("Udp.InCsumErrors", "Ip.InHdrErrors", "Ip.InAddrErrors"))
-    assert received <= n // 10, f"{received}/{n} corrupted datagrams were delivered"
+    # A flip in the source MAC (6 of ~106 bytes) is checked by nobody and delivered: ~6 % get
+    # through, so 20 % is a bound that only a broken corrupt fails (binomial tail ~1e-5).
+    assert received <= n // 5, f"{received}/{n} corrupted datagrams were delivered"
     # A flipped bit in the Ethernet header drops the frame before IP counts it (~13 % of a 106-byte frame).
     assert errors >= n // 2, f"checksum/header error counters grew by only {errors} for {n} corrupted datagrams"
     await assert_clean(bed)
