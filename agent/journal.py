@@ -112,6 +112,18 @@ class Journal:
         if remove:
             self.remove(fault_id)
 
+    def finish_many(self, done: list[tuple[str, str, float, bool]]) -> None:
+        """finish() for a batch (fault id, state, expires_at, remove), with one directory fsync."""
+        removed = False
+        for fault_id, state, expires_at, remove in done:
+            self.mark_ended(fault_id, state, expires_at)
+            if remove:
+                with contextlib.suppress(FileNotFoundError):
+                    self._path(fault_id).unlink()
+                    removed = True
+        if removed:
+            self._fsync_dir()
+
     def load_ended(self) -> dict[str, tuple[str, float]]:
         out: dict[str, tuple[str, float]] = {}
         now = time.time()

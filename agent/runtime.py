@@ -58,6 +58,7 @@ log = logging.getLogger("faultline.agent")
 MAX_REMEMBERED = 4096
 ENDED_IN_HEARTBEATS_S = 120.0
 REVERT_ATTEMPTS = 3
+JOURNAL_CLEANUP_DELAY_S = 0.5
 REVERT_BACKOFF_S = 1.0
 
 
@@ -120,6 +121,8 @@ class AgentRuntime(CommandHandler, Recovery):
         self.stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending_events: list[FaultEvent] = []
+        self._cleanup: list[tuple[str, str, float, bool]] = []
+        self._cleanup_task: asyncio.Task[None] | None = None
         self._hb_seq = 0
         self._load = load_sampler or LoadSampler()
         self._cp_cache: dict[str, list[tuple[str, int]]] = {}
@@ -297,13 +300,32 @@ class AgentRuntime(CommandHandler, Recovery):
         # bookkeeping, and a crash before it only repeats an idempotent revert at start.
         self.event(rec, state, reason)
         log.info("fault %s %s: %s", rec.fault_id, state, reason)
+        # a failed revert keeps its journal entry: the next start retries it
+        self._queue_cleanup(rec.fault_id, state, rec.entry.expires_at, not error)
+        rec.finished.set()
+
+    def _queue_cleanup(self, fault_id: str, state: str, expires_at: float, remove: bool) -> None:
+        """Journal bookkeeping after a revert, batched and a moment later: when a halt or an
+        abort ends many faults at once, their reports go out first and the files follow in
+        one worker-thread call. Until then the entry stays: a crash in that moment only
+        repeats an idempotent revert at start."""
+        self._cleanup.append((fault_id, state, expires_at, remove))
+        if self._cleanup_task is None or self._cleanup_task.done():
+            self._cleanup_task = self.spawn(self._cleanup_later(), name="journal-cleanup")
+
+    async def _cleanup_later(self) -> None:
+        if not self.stopping:
+            await asyncio.sleep(JOURNAL_CLEANUP_DELAY_S)
+        await self.flush_cleanup()
+
+    async def flush_cleanup(self) -> None:
+        batch, self._cleanup = self._cleanup, []
+        if not batch:
+            return
         try:
-            # a failed revert keeps its journal entry: the next start retries it
-            await asyncio.to_thread(self.journal.finish, rec.fault_id, state, rec.entry.expires_at, not error)
+            await asyncio.to_thread(self.journal.finish_many, batch)
         except OSError as exc:
-            log.error("fault %s: journal bookkeeping failed (%s); the next start reverts it again", rec.fault_id, exc)
-        finally:
-            rec.finished.set()
+            log.error("journal bookkeeping failed (%s); the next start reverts those faults again", exc)
 
     async def _revert_with_retries(self, rec: FaultRecord) -> str | None:
         """Revert, retried with backoff: a transient failure (netlink busy, a stressor slow to die)
@@ -528,6 +550,7 @@ class AgentRuntime(CommandHandler, Recovery):
                 await asyncio.wait_for(done, max(1.0, timing.stop_timeout_s - 3 * self.settings.nats.drain_timeout_s))
             except TimeoutError:
                 log.error("stop: %d fault(s) did not revert in time; the journal keeps them", len(self.faults))
+        await self.flush_cleanup()  # the journal is settled before the last heartbeat
         if self.nc is not None and self.connected:
             hb = encode(self.heartbeat("leaving"))
             with contextlib.suppress(Exception):

@@ -79,7 +79,7 @@ async def test_a_failed_revert_is_retried_until_it_succeeds(tmp_path: Path, monk
     rec.request_end("test")
     await asyncio.wait_for(rec.finished.wait(), 5)
     assert inj.reverts == 3 and rec.state == "reverted"
-    assert rt.journal.fault_ids() == []
+    await async_wait_until(lambda: rt.journal.fault_ids() == [], 3, "the journal entry to be dropped")
 
 
 async def test_a_revert_that_keeps_failing_keeps_its_journal_entry(
