@@ -105,29 +105,31 @@ def assert_clean(fleet: FleetHarness, row: Row) -> None:
 # --- 1 ---------------------------------------------------------------------------
 
 
-# A rate this low would starve the heartbeats (~1.6 KB/s per agent) if the
+# Pause, network, cpu and memory at once. A rate this low would starve the heartbeats (~1.6 KB/s per agent) if the
 # lifeline were not exempt; with it exempt the experiment must run undisturbed.
-STARVING_RATE_AND_CPU = """\
+STARVING_RATE_CPU_MEMORY = """\
     - kind: network
       interface: eth0
       rate: 2kbit
     - kind: cpu
       load: 10
       workers: 1
+    - kind: memory
+      size: 32Mi
 """
 
 
 def test_controller_kill9(fleet_factory, row):
-    """1. controller kill -9 mid-experiment (pause + network rate limit + cpu on every node)"""
+    """1. controller kill -9 mid-experiment (pause + network rate limit + cpu + memory on every node)"""
     row.bound = f"every agent reverts everything within leaseTimeout + 1 s = {LEASE_TIMEOUT_S + 1:g} s"
     fleet = fleet_factory(3)
-    yaml_text = experiment_yaml(fleet, "s1", extra_faults=STARVING_RATE_AND_CPU)
+    yaml_text = experiment_yaml(fleet, "s1", extra_faults=STARVING_RATE_CPU_MEMORY)
     ctl = start_and_wait_active(fleet, yaml_text, list(fleet.nodes))
     assert fleet.observer is not None
     wait_until(
-        lambda: len({(e.node, e.fault_id) for e in fleet.observer.events_of(state="active")}) == 9,
+        lambda: len({(e.node, e.fault_id) for e in fleet.observer.events_of(state="active")}) == 12,
         20,
-        "pause, network and cpu active on all three nodes",
+        "pause, network, cpu and memory active on all three nodes",
     )
     # the lifeline: with 2 kbit/s on every node's only link, heartbeats still flow (NATS is exempt),
     # so the controller does not abort over an observation window longer than heartbeatTimeout
@@ -145,7 +147,7 @@ def test_controller_kill9(fleet_factory, row):
     row.seconds(max(took, time.monotonic() - t0))
     evs = wait_until(
         lambda: (
-            len({(e.node, e.fault_id) for e in fleet.observer.events_of(state="reverted")}) == 9
+            len({(e.node, e.fault_id) for e in fleet.observer.events_of(state="reverted")}) == 12
             and fleet.observer.events_of(state="reverted")
         ),
         5,
