@@ -55,6 +55,7 @@ from proto.subjects import exp_events
 SHM = Path("/dev/shm")
 START_BATCH = 100
 BROADCAST_WAIT_S = 1.0  # as ExperimentRunner's broadcast_wait_s
+SETTLE_S = 1.0  # pause between rounds (see bench_size)
 WAIT_S = 60.0  # bound on any single wait in a round
 
 
@@ -314,6 +315,9 @@ async def bench_size(url: str, n: int, rounds: int, tmp_root: Path | None) -> di
         dispatch: list[float] = []
         abort: list[float] = []
         for _ in range(rounds):
+            # rounds start settled: agents drop journal entries in a batch 0.5 s after a revert,
+            # which would otherwise land inside the next round's dispatch window
+            await asyncio.sleep(SETTLE_S)
             d, a = await one_round(ctl, nodes, lease_timeout_s=120.0)
             dispatch.append(d)
             abort.append(a)
