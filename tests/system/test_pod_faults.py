@@ -57,7 +57,7 @@ def decoy(node: Node) -> subprocess.Popen[bytes]:  # noqa: F811
     return proc
 
 
-async def test_process_fault_touches_only_the_pods_processes(nc, agent_factory, events, node: Node) -> None:  # noqa: F811
+async def test_process_fault_touches_only_the_pods_processes(node: Node, nc, agent_factory, events) -> None:  # noqa: F811
     agent_factory("node-a")
     pod, app, _ = await asyncio.to_thread(build_pod, node)
     outsider = decoy(node)
@@ -72,7 +72,7 @@ async def test_process_fault_touches_only_the_pods_processes(nc, agent_factory, 
     assert status(psutil.Process(app)) != "stopped"
 
 
-async def test_cpu_stressor_runs_in_the_pods_cgroup(nc, agent_factory, events, node: Node) -> None:  # noqa: F811
+async def test_cpu_stressor_runs_in_the_pods_cgroup(node: Node, nc, agent_factory, events) -> None:  # noqa: F811
     agent_factory("node-a")
     pod, _, cgroup_rel = await asyncio.to_thread(build_pod, node)
     ack = await send(nc, inject({"kind": "cpu", "load": 20, "workers": 1}, pod, "pods.1"))
@@ -100,7 +100,7 @@ def roots(netns: str | None) -> list[tuple[str, Any]]:
     return out
 
 
-async def test_network_fault_runs_in_the_pods_namespace(nc, agent_factory, events, node: Node) -> None:  # noqa: F811
+async def test_network_fault_runs_in_the_pods_namespace(node: Node, nc, agent_factory, events) -> None:  # noqa: F811
     agent_factory("node-a")
     pod, _, _ = await asyncio.to_thread(build_pod, node)
     before_host = await asyncio.to_thread(roots, None)
@@ -116,7 +116,7 @@ async def test_network_fault_runs_in_the_pods_namespace(nc, agent_factory, event
     assert ("lo", "ours") not in await asyncio.to_thread(roots, pod_ns)
 
 
-async def test_pod_not_on_this_node_is_rejected_with_the_reason(nc, agent_factory, node: Node) -> None:  # noqa: F811
+async def test_pod_not_on_this_node_is_rejected_with_the_reason(node: Node, nc, agent_factory) -> None:  # noqa: F811
     agent_factory("node-a")
     ghost = PodRef(namespace="shop", name="ghost-0", uid=str(uuid.uuid4()))
     for i, spec in enumerate(
