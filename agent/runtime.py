@@ -294,6 +294,8 @@ class AgentRuntime(CommandHandler, Recovery):
             reason = f"{reason}; revert failed: {error}"
         rec.set_state(state)
         self.faults.pop(rec.fault_id, None)
+        if not self._holds(rec.experiment_id):
+            self.lease_seen.pop(rec.experiment_id, None)  # an agent lives for months: no per-experiment residue
         self.remember(self.ended, rec.fault_id, state)
         self.record_end(rec.fault_id, rec.experiment_id, rec.kind, state, reason)
         # The event first: the system is already back. Dropping the journal entry is
@@ -454,12 +456,15 @@ class AgentRuntime(CommandHandler, Recovery):
             self.remember(self.ended_experiments, rec.experiment_id, "halted")
         log.warning("HALT from %s: %s; reverting %d fault(s)", halt.issued_by, halt.reason, len(hit))
 
+    def _holds(self, experiment_id: str) -> bool:
+        return any(r.experiment_id == experiment_id for r in self.faults.values())
+
     async def _on_abort(self, msg: Msg) -> None:
         """A broadcast Revert of one experiment (the controller's fast path; per-node Reverts follow)."""
         exp = subjects.experiment_from_subject(msg.subject)
         if exp is None:
             return
-        if not any(r.experiment_id == exp for r in self.faults.values()):
+        if not self._holds(exp):
             # nothing held (yet): a late or retried Inject of this experiment must not apply it
             self.remember(self.ended_experiments, exp, "was aborted")
             return
@@ -474,7 +479,7 @@ class AgentRuntime(CommandHandler, Recovery):
 
     async def _on_lease(self, msg: Msg) -> None:
         exp = subjects.experiment_from_subject(msg.subject)
-        if exp is None or not any(r.experiment_id == exp for r in self.faults.values()):
+        if exp is None or not self._holds(exp):
             return  # not ours: skip the decode
         try:
             lease = decode(msg.data, Lease)
