@@ -237,8 +237,17 @@ class AgentProcess:
         return self.journal()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)  # fixtures read rep_call to show logs of a failed test
+    return rep
+
+
 @pytest.fixture
-def agent_factory(nats_url: str, tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+def agent_factory(
+    nats_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., AgentProcess]]:
     started: list[AgentProcess] = []
 
     def make(
@@ -253,8 +262,13 @@ def agent_factory(nats_url: str, tmp_path: Path) -> Iterator[Callable[..., Agent
         return agent
 
     yield make
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
     for agent in started:
-        agent.stop()
+        alive = agent.proc is not None and agent.proc.poll() is None
+        code = agent.stop()
+        if failed:  # a failing test shows what each agent did (pytest prints teardown output)
+            print(f"--- agent {agent.node}: {'was running' if alive else f'had exited ({code})'}; log tail:")
+            print(agent.log())
 
 
 # --- victims -----------------------------------------------------------------------
