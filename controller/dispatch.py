@@ -8,6 +8,7 @@ number of times.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -96,6 +97,83 @@ async def request_ack(
     return None, why
 
 
+NO_RESPONDERS_RETRY_S = 0.3
+
+
+async def request_acks(
+    nc: Any,
+    payloads: dict[str, bytes],
+    *,
+    timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    attempts: int = DEFAULT_ATTEMPTS,
+) -> dict[str, tuple[Ack | None, str | None]]:
+    """request_ack for many nodes at once: ``payloads`` maps node -> encoded command.
+
+    Every command is published back to back, each with its own reply subject
+    under one inbox subscription, so a thousand nodes cost a thousand publishes
+    and one subscription instead of a thousand request futures. A node that did
+    not answer gets the same payload again (commands are idempotent), up to
+    ``attempts`` times; a node with no agent listening is retried after a short
+    pause, not the full timeout. Returns node -> (ack, None) or (None, why not).
+    """
+    nodes = list(payloads)
+    results: dict[str, tuple[Ack | None, str | None]] = {}
+    why: dict[str, str] = dict.fromkeys(nodes, "no attempt made")
+    inbox = nc.new_inbox()
+    pending: set[int] = set()  # indexes this attempt still waits for
+    absent: set[int] = set()  # answered "no responders" in this attempt
+    settled = asyncio.Event()
+
+    async def on_reply(msg: Any) -> None:
+        try:
+            i = int(msg.subject.rpartition(".")[2])
+            node = nodes[i]
+        except (ValueError, IndexError):
+            return
+        if node in results:
+            return  # a duplicate answer from an earlier attempt: the first one stands
+        if msg.headers and msg.headers.get("Status") == "503":
+            if i in pending:
+                why[node] = f"no agent listening on {agent_cmd(node)}"
+                absent.add(i)
+        else:
+            try:
+                results[node] = (decode(msg.data, Ack), None)
+            except DecodeError as exc:
+                results[node] = (None, f"unreadable reply from {node}: {exc}")
+        pending.discard(i)
+        if not pending:
+            settled.set()
+
+    sub = await nc.subscribe(f"{inbox}.*", cb=on_reply)
+    try:
+        for attempt in range(1, attempts + 1):
+            todo = [i for i, n in enumerate(nodes) if n not in results]
+            if not todo:
+                break
+            if absent and attempt > 1:
+                await asyncio.sleep(NO_RESPONDERS_RETRY_S)  # an agent restarting or reconnecting
+            pending.clear()
+            pending.update(todo)
+            absent.clear()
+            settled.clear()
+            try:
+                for i in todo:
+                    await nc.publish(agent_cmd(nodes[i]), payloads[nodes[i]], reply=f"{inbox}.{i}")
+                await asyncio.wait_for(settled.wait(), timeout_s)
+            except TimeoutError:
+                for i in pending:
+                    why[nodes[i]] = f"no reply within {timeout_s:g}s ({attempt} attempt(s))"
+            except nats.errors.Error as exc:
+                for i in pending:
+                    why[nodes[i]] = f"NATS error: {exc or type(exc).__name__}"
+                await asyncio.sleep(0.2)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return {n: results.get(n) or (None, why[n]) for n in nodes}
+
+
 async def revert_experiment(
     nc: Any,
     nodes: list[str],
@@ -106,13 +184,8 @@ async def revert_experiment(
     attempts: int = 2,
 ) -> dict[str, tuple[Ack | None, str | None]]:
     """Revert every fault of the experiment on each node, all nodes at once, bounded."""
-    cmd = Revert(experiment_id=experiment_id, reason=reason[:500], expires_at=time.time() + 60.0)
-
-    async def one(node: str) -> tuple[Ack | None, str | None]:
-        return await request_ack(nc, node, cmd, timeout_s=timeout_s, attempts=attempts)
-
-    results = await asyncio.gather(*(one(n) for n in nodes))
-    return dict(zip(nodes, results, strict=True))
+    payload = encode(Revert(experiment_id=experiment_id, reason=reason[:500], expires_at=time.time() + 60.0))
+    return await request_acks(nc, dict.fromkeys(nodes, payload), timeout_s=timeout_s, attempts=attempts)
 
 
 async def broadcast_revert(nc: Any, experiment_id: str, reason: str, *, timeout_s: float = 2.0) -> str | None:

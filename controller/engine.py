@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from controller.dispatch import broadcast_revert, request_ack, revert_experiment
+from controller.dispatch import broadcast_revert, request_acks, revert_experiment
 from controller.experiment import Experiment, fault_id, new_experiment_id
 from controller.fleet import Fleet
 from controller.report import AbortInfo, Outcome, Report
@@ -177,25 +177,7 @@ class ExperimentRunner:
         task.add_done_callback(done)
 
     async def _dispatch_all(self, targets: list[str]) -> None:
-        t0 = time.time()
-        spec = self.experiment.spec
-
-        async def node_faults(node: str) -> None:
-            for i, f in enumerate(spec.faults):
-                if self.aborted:
-                    return
-                track = self.tracks[(node, fault_id(self.experiment_id, i))]
-                inject = Inject(
-                    experiment_id=self.experiment_id,
-                    fault_id=track.fault_id,
-                    spec=f,
-                    expires_at=t0 + self.experiment.fault_duration_s(i),
-                    lease_timeout_s=spec.abort.lease_timeout_s,
-                    pods=track.pods,
-                )
-                await self._dispatch_one(track, inject)
-
-        dispatch: asyncio.Future[Any] = asyncio.gather(*(node_faults(n) for n in targets))
+        dispatch: asyncio.Future[Any] = asyncio.ensure_future(self._dispatch_faults(targets, time.time()))
         waker: asyncio.Future[Any] = asyncio.ensure_future(self._wake_on_abort())
         try:
             await asyncio.wait({dispatch, waker}, return_when=asyncio.FIRST_COMPLETED)
@@ -205,18 +187,47 @@ class ExperimentRunner:
                 dispatch.cancel()  # aborted mid-dispatch: send no more; the revert and the lease cover the rest
             await asyncio.gather(dispatch, waker, return_exceptions=True)
 
+    async def _dispatch_faults(self, targets: list[str], t0: float) -> None:
+        """Fault by fault, to every target at once (one batch of requests per fault)."""
+        spec = self.experiment.spec
+        for i, f in enumerate(spec.faults):
+            if self.aborted:
+                return
+            fid = fault_id(self.experiment_id, i)
+            shared: bytes | None = None  # node-level faults: one command, encoded once, for every node
+            payloads: dict[str, bytes] = {}
+            for node in targets:
+                track = self.tracks[(node, fid)]
+                if track.pods is None and shared is not None:
+                    payloads[node] = shared
+                else:
+                    payloads[node] = encode(
+                        Inject(
+                            experiment_id=self.experiment_id,
+                            fault_id=fid,
+                            spec=f,
+                            expires_at=t0 + self.experiment.fault_duration_s(i),
+                            lease_timeout_s=spec.abort.lease_timeout_s,
+                            pods=track.pods,
+                        )
+                    )
+                    if track.pods is None:
+                        shared = payloads[node]
+                track.expires_at = t0 + self.experiment.fault_duration_s(i)
+                track.dispatched_at = time.time()
+                track.move("dispatched", at=track.dispatched_at)
+            results = await request_acks(
+                self.nc, payloads, timeout_s=self.dispatch_timeout_s, attempts=self.dispatch_attempts
+            )
+            for node, (ack, why) in results.items():
+                self._on_ack(self.tracks[(node, fid)], ack, why)
+
     async def _wake_on_abort(self) -> None:
         while not self.aborted:
             self._wake.clear()
             await self._wake.wait()
 
-    async def _dispatch_one(self, track: Track, inject: Inject) -> None:
-        track.expires_at = inject.expires_at
-        track.dispatched_at = time.time()
-        track.move("dispatched", at=track.dispatched_at)
-        ack, why = await request_ack(
-            self.nc, track.node, inject, timeout_s=self.dispatch_timeout_s, attempts=self.dispatch_attempts
-        )
+    def _on_ack(self, track: Track, ack: Ack | None, why: str | None) -> None:
         if ack is None:
             track.move("no-reply", why)
             self.abort(f"agent {track.node} did not acknowledge {track.fault_id}: {why}", node=track.node)
