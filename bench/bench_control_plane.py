@@ -8,12 +8,14 @@ heartbeat and watchdog loops), with a no-op ``process-pause`` injector and its
 journal on tmpfs (/dev/shm). One real nats-server (controller.natsserver).
 
 Per round, with a fresh experiment id:
-- dispatch->all-acked: the controller's own ``controller.dispatch.request_ack``
-  for every node at once (asyncio.gather, as ExperimentRunner._dispatch_all
-  does), Inject built per node inside the timed window; ends at the last Ack.
+- dispatch->all-acked: the controller's own ``controller.dispatch.request_acks``
+  for every node at once, as ExperimentRunner._dispatch_faults does (one
+  Inject built and encoded inside the timed window); ends at the last Ack.
 - abort->all-reverted: the engine's abort path: ``controller.dispatch.broadcast_revert``
   (one publish), per-node ``revert_experiment`` only for nodes not heard from; ends when a "reverted" FaultEvent from every node has arrived on the
   experiment's events subject (decoded, as the engine does).
+Once every agent is up, ``agent.runtime.release_startup_memory()`` runs once,
+as it does once in every real agent process when it is ready.
 The floor, in the same run before the agents start: raw nats-py, one publisher
 and N subscriber connections in this process, one publish, until every
 subscriber got it (median). A raw request-reply fan-out (N subjects, N
@@ -43,11 +45,11 @@ import uvloop
 from agent.config import AgentSettings, IdentitySettings, NatsSettings, TimingSettings
 from agent.faults.base import AgentEnv, Capability, FaultContext, Injector, Plan
 from agent.nodeload import LoadSampler
-from agent.runtime import AgentRuntime
-from controller.dispatch import broadcast_revert, request_ack, revert_experiment
+from agent.runtime import AgentRuntime, release_startup_memory
+from controller.dispatch import broadcast_revert, request_ack, request_acks, revert_experiment
 from controller.experiment import fault_id
 from controller.natsserver import NatsServer
-from proto.codec import DecodeError, decode
+from proto.codec import DecodeError, decode, encode
 from proto.faults import ProcessMatch, ProcessPauseSpec
 from proto.messages import FaultEvent, Inject, Measurements, Revert
 from proto.subjects import exp_events
@@ -246,24 +248,20 @@ async def one_round(ctl: Any, nodes: list[str], lease_timeout_s: float) -> tuple
     spec = ProcessPauseSpec(match=ProcessMatch(name="bench-noop"))
     fid = fault_id(exp, 0)
     try:
-
-        async def dispatch(node: str) -> Any:
-            # as ExperimentRunner._dispatch_all: the Inject is built per node, then request_ack
-            inject = Inject(
-                experiment_id=exp,
-                fault_id=fid,
-                spec=spec,
-                expires_at=time.time() + 120.0,
-                lease_timeout_s=lease_timeout_s,
-            )
-            return await request_ack(ctl, node, inject, timeout_s=10.0, attempts=1)
-
         t0 = time.perf_counter()
-        acks = await asyncio.gather(*(dispatch(n) for n in nodes))
+        # as ExperimentRunner._dispatch_faults: a node-level fault is one command, encoded once
+        inject = Inject(
+            experiment_id=exp,
+            fault_id=fid,
+            spec=spec,
+            expires_at=time.time() + 120.0,
+            lease_timeout_s=lease_timeout_s,
+        )
+        acks = await request_acks(ctl, dict.fromkeys(nodes, encode(inject)), timeout_s=10.0, attempts=1)
         dispatch_s = time.perf_counter() - t0
         refused = [
             (n, why or (ack.reason if ack else None))
-            for n, (ack, why) in zip(nodes, acks, strict=True)
+            for n, (ack, why) in acks.items()
             if ack is None or not ack.accepted
         ]
         if refused:
@@ -310,6 +308,7 @@ async def bench_size(url: str, n: int, rounds: int, tmp_root: Path | None) -> di
         t_start = time.perf_counter()
         runtimes, tasks = await start_agents(ctl, url, n, state_root)
         start_s = time.perf_counter() - t_start
+        release_startup_memory()
         nodes = [rt.node for rt in runtimes]
         await one_round(ctl, nodes, lease_timeout_s=120.0)  # warm-up, not counted
         dispatch: list[float] = []
@@ -345,7 +344,7 @@ def ms(s: float) -> str:
 def print_table(rows: list[dict[str, float]]) -> None:
     print()
     print(
-        "dispatch: controller.dispatch.request_ack per node, asyncio.gather; "
+        "dispatch: controller.dispatch.request_acks (one batch, one inbox), as the engine; "
         "abort: controller.dispatch.broadcast_revert (per-node revert_experiment for stragglers, as the engine)"
     )
     print()
