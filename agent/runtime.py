@@ -458,6 +458,11 @@ class AgentRuntime(CommandHandler, Recovery):
         self._subs.append(await self.nc.subscribe(subjects.HALT, cb=self._on_halt))
         self._subs.append(await self.nc.subscribe(subjects.ALL_LEASES, cb=self._on_lease))
         self._subs.append(await self.nc.subscribe(subjects.ALL_ABORTS, cb=self._on_abort))
+        # "ready" must mean the server routes commands to us. nats-py writes a flush's PING
+        # straight to the socket, ahead of the SUBs still in its send buffer, so one PONG
+        # does not prove the server has them (CI once got "no responders" right after
+        # "ready"). The second PING leaves after the first PONG, by when the buffer is out.
+        await self.nc.flush(timeout=5)
         await self.nc.flush(timeout=5)
 
     async def _on_cmd(self, msg: Msg) -> None:
