@@ -126,7 +126,7 @@ class AgentRuntime(CommandHandler, Recovery):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending_events: list[FaultEvent] = []
         self._cleanup: list[tuple[str, str, float, bool]] = []
-        self._cleanup_task: asyncio.Task[None] | None = None
+        self._cleanup_timer: asyncio.TimerHandle | None = None
         self._hb_seq = 0
         self._load = load_sampler or LoadSampler()
         self._cp_cache: dict[str, list[tuple[str, int]]] = {}
@@ -310,7 +310,7 @@ class AgentRuntime(CommandHandler, Recovery):
         t0 = time.monotonic()
         if rec.plan is not None:
             error = await self._revert_with_retries(rec)
-        rec.measurements = merge(rec.measurements, Measurements(revert_s=round(time.monotonic() - t0, 4)))
+        rec.measurements = rec.measurements.model_copy(update={"revert_s": round(time.monotonic() - t0, 4)})
         state: FaultState = "failed" if error else rec.end_state
         reason = rec.end_reason or "reverted"
         if error:
@@ -335,13 +335,16 @@ class AgentRuntime(CommandHandler, Recovery):
         one worker-thread call. Until then the entry stays: a crash in that moment only
         repeats an idempotent revert at start."""
         self._cleanup.append((fault_id, state, expires_at, remove))
-        if self._cleanup_task is None or self._cleanup_task.done():
-            self._cleanup_task = self.spawn(self._cleanup_later(), name="journal-cleanup")
+        if self.stopping:
+            self._start_cleanup()
+        elif self._cleanup_timer is None:
+            # a timer, not a sleeping task: an abort ending a fault pays for no task
+            self._cleanup_timer = asyncio.get_running_loop().call_later(JOURNAL_CLEANUP_DELAY_S, self._start_cleanup)
 
-    async def _cleanup_later(self) -> None:
-        if not self.stopping:
-            await asyncio.sleep(JOURNAL_CLEANUP_DELAY_S)
-        await self.flush_cleanup()
+    def _start_cleanup(self) -> None:
+        self._cleanup_timer = None
+        if self._cleanup:
+            self.spawn(self.flush_cleanup(), name="journal-cleanup")
 
     async def flush_cleanup(self) -> None:
         batch, self._cleanup = self._cleanup, []
@@ -582,6 +585,9 @@ class AgentRuntime(CommandHandler, Recovery):
                 await asyncio.wait_for(done, max(1.0, timing.stop_timeout_s - 3 * self.settings.nats.drain_timeout_s))
             except TimeoutError:
                 log.error("stop: %d fault(s) did not revert in time; the journal keeps them", len(self.faults))
+        if self._cleanup_timer is not None:
+            self._cleanup_timer.cancel()
+            self._cleanup_timer = None
         await self.flush_cleanup()  # the journal is settled before the last heartbeat
         if self.nc is not None and self.connected:
             hb = encode(self.heartbeat("leaving"))
