@@ -89,6 +89,7 @@ class CommandHandler:
         def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]: ...
         def remember(self, table: OrderedDict[str, Any], key: str, value: Any) -> None: ...
         def publish_event(self, ev: FaultEvent) -> None: ...
+        def poke_watchdog(self, due: float) -> None: ...
         def make_context(
             self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
         ) -> FaultContext: ...
@@ -197,6 +198,8 @@ class CommandHandler:
         loop = asyncio.get_running_loop()
         rec.timer = loop.call_at(rec.deadline_mono, rec.request_end, "deadline reached", "expired")
         rec.task = self.spawn(self.lifecycle(rec), name=f"fault:{fid}")
+        # its lease clock starts now: a lease shorter than the watchdog's wait wakes it early
+        self.poke_watchdog(min(rec.accepted_mono + cmd.lease_timeout_s, rec.deadline_mono))
         log.info("accepted %s (%s) of %s, expires in %.1fs", fid, kind, exp, cmd.expires_at - now)
         return Ack(in_reply_to=cmd.id, node=self.node, accepted=True, fault_states={fid: "accepted"})
 

@@ -52,9 +52,10 @@ class NatsSettings(_Group):
 class TimingSettings(_Group):
     heartbeat_interval_s: float = Field(1.0, gt=0)
     """Heartbeat period, seconds. Default 1. A little jitter is added."""
-    watchdog_interval_s: float = Field(0.25, gt=0)
-    """How often leases (and, as a second line, deadlines) are checked while faults are held,
-    seconds. Default 0.25. Each deadline also has its own timer."""
+    watchdog_interval_s: float = Field(1.0, gt=0)
+    """Longest time between two checks of leases, NATS loss and (as a second line) deadlines,
+    seconds. Default 1. The watchdog also wakes exactly when a lease could lapse; each
+    deadline has its own timer as well."""
     nats_lost_timeout_s: float = Field(10.0, gt=0)
     """Revert everything when NATS has been unreachable this long, seconds. Default 10.
     Each fault's own lease timeout (usually shorter) applies as well."""

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class JournalEntry(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)  # built on first use, not by an idle agent
 
     fault_id: str
     experiment_id: str

@@ -60,6 +60,7 @@ ENDED_IN_HEARTBEATS_S = 120.0
 REVERT_ATTEMPTS = 3
 JOURNAL_CLEANUP_DELAY_S = 0.5
 REVERT_BACKOFF_S = 1.0
+WATCHDOG_SLACK_S = 0.005
 
 
 def release_startup_memory() -> None:
@@ -127,6 +128,8 @@ class AgentRuntime(CommandHandler, Recovery):
         self._pending_events: list[FaultEvent] = []
         self._cleanup: list[tuple[str, str, float, bool]] = []
         self._cleanup_timer: asyncio.TimerHandle | None = None
+        self._watchdog_poke = asyncio.Event()
+        self._watchdog_next = 0.0  # monotonic time of the watchdog's next check
         self._hb_seq = 0
         self._load = load_sampler or LoadSampler()
         self._cp_cache: dict[str, list[tuple[str, int]]] = {}
@@ -439,6 +442,7 @@ class AgentRuntime(CommandHandler, Recovery):
             log.warning("lost NATS connection")
         self.connected = False
         self.nats_lost_since = time.monotonic()
+        self.poke_watchdog(self.nats_lost_since + self.settings.timing.nats_lost_timeout_s)
 
     async def _on_reconnected(self) -> None:
         self.connected = True
@@ -548,11 +552,37 @@ class AgentRuntime(CommandHandler, Recovery):
                 rec.request_end(f"lease lapsed: no lease for {silent:.1f}s (timeout {rec.entry.lease_timeout_s:g}s)")
                 self.remember(self.ended_experiments, rec.experiment_id, "lease lapsed")
 
+    def next_check_in(self) -> float:
+        """Seconds until a lease could lapse, NATS-lost could fire or a deadline passes,
+        at most watchdog_interval_s: the watchdog wakes when something can be due, not
+        on a fixed tick (a lease renewed meanwhile only moves the next wake later)."""
+        timing = self.settings.timing
+        now = time.monotonic()
+        due = now + timing.watchdog_interval_s
+        if self.faults:
+            if self.nats_lost_since is not None:
+                due = min(due, self.nats_lost_since + timing.nats_lost_timeout_s)
+            for rec in self.faults.values():
+                if not rec.ended.is_set():
+                    last = max(self.lease_seen.get(rec.experiment_id, 0.0), rec.accepted_mono)
+                    due = min(due, last + rec.entry.lease_timeout_s, rec.deadline_mono)
+        return max(0.0, due - now) + WATCHDOG_SLACK_S  # a lapse is "silent > timeout": look just after
+
+    def poke_watchdog(self, due: float) -> None:
+        """Something is due at monotonic time ``due`` (a fault's lease, NATS loss): wake the
+        watchdog early if its next check would come later."""
+        if due < self._watchdog_next:
+            self._watchdog_poke.set()
+
     async def watchdog_loop(self) -> None:
-        idle = max(1.0, self.settings.timing.watchdog_interval_s)
         while True:
             self.check_leases()
-            await asyncio.sleep(self.settings.timing.watchdog_interval_s if self.faults else idle)
+            self._watchdog_poke.clear()
+            delay = self.next_check_in()
+            self._watchdog_next = time.monotonic() + delay
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._watchdog_poke.wait()
 
     # --- main ----------------------------------------------------------------
 

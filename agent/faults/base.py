@@ -37,7 +37,7 @@ class Rejected(Exception):
 class Plan(BaseModel):
     """Base for the journaled plan of one fault: everything revert needs."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def make_marker(kind: str, tag: str, fault_id: str) -> str:
 class StressorRef(BaseModel):
     """One stressor process, identified beyond pid reuse by its start time."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     pid: int
     create_time: float

@@ -96,6 +96,36 @@ async def test_a_revert_that_keeps_failing_keeps_its_journal_entry(
     assert rt.journal.fault_ids() == ["e.0"], "the next start must retry it"
 
 
+async def test_watchdog_wakes_when_a_short_lease_lapses_not_on_its_tick(tmp_path: Path) -> None:
+    """The watchdog sleeps up to watchdog_interval_s (here 30 s), yet a fault accepted with a
+    0.3 s lease (and never leased) is reverted as soon as that lease lapses."""
+    settings = AgentSettings(state_dir=tmp_path, identity={"node": "safety"}, timing={"watchdog_interval_s": 30.0})
+    env = AgentEnv(node="safety", state_dir=tmp_path, instance_id="t", protected_pids=dict)
+    rt = AgentRuntime(settings, injectors={"process-pause": FlakyRevert(env, failures=0)})
+    rt.capabilities = ["process-pause"]
+    watchdog = asyncio.create_task(rt.watchdog_loop())
+    try:
+        await asyncio.sleep(0.05)  # the watchdog is now asleep for 30 s, nothing held
+        cmd = Inject(
+            experiment_id="e",
+            fault_id="e.0",
+            spec={"kind": "process-pause", "match": {"pid": 99999}},
+            expires_at=time.time() + 30,
+            lease_timeout_s=0.3,
+        )
+        t0 = time.monotonic()
+        assert decode(await rt.handle_command(encode(cmd)), Ack).accepted
+        rec = rt.faults["e.0"]
+        await asyncio.wait_for(rec.finished.wait(), 3.0)
+        took = time.monotonic() - t0
+        assert rec.end_reason is not None and rec.end_reason.startswith("lease lapsed"), rec.end_reason
+        assert took < 0.3 + 0.5, f"lease of 0.3 s lapsed, reverted after {took:.2f}s"
+    finally:
+        watchdog.cancel()
+        await asyncio.gather(watchdog, return_exceptions=True)
+        await rt.flush_cleanup()
+
+
 async def test_process_kill_refuses_stop_signals(tmp_path: Path) -> None:
     from agent.faults.process import ProcessKill
 
