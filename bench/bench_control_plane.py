@@ -21,8 +21,8 @@ collector is switched off for the rounds (``--gc`` keeps it on): this one
 process holds the heaps of N agents, so each collection walks N agents'
 objects and collections come N times as often, a cost that grows with N^2 and
 that no real agent (its own process, a small heap) pays. Reference counting
-still frees everything; at N = 1000 the collector adds about 25 % to dispatch
-and 10 % to abort.
+still frees everything; at N = 1000 the collector added about 20 % to dispatch
+and a few per cent to abort in our runs.
 Diagnostic rounds alternate with the measured ones: the same dispatch, but
 each agent's plan (and so its journal write and apply) waits until the
 controller has every Ack: the ack path alone, without the fault work that a
