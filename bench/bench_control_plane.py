@@ -58,7 +58,7 @@ from agent.config import AgentSettings, IdentitySettings, NatsSettings, TimingSe
 from agent.faults.base import AgentEnv, Capability, FaultContext, Injector, Plan
 from agent.nodeload import LoadSampler
 from agent.runtime import AgentRuntime, release_startup_memory
-from controller.dispatch import broadcast_revert, request_ack, request_acks, revert_experiment
+from controller.dispatch import broadcast_revert, request_acks, revert_experiment
 from controller.experiment import fault_id
 from controller.natsserver import NatsServer
 from proto.codec import DecodeError, decode, encode
@@ -209,10 +209,10 @@ async def start_agents(
         runtimes += batch
         tasks += [asyncio.create_task(rt.run(), name=f"agent:{rt.node}") for rt in batch]
         probe = Revert(experiment_id="bench-warmup", reason="bench readiness probe", expires_at=time.time() + 60)
-        acks = await asyncio.gather(*(request_ack(ctl, rt.node, probe, timeout_s=10.0, attempts=30) for rt in batch))
-        missing = [rt.node for rt, (ack, _) in zip(batch, acks, strict=True) if ack is None]
+        acks = await request_acks(ctl, {rt.node: encode(probe) for rt in batch}, timeout_s=10.0, attempts=30)
+        missing = [(node, why) for node, (ack, why) in acks.items() if ack is None]
         if missing:
-            raise RuntimeError(f"agents did not come up: {missing[:5]} ({acks[0][1]})")
+            raise RuntimeError(f"agents did not come up: {missing[:5]}")
     return runtimes, tasks
 
 

@@ -17,7 +17,7 @@ import nats
 import nats.errors
 
 from proto.codec import DecodeError, decode, encode
-from proto.messages import Ack, Inject, Revert
+from proto.messages import Ack, Revert
 from proto.subjects import agent_cmd, exp_abort
 
 log = logging.getLogger(__name__)
@@ -63,40 +63,6 @@ async def close(nc: Any, timeout_s: float = 2.0) -> None:
             log.debug("nats close: %s", exc)
 
 
-async def request_ack(
-    nc: Any,
-    node: str,
-    command: Inject | Revert,
-    *,
-    timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-    attempts: int = DEFAULT_ATTEMPTS,
-) -> tuple[Ack | None, str | None]:
-    """Send the same command up to ``attempts`` times. Returns (ack, None) or (None, why not)."""
-    subject = agent_cmd(node)
-    payload = encode(command)
-    why = "no attempt made"
-    for attempt in range(1, attempts + 1):
-        try:
-            msg = await nc.request(subject, payload, timeout=timeout_s)
-        except nats.errors.NoRespondersError:
-            # No agent subscribed right now (restarting, reconnecting): wait a little, not the full timeout.
-            why = f"no agent listening on {subject}"
-            await asyncio.sleep(0.3)
-            continue
-        except (nats.errors.TimeoutError, TimeoutError):
-            why = f"no reply within {timeout_s:g}s ({attempt} attempt(s))"
-            continue
-        except nats.errors.Error as exc:
-            why = f"NATS error: {exc or type(exc).__name__}"
-            await asyncio.sleep(0.2)
-            continue
-        try:
-            return decode(msg.data, Ack), None
-        except DecodeError as exc:
-            return None, f"unreadable reply from {node}: {exc}"
-    return None, why
-
-
 NO_RESPONDERS_RETRY_S = 0.3
 
 
@@ -107,7 +73,7 @@ async def request_acks(
     timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     attempts: int = DEFAULT_ATTEMPTS,
 ) -> dict[str, tuple[Ack | None, str | None]]:
-    """request_ack for many nodes at once: ``payloads`` maps node -> encoded command.
+    """Send each node its command and collect the Acks: ``payloads`` maps node -> encoded command.
 
     Every command is published back to back, each with its own reply subject
     under one inbox subscription, so a thousand nodes cost a thousand publishes
