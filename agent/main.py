@@ -20,6 +20,7 @@ from typing import Any
 import uvloop
 from pydantic import ValidationError
 
+from agent import lean  # noqa: F401  (first: nats-py and pydantic imported without importlib.metadata)
 from agent.config import AgentSettings
 from agent.runtime import AgentRuntime, release_startup_memory
 from proto import __version__
