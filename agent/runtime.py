@@ -225,6 +225,7 @@ class AgentRuntime(CommandHandler, Recovery):
 
     def heartbeat(self, state: AgentState = "ready") -> Heartbeat:
         self._hb_seq += 1
+        ended_since = time.time() - ENDED_IN_HEARTBEATS_S
         return Heartbeat(
             node=self.node,
             instance_id=self.instance_id,
@@ -239,7 +240,7 @@ class AgentRuntime(CommandHandler, Recovery):
             load=self._load.sample(),
             faults=[r.view() for r in self.faults.values()],
             recovered=self.recovered[-50:],
-            ended=[e for e in self.recent_ended if e.at > time.time() - ENDED_IN_HEARTBEATS_S],
+            ended=[e for e in self.recent_ended if e.at > ended_since],
         )
 
     # --- fault lifecycle ---------------------------------------------------
