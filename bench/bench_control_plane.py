@@ -29,8 +29,11 @@ controller has every Ack: the ack path alone, without the fault work that a
 single process interleaves with it.
 The floor, in the same run before the agents start: raw nats-py, one publisher
 and N subscriber connections in this process, one publish, until every
-subscriber got it (median). A raw request-reply fan-out (N subjects, N
-replies, no decoding) is printed as a diagnostic beside it.
+subscriber got it (median). Two raw lower bounds are printed beside it, no
+faultline code and no decoding in either: a request-reply fan-out (N
+subjects, N replies: the same messages dispatch sends) and a broadcast with N
+acks (one publish, every subscriber answers to one reply subject: the
+cheapest any dispatch that collects an answer per node could be).
 """
 
 from __future__ import annotations
@@ -134,8 +137,8 @@ async def close_all(conns: list[Any]) -> None:
 # --- the floor ---------------------------------------------------------------
 
 
-async def floor(url: str, n: int, rounds: int) -> tuple[list[float], list[float]]:
-    """(fan-out times, raw request-reply times), seconds."""
+async def floor(url: str, n: int, rounds: int) -> tuple[list[float], list[float], list[float]]:
+    """(fan-out times, raw request-reply times, raw broadcast-and-ack times), seconds."""
     subs: list[Any] = []
     for i in range(0, n, START_BATCH):
         subs += await asyncio.gather(*(quiet_connect(url) for _ in range(i, min(n, i + START_BATCH))))
@@ -143,6 +146,8 @@ async def floor(url: str, n: int, rounds: int) -> tuple[list[float], list[float]
     token = uuid.uuid4().hex[:8]
     got = 0
     done = asyncio.Event()
+    acks = 0
+    all_acked = asyncio.Event()
 
     async def on_msg(msg: Any) -> None:
         nonlocal got
@@ -153,12 +158,21 @@ async def floor(url: str, n: int, rounds: int) -> tuple[list[float], list[float]
     async def echo(msg: Any) -> None:
         await msg.respond(b"ok")
 
+    async def on_ack(msg: Any) -> None:
+        nonlocal acks
+        acks += 1
+        if acks == n:
+            all_acked.set()
+
     for i, nc in enumerate(subs):
         await nc.subscribe(f"bench.floor.{token}", cb=on_msg)
         await nc.subscribe(f"bench.rr.{token}.{i}", cb=echo)
-    await asyncio.gather(*(nc.flush(timeout=10) for nc in subs))
+        await nc.subscribe(f"bench.bc.{token}", cb=echo)
+    await pub.subscribe(f"bench.acks.{token}", cb=on_ack)
+    await asyncio.gather(pub.flush(timeout=10), *(nc.flush(timeout=10) for nc in subs))
     fan: list[float] = []
     rr: list[float] = []
+    bc: list[float] = []
     payload = b"x" * 400  # about an Inject's size
     try:
         for _ in range(rounds + 1):  # first round warms up
@@ -171,9 +185,15 @@ async def floor(url: str, n: int, rounds: int) -> tuple[list[float], list[float]
             t0 = time.perf_counter()
             await asyncio.gather(*(pub.request(f"bench.rr.{token}.{i}", payload, timeout=WAIT_S) for i in range(n)))
             rr.append(time.perf_counter() - t0)
+            acks = 0
+            all_acked.clear()
+            t0 = time.perf_counter()
+            await pub.publish(f"bench.bc.{token}", payload, reply=f"bench.acks.{token}")
+            await asyncio.wait_for(all_acked.wait(), WAIT_S)
+            bc.append(time.perf_counter() - t0)
     finally:
         await close_all([*subs, pub])
-    return fan[1:], rr[1:]
+    return fan[1:], rr[1:], bc[1:]
 
 
 # --- the agents --------------------------------------------------------------
@@ -324,7 +344,7 @@ async def one_round(ctl: Any, nodes: list[str], lease_timeout_s: float, hold: bo
 
 
 async def bench_size(url: str, n: int, rounds: int, tmp_root: Path | None, keep_gc: bool) -> dict[str, float]:
-    fan, rr = await floor(url, n, rounds)
+    fan, rr, bc = await floor(url, n, rounds)
     state_root = Path(tempfile.mkdtemp(prefix=f"faultline-bench-{n}-", dir=tmp_root))
     ctl = await quiet_connect(url)
     runtimes: list[AgentRuntime] = []
@@ -366,6 +386,7 @@ async def bench_size(url: str, n: int, rounds: int, tmp_root: Path | None, keep_
         "d99": pct(dispatch, 99),
         "floor50": statistics.median(fan),
         "rr50": statistics.median(rr),
+        "bc50": statistics.median(bc),
         "h50": pct(held, 50),
         "a50": pct(abort, 50),
         "a99": pct(abort, 99),
@@ -396,14 +417,15 @@ def print_table(rows: list[dict[str, float]]) -> None:
     print("diagnostics:")
     print()
     print(
-        "| N | raw request-reply fan-out p50 (ms) | dispatch / raw req-reply "
+        "| N | raw broadcast + N acks, p50 (ms) | raw request-reply fan-out p50 (ms) | dispatch / raw req-reply "
         "| dispatch with the apply held until all acked, p50 (ms) | agents start (s) |"
     )
-    print("|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {int(r['n'])} | {ms(r['rr50'])} | {r['d50'] / r['rr50']:.1f}× | {ms(r['h50'])} "
-            f"({r['h50'] / r['floor50']:.1f}× floor) | {r['start_s']:.1f} |"
+            f"| {int(r['n'])} | {ms(r['bc50'])} ({r['bc50'] / r['floor50']:.1f}× floor) "
+            f"| {ms(r['rr50'])} ({r['rr50'] / r['floor50']:.1f}× floor) | {r['d50'] / r['rr50']:.1f}× "
+            f"| {ms(r['h50'])} ({r['h50'] / r['floor50']:.1f}× floor) | {r['start_s']:.1f} |"
         )
 
 
