@@ -319,6 +319,10 @@ class AgentRuntime(CommandHandler, Recovery):
         reason = rec.end_reason or "reverted"
         if error:
             reason = f"{reason}; revert failed: {error}"
+        try:
+            rec.injector.release(rec.ctx)  # whatever check() set aside for it, also when it never got a plan
+        except Exception:  # an injector's bookkeeping must not stop the end of a fault
+            log.exception("release of %s failed", rec.fault_id)
         rec.set_state(state)
         self.faults.pop(rec.fault_id, None)
         if not self._holds(rec.experiment_id):

@@ -98,6 +98,10 @@ class Injector(abc.ABC):
     def check(self, spec: Any, ctx: FaultContext) -> None:  # noqa: B027 - optional hook
         """Raise Rejected with a reason if this node cannot run spec. Must be fast."""
 
+    def release(self, ctx: FaultContext) -> None:  # noqa: B027 - optional hook
+        """The fault's lifecycle is over, however it ended (reverted, failed before its plan,
+        refused at its plan): drop what check() set aside for it. Must not raise."""
+
     def load_plan(self, raw: dict[str, Any]) -> Plan:
         """A journaled plan back from its JSON form (at start, to revert it)."""
         return self.plan_model.model_validate(raw)

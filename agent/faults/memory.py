@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import psutil
 
 from agent import cgroups
-from agent.faults.base import FaultContext, Plan, Rejected
+from agent.faults.base import AgentEnv, FaultContext, Plan, Rejected
 from agent.faults.stressor import UNTIL_GRACE_S, Running, StressInjector, StressPlan, rss_bytes
 from proto.faults import MemorySpec
 from proto.messages import Measurements
@@ -52,6 +52,27 @@ class MemoryStress(StressInjector):
     plan_model: ClassVar[type[Plan]] = MemoryPlan
     primary_controller: ClassVar[str] = "memory"
 
+    def __init__(self, env: AgentEnv) -> None:
+        super().__init__(env)
+        self._promised: dict[str, int] = {}
+        """fault id -> bytes its stressor may allocate, from its accepted check until release()."""
+
+    def _outstanding(self, except_fault: str) -> int:
+        """Bytes this agent's other memory faults may still allocate: not resident yet, so
+        ``available`` does not show them. Two faults accepted together are checked against
+        the memory both will take, not each against the same free memory."""
+        total = 0
+        for fid, size in self._promised.items():
+            if fid == except_fault:
+                continue
+            running = self._running.get(self.marker_for(fid))
+            resident = (rss_bytes(running.stressors[0].proc) or 0) if running and running.stressors else 0
+            total += max(0, size - resident)
+        return total
+
+    def release(self, ctx: FaultContext) -> None:
+        self._promised.pop(ctx.fault_id, None)
+
     def _size(self, spec: MemorySpec, target: cgroups.CgroupTarget | None) -> tuple[int, str]:
         """(requested bytes, the field that set it)."""
         if spec.size_bytes is not None and spec.percent is not None:
@@ -74,17 +95,23 @@ class MemoryStress(StressInjector):
         size, field_name = self._size(spec, target)
         if spec.ramp_s is not None and spec.ramp_s < 0:
             raise Rejected("ramp: must be >= 0")
-        if spec.allow_overcommit:
-            return
-        vm = psutil.virtual_memory()
-        reserve = int(vm.total * self.env.memory_reserve_percent / 100)
-        room = vm.available - reserve
-        if size > room:
-            raise Rejected(
-                f"{field_name}: {format_size(size)} exceeds available memory {format_size(vm.available)} "
-                f"minus the agent's reserve {format_size(reserve)} ({self.env.memory_reserve_percent:g}% of total); "
-                "set allowOvercommit: true to force it"
-            )
+        if not spec.allow_overcommit:
+            vm = psutil.virtual_memory()
+            reserve = int(vm.total * self.env.memory_reserve_percent / 100)
+            others = self._outstanding(ctx.fault_id)
+            room = vm.available - reserve - others
+            if size > room:
+                held = (
+                    f", minus {format_size(others)} that this agent's other memory faults may still take"
+                    if others
+                    else ""
+                )
+                raise Rejected(
+                    f"{field_name}: {format_size(size)} exceeds available memory {format_size(vm.available)} "
+                    f"minus the agent's reserve {format_size(reserve)} ({self.env.memory_reserve_percent:g}% of total)"
+                    f"{held}; set allowOvercommit: true to force it"
+                )
+        self._promised[ctx.fault_id] = size  # counted against the next memory fault until release()
 
     async def plan(self, spec: Any, ctx: FaultContext) -> MemoryPlan:
         self.check(spec, ctx)

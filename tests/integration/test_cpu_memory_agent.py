@@ -129,3 +129,32 @@ async def test_bad_input_rejected_naming_the_field(nc, agent_factory, spec, fiel
     ack = decode(reply.data, Ack)
     assert not ack.accepted and ack.reason and field in ack.reason, ack.reason
     assert stressors_of(agent) == {} and agent.settled_journal() == []
+
+
+async def test_two_memory_faults_that_fit_only_one_at_a_time(nc, agent_factory, events, tmp_path):
+    """Each fits the room alone, not both: the second is refused although the first has not
+    allocated yet; once the first is reverted, the same size is accepted again."""
+    vm = psutil.virtual_memory()
+    reserve_pct = min(90.0, max(0.0, 100 * (vm.available - 512 * MiB) / vm.total))
+    room = vm.available - vm.total * reserve_pct / 100
+    share = int(0.6 * room)
+    if not 32 * MiB <= share <= 2048 * MiB:
+        pytest.skip(f"cannot set a memory room of a testable size here (would be {room / MiB:.0f} MiB)")
+    config = tmp_path / "agent.json"
+    config.write_text(json.dumps({"safety": {"memory_reserve_percent": reserve_pct}}))
+    agent = agent_factory("node-a", extra=["--config", str(config)])
+    first = await send(nc, "node-a", inject({"kind": "memory", "size": share, "ramp": "5s"}, fid="exp1.0"))
+    assert first.accepted, first.reason
+    second = await send(nc, "node-a", inject({"kind": "memory", "size": share}, fid="exp1.1"))
+    assert not second.accepted and second.reason, "a second fault that does not fit beside the first was accepted"
+    assert second.reason.startswith("size: ") and "other memory faults" in second.reason, second.reason
+    await async_wait_until(lambda: events.events("exp1.0", "active")[:1], 10, "the first fault active")
+    assert (
+        await send(nc, "node-a", Revert(experiment_id="exp1", fault_ids=["exp1.0"], expires_at=time.time() + 10))
+    ).accepted
+    await async_wait_until(lambda: events.events("exp1.0", "reverted"), 10, "the first fault reverted")
+    third = await send(nc, "node-a", inject({"kind": "memory", "size": share}, fid="exp1.2"))
+    assert third.accepted, f"the room was not given back after the revert: {third.reason}"
+    assert (await send(nc, "node-a", Revert(experiment_id="exp1", expires_at=time.time() + 10))).accepted
+    await async_wait_until(lambda: events.events("exp1.2", "reverted"), 20, "the third fault reverted")
+    await async_wait_until(lambda: stressors_of(agent) == {}, 5, "no stressor left")

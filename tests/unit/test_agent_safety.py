@@ -96,6 +96,37 @@ async def test_a_revert_that_keeps_failing_keeps_its_journal_entry(
     assert rt.journal.fault_ids() == ["e.0"], "the next start must retry it"
 
 
+class Releasing(FlakyRevert):
+    """Records release() calls; its plan fails when ``plan_fails``."""
+
+    def __init__(self, env: Any, plan_fails: bool) -> None:
+        super().__init__(env, failures=0)
+        self.plan_fails = plan_fails
+        self.released: list[str] = []
+
+    async def plan(self, spec: Any, ctx: FaultContext) -> Plan:
+        if self.plan_fails:
+            raise Rejected("no such process")
+        return FlakyPlan()
+
+    def release(self, ctx: FaultContext) -> None:
+        self.released.append(ctx.fault_id)
+
+
+@pytest.mark.parametrize("plan_fails", [False, True], ids=["reverted", "failed-before-its-plan"])
+async def test_every_end_of_a_fault_releases_what_its_check_set_aside(tmp_path: Path, plan_fails: bool) -> None:
+    rt, inj = runtime(tmp_path, lambda env: Releasing(env, plan_fails))
+    assert decode(await rt.handle_command(inject()), Ack).accepted
+    rec = rt.faults["e.0"]
+    if not plan_fails:
+        await async_wait_until(lambda: rec.state == "active", 2, "the fault to become active")
+        rec.request_end("test")
+    await asyncio.wait_for(rec.finished.wait(), 5)
+    assert inj.released == ["e.0"], f"release() calls: {inj.released}"
+    assert rec.state == ("failed" if plan_fails else "reverted")
+    await rt.flush_cleanup()
+
+
 async def test_watchdog_wakes_when_a_short_lease_lapses_not_on_its_tick(tmp_path: Path) -> None:
     """The watchdog sleeps up to watchdog_interval_s (here 30 s), yet a fault accepted with a
     0.3 s lease (and never leased) is reverted as soon as that lease lapses."""

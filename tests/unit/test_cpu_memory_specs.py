@@ -107,6 +107,21 @@ def test_memory_beyond_available_minus_reserve_rejected(tmp_path: Path) -> None:
     MemoryStress(env).check(MemorySpec(size=too_big, allow_overcommit=True), make_ctx(env))
 
 
+def test_concurrent_memory_faults_are_checked_against_memory_together(tmp_path: Path) -> None:
+    """Two faults accepted before either stressor allocated: the second sees the first's share."""
+    env = make_env(tmp_path)
+    inj = MemoryStress(env)
+    vm = psutil.virtual_memory()
+    share = int(0.6 * (vm.available - vm.total * env.memory_reserve_percent / 100))
+    first, second = make_ctx(env, "e.0"), make_ctx(env, "e.1")
+    inj.check(MemorySpec(size=share), first)
+    inj.check(MemorySpec(size=share), first)  # the same fault checked again (at its plan): not counted twice
+    with pytest.raises(Rejected, match=r"^size: .*other memory faults may still take.*allowOvercommit"):
+        inj.check(MemorySpec(size=share), second)
+    inj.release(first)  # the first fault ended
+    inj.check(MemorySpec(size=share), second)
+
+
 def test_memory_percent_beyond_reserve_rejected_naming_percent(tmp_path: Path) -> None:
     env = make_env(tmp_path)
     env.memory_reserve_percent = 100.0 - 1e-9
