@@ -64,9 +64,9 @@ from agent.runtime import AgentRuntime, release_startup_memory
 from controller.dispatch import broadcast_revert, request_acks, revert_experiment
 from controller.experiment import fault_id
 from controller.natsserver import NatsServer
-from proto.codec import DecodeError, decode, encode
+from proto.codec import DecodeError, decode, decode_command, encode
 from proto.faults import ProcessMatch, ProcessPauseSpec
-from proto.messages import FaultEvent, Inject, Measurements, Revert
+from proto.messages import Ack, FaultEvent, Inject, Measurements, Revert
 from proto.subjects import exp_events
 
 SHM = Path("/dev/shm")
@@ -393,6 +393,44 @@ async def bench_size(url: str, n: int, rounds: int, tmp_root: Path | None, keep_
     }
 
 
+def message_costs(reps: int = 20000) -> list[tuple[str, float]]:
+    """Per-message CPU of the wire work every dispatch does per agent, microseconds (median of 5 runs)."""
+    inject = encode(
+        Inject(
+            experiment_id="bcost",
+            fault_id=fault_id("bcost", 0),
+            spec=ProcessPauseSpec(match=ProcessMatch(name="bench-noop")),
+            expires_at=time.time() + 120.0,
+            lease_timeout_s=120.0,
+        )
+    )
+    cmd = decode_command(inject)
+    ack_bytes = encode(
+        Ack(in_reply_to=cmd.id, node="bench-0000", accepted=True, fault_states={cmd.fault_id: "accepted"})
+    )
+
+    def build_ack() -> bytes:
+        return encode(
+            Ack(in_reply_to=cmd.id, node="bench-0000", accepted=True, fault_states={cmd.fault_id: "accepted"})
+        )
+
+    steps = [
+        ("agent: decode and validate the Inject", lambda: decode_command(inject)),
+        ("agent: build and encode the Ack", build_ack),
+        ("controller: decode and validate the Ack", lambda: decode(ack_bytes, Ack)),
+    ]
+    out = []
+    for name, fn in steps:
+        runs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(reps // 5):
+                fn()
+            runs.append((time.perf_counter() - t0) / (reps // 5))
+        out.append((name, statistics.median(runs) * 1e6))
+    return out
+
+
 def ms(s: float) -> str:
     return f"{s * 1000:.1f}"
 
@@ -437,6 +475,13 @@ async def main_async(url: str, sizes: list[int], rounds: list[int], tmp_root: Pa
         rows.append(await bench_size(url, n, r, tmp_root, keep_gc))
         print(f"  N={n}: done in {time.perf_counter() - t0:.1f}s", flush=True)
     print_table(rows)
+    costs = message_costs()
+    print()
+    print("| wire work per agent, CPU (µs) | |")
+    print("|---|---:|")
+    for name, us in costs:
+        print(f"| {name} | {us:.1f} |")
+    print(f"| sum | {sum(us for _, us in costs):.1f} |")
     # one process on a 2-core machine: anything else running skews every figure
     print(f"\ncyclic GC during the rounds: {'on (--gc)' if keep_gc else 'off (see --help)'}")
     print(f"load average (1 min) at start {load0:.2f}, at end {os.getloadavg()[0]:.2f}; cpus {os.cpu_count()}")
