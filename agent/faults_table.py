@@ -81,5 +81,7 @@ class FaultRecord:
 
 def merge(base: Measurements, update: Measurements) -> Measurements:
     """Fields set in ``update`` win; unset ones keep ``base``."""
+    if not update.model_fields_set:
+        return base  # an empty report (most reverts): nothing to copy
     changes: dict[str, Any] = update.model_dump(exclude_none=True)
     return base.model_copy(update=changes) if changes else base

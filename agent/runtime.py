@@ -285,8 +285,9 @@ class AgentRuntime(CommandHandler, Recovery):
                 if not rec.ended.is_set():
                     async with asyncio.timeout(timing.revert_timeout_s):
                         m = await inj.apply(spec, plan, ctx)
-                    rec.measurements = merge(rec.measurements, m)
-                    rec.measurements = merge(rec.measurements, Measurements(apply_s=round(time.monotonic() - t0, 4)))
+                    rec.measurements = merge(rec.measurements, m).model_copy(
+                        update={"apply_s": round(time.monotonic() - t0, 4)}
+                    )
                     if not rec.ended.is_set():
                         rec.set_state("active")
                         await self.send_event(rec, "active")
