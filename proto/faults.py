@@ -42,6 +42,8 @@ def signal_number(value: str | int) -> int:
             return int(_signal.Signals(value))
         except ValueError:
             raise ValueError(f"unknown signal number {value}") from None
+    if not isinstance(value, str):
+        raise ValueError("signal must be a name like SIGTERM or a number")
     name = value.strip().upper()
     if name.isdigit():
         return signal_number(int(name))
