@@ -25,7 +25,8 @@ from pydantic import BaseModel
 
 from agent.config import AgentSettings
 from agent.runtime import AgentRuntime
-from proto.codec import decode
+from proto import codec
+from proto.codec import DecodeError, decode
 from proto.faults import CpuSpec, MemorySpec, NetworkSpec, ProcessKillSpec, ProcessPauseSpec
 from proto.messages import Ack, Halt, Heartbeat, Inject, Lease, Revert
 
@@ -124,3 +125,33 @@ def test_injects_with_specs_drawn_from_the_models(tmp_path: Path, obj: dict[str,
 @given(st.binary(max_size=2048) | st.text(max_size=512).map(str.encode))
 def test_raw_bytes(tmp_path: Path, data: bytes) -> None:
     handle(runtime(tmp_path), data)
+
+
+def _agree(adapter_or_model: Any, validate_json: Any, data: bytes) -> None:
+    try:
+        careful = codec._careful(adapter_or_model, data)
+    except DecodeError:
+        careful = None
+    fast = codec._fast(validate_json, data)
+    if fast is not None:  # the one-pass path may decline; when it answers, it is the careful answer
+        assert careful is not None, f"one pass accepted what the careful path refuses: {data[:300]!r}"
+        generated = {"id", "sent_at"} - set(json.loads(data))  # defaults drawn afresh on each reading
+        assert fast.model_dump(exclude=generated) == careful.model_dump(exclude=generated), (
+            f"the two paths read {data[:300]!r} differently"
+        )
+
+
+@SETTINGS
+@given(st.sampled_from(MESSAGES).flatmap(lambda m: st.tuples(st.just(m), model_dicts(m))))
+def test_one_pass_decoding_agrees_with_the_careful_path(pair: tuple[type[BaseModel], dict[str, Any]]) -> None:
+    model, obj = pair
+    _agree(model, model.model_validate_json, json.dumps(obj, default=str).encode())
+
+
+@SETTINGS
+@given(model_dicts(Inject), st.sampled_from(SPECS).flatmap(model_dicts))
+def test_one_pass_command_decoding_agrees_with_the_careful_path(obj: dict[str, Any], spec: dict[str, Any]) -> None:
+    obj["spec"] = spec
+    obj.setdefault("schema_version", "1.0")
+    adapter = codec._command_adapter()
+    _agree(adapter, adapter.validate_json, json.dumps(obj, default=str).encode())
