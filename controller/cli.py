@@ -68,14 +68,17 @@ def _err(text: str) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    try:
-        exp = load_experiment(args.file)
-    except ExperimentError as exc:
-        _err(f"{args.file}: invalid experiment file:\n" + _indent(str(exc)))
-        return EXIT_BAD_INPUT
-    kinds = ", ".join(f.kind for f in exp.spec.faults)
-    _out(f"{args.file}: valid (experiment {exp.metadata.name}: {len(exp.spec.faults)} fault(s): {kinds})")
-    return EXIT_OK
+    code = EXIT_OK
+    for path in args.files:
+        try:
+            exp = load_experiment(path)
+        except ExperimentError as exc:
+            _err(f"{path}: invalid experiment file:\n" + _indent(str(exc)))
+            code = EXIT_BAD_INPUT
+            continue
+        kinds = ", ".join(f.kind for f in exp.spec.faults)
+        _out(f"{path}: valid (experiment {exp.metadata.name}: {len(exp.spec.faults)} fault(s): {kinds})")
+    return code
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -213,13 +216,26 @@ def _agent_row(view: NodeView, now: float) -> dict[str, Any]:
     }
 
 
+def _fleet_url(args: argparse.Namespace) -> str:
+    return nats_url_from_env(args.nats) or DEFAULT_NATS_URL
+
+
+def _connect_failed(args: argparse.Namespace, exc: ConnectError) -> int:
+    _err(f"faultline: {exc}")
+    if nats_url_from_env(args.nats) is None:
+        _err(
+            f"  no --nats and no FAULTLINE_NATS_URL, so {DEFAULT_NATS_URL} was tried; "
+            f"`faultline {args.command}` talks to a fleet's NATS server (see --help)"
+        )
+    return EXIT_BAD_INPUT
+
+
 async def cmd_agents(args: argparse.Namespace) -> int:
-    url = nats_url_from_env(args.nats) or DEFAULT_NATS_URL
+    url = _fleet_url(args)
     try:
         nc, fleet = await _with_fleet(url)
     except ConnectError as exc:
-        _err(f"faultline: {exc}")
-        return EXIT_BAD_INPUT
+        return _connect_failed(args, exc)
     try:
         views = await fleet.gather()
     finally:
@@ -262,14 +278,13 @@ def _issuer() -> str:
 
 
 async def cmd_abort(args: argparse.Namespace) -> int:
-    url = nats_url_from_env(args.nats) or DEFAULT_NATS_URL
+    url = _fleet_url(args)
     exp_id = args.experiment_id
     reason = f"{args.reason} (by {_issuer()})"
     try:
         nc, fleet = await _with_fleet(url)
     except ConnectError as exc:
-        _err(f"faultline: {exc}")
-        return EXIT_BAD_INPUT
+        return _connect_failed(args, exc)
     try:
         cmd = Revert(experiment_id=exp_id, reason=reason, expires_at=time.time() + 30.0)
         try:
@@ -298,12 +313,11 @@ async def cmd_abort(args: argparse.Namespace) -> int:
 
 
 async def cmd_halt(args: argparse.Namespace) -> int:
-    url = nats_url_from_env(args.nats) or DEFAULT_NATS_URL
+    url = _fleet_url(args)
     try:
         nc = await connect(url)
     except ConnectError as exc:
-        _err(f"faultline: {exc}")
-        return EXIT_BAD_INPUT
+        return _connect_failed(args, exc)
     try:
         await nc.publish(HALT, encode(Halt(reason=args.reason, issued_by=_issuer())))
         await asyncio.wait_for(nc.flush(), 2.0)
@@ -382,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("halt", help="every agent reverts everything now")
     h.add_argument("--reason", default="halt from the command line")
     nats_opt(h, local=False)
-    v = sub.add_parser("validate", help="check an experiment file; exit 2 with field paths if invalid")
-    v.add_argument("file")
+    v = sub.add_parser("validate", help="check experiment files; exit 2 with field paths if one is invalid")
+    v.add_argument("files", nargs="+", metavar="FILE", help="experiment file(s) (YAML); each is reported")
     sub.add_parser("schema", help="print the JSON Schema of the experiment file")
     return p
 

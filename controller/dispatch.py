@@ -33,7 +33,10 @@ class ConnectError(RuntimeError):
 async def connect(url: str, *, name: str = "faultline", connect_timeout_s: float = 2.0) -> Any:
     """A NATS connection that reconnects for a while and does not print errors by itself."""
 
+    seen: list[Exception] = []  # the last error only: the callback lives as long as the connection
+
     async def quiet(exc: Exception) -> None:
+        seen[:] = [exc]
         log.debug("nats: %s", exc)
 
     try:
@@ -50,7 +53,10 @@ async def connect(url: str, *, name: str = "faultline", connect_timeout_s: float
             connect_timeout_s * 2 + 1,
         )
     except (TimeoutError, OSError, nats.errors.Error) as exc:
-        raise ConnectError(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") from None
+        why = str(exc) or type(exc).__name__
+        if seen and str(seen[-1]) and str(seen[-1]) != why:
+            why += f" (last error: {seen[-1]})"  # the real cause, e.g. connection refused
+        raise ConnectError(f"cannot connect to NATS at {url}: {why}") from None
 
 
 async def close(nc: Any, timeout_s: float = 2.0) -> None:
@@ -132,7 +138,7 @@ async def request_acks(
                     why[nodes[i]] = f"no reply within {timeout_s:g}s ({attempt} attempt(s))"
             except nats.errors.Error as exc:
                 for i in pending:
-                    why[nodes[i]] = f"NATS error: {exc or type(exc).__name__}"
+                    why[nodes[i]] = f"NATS error: {str(exc) or type(exc).__name__}"
                 await asyncio.sleep(0.2)
     finally:
         with contextlib.suppress(Exception):
@@ -166,5 +172,5 @@ async def broadcast_revert(nc: Any, experiment_id: str, reason: str, *, timeout_
         await nc.publish(exp_abort(experiment_id), encode(cmd))
         await nc.flush(timeout=timeout_s)
     except (nats.errors.Error, TimeoutError, OSError) as exc:
-        return f"broadcast failed: {exc or type(exc).__name__}"
+        return f"broadcast failed: {str(exc) or type(exc).__name__}"
     return None

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -137,6 +139,33 @@ def test_validate_ok_and_invalid(tmp_path: Path) -> None:
     r = faultline("validate", str(bad))
     assert r.returncode == 2
     assert "spec.faults[0].load: must be between 1 and 100" in r.stderr
+
+
+def test_validate_reports_every_file_and_fails_if_one_is_invalid(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: faultline/v1\nkind: Experiment\nmetadata: {name: x}\nspec: {duration: 1s}\n")
+    good = [str(p) for p in sorted(EXAMPLES.glob("*.yaml"))]
+    r = faultline("validate", *good, str(bad))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert all(f"{g}: valid" in r.stdout for g in good), r.stdout
+    assert f"{bad}: invalid experiment file" in r.stderr and "spec.faults" in r.stderr
+
+
+def test_unreachable_nats_is_named_with_a_reason() -> None:
+    r = faultline("agents", "--nats", "nats://127.0.0.1:1", timeout_s=30)
+    assert r.returncode == 2
+    assert re.search(r"cannot connect to NATS at nats://127\.0\.0\.1:1: \S", r.stderr), r.stderr
+    assert "no --nats" not in r.stderr  # the URL was given: no hint about defaults
+
+
+def test_no_nats_configured_says_which_default_was_tried() -> None:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        if s.connect_ex(("127.0.0.1", 4222)) == 0:
+            pytest.skip("something listens on 127.0.0.1:4222 here; the default URL would reach it")
+    r = faultline("halt", timeout_s=30)
+    assert r.returncode == 2
+    assert "no --nats and no FAULTLINE_NATS_URL, so nats://127.0.0.1:4222 was tried" in r.stderr, r.stderr
 
 
 def test_schema_is_json() -> None:
