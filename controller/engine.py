@@ -189,31 +189,21 @@ class ExperimentRunner:
 
     async def _dispatch_faults(self, targets: list[str], t0: float) -> None:
         """Fault by fault, to every target at once (one batch of requests per fault)."""
-        spec = self.experiment.spec
-        for i, f in enumerate(spec.faults):
+        for i, f in enumerate(self.experiment.spec.faults):
             if self.aborted:
                 return
             fid = fault_id(self.experiment_id, i)
+            expires_at = t0 + self.experiment.fault_duration_s(i)
             shared: bytes | None = None  # node-level faults: one command, encoded once, for every node
             payloads: dict[str, bytes] = {}
             for node in targets:
                 track = self.tracks[(node, fid)]
-                if track.pods is None and shared is not None:
+                if track.pods is None:
+                    shared = shared or self._inject_command(f, fid, expires_at, None)
                     payloads[node] = shared
                 else:
-                    payloads[node] = encode(
-                        Inject(
-                            experiment_id=self.experiment_id,
-                            fault_id=fid,
-                            spec=f,
-                            expires_at=t0 + self.experiment.fault_duration_s(i),
-                            lease_timeout_s=spec.abort.lease_timeout_s,
-                            pods=track.pods,
-                        )
-                    )
-                    if track.pods is None:
-                        shared = payloads[node]
-                track.expires_at = t0 + self.experiment.fault_duration_s(i)
+                    payloads[node] = self._inject_command(f, fid, expires_at, track.pods)
+                track.expires_at = expires_at
                 track.dispatched_at = time.time()
                 track.move("dispatched", at=track.dispatched_at)
             results = await request_acks(
@@ -221,6 +211,18 @@ class ExperimentRunner:
             )
             for node, (ack, why) in results.items():
                 self._on_ack(self.tracks[(node, fid)], ack, why)
+
+    def _inject_command(self, f: Any, fid: str, expires_at: float, pods: list[PodRef] | None) -> bytes:
+        return encode(
+            Inject(
+                experiment_id=self.experiment_id,
+                fault_id=fid,
+                spec=f,
+                expires_at=expires_at,
+                lease_timeout_s=self.experiment.spec.abort.lease_timeout_s,
+                pods=pods,
+            )
+        )
 
     async def _wake_on_abort(self) -> None:
         while not self.aborted:

@@ -103,9 +103,17 @@ def _careful(adapter_or_model: Any, data: bytes | str) -> Any:
     return _validate(adapter_or_model, obj, lenient=minor > SCHEMA_MINOR)
 
 
+def _read(adapter_or_model: Any, data: bytes | str) -> Any:
+    """One pass when the message is plainly fine, else the careful path with its reasons."""
+    if isinstance(adapter_or_model, TypeAdapter):
+        fast = _fast(adapter_or_model.validate_json, data)
+    else:
+        fast = _fast(adapter_or_model.model_validate_json, data)
+    return fast if fast is not None else _careful(adapter_or_model, data)
+
+
 def decode(data: bytes | str, model: type[M]) -> M:
-    fast = _fast(model.model_validate_json, data)
-    return cast(M, fast if fast is not None else _careful(model, data))
+    return cast(M, _read(model, data))
 
 
 @functools.cache
@@ -121,15 +129,11 @@ def _any_adapter() -> TypeAdapter[Any]:
 
 def decode_command(data: bytes | str) -> Any:
     """An Inject or a Revert."""
-    adapter = _command_adapter()
-    fast = _fast(adapter.validate_json, data)
-    return fast if fast is not None else _careful(adapter, data)
+    return _read(_command_adapter(), data)
 
 
 def decode_any(data: bytes | str) -> Any:
-    adapter = _any_adapter()
-    fast = _fast(adapter.validate_json, data)
-    return fast if fast is not None else _careful(adapter, data)
+    return _read(_any_adapter(), data)
 
 
 def peek_id(data: bytes | str) -> str | None:
