@@ -1,29 +1,35 @@
-"""Keep an idle agent small: import nats-py and pydantic without ``importlib.metadata``.
+"""Keep an idle agent small: import nats-py and pydantic without what they never use here.
 
-Both libraries read package metadata while they are imported: nats-py its own
-version (``version("nats-py")``, sent in its CONNECT), pydantic the entry
-points of its plugins. ``importlib.metadata`` brings email, zipfile, csv,
-shutil, tempfile, bz2 and lzma with it: about 3 MiB of an idle agent's 40
-(``bench/bench_agent_idle.py --explain``), for two strings an agent never
-needs again.
+Both libraries import modules an agent never calls into:
 
-So, once, before the agent's first import of either library, a stand-in
-module answers those two lookups:
+- package metadata: nats-py reads its own version (``version("nats-py")``,
+  sent in its CONNECT), pydantic the entry points of its plugins, and
+  ``importlib.metadata`` brings email, zipfile, csv, shutil, tempfile, bz2 and
+  lzma with it;
+- ``email.parser``: nats-py's JetStream modules (imported by its core client
+  whether JetStream is used or not) import ``BytesParser`` for JetStream
+  headers. The email package costs about 1 MiB, and an agent uses no JetStream.
 
-- ``version(name)``: read from the installed ``{name}-{version}.dist-info``
-  directory's name (the wheel spec fixes that name), no file opened.
-- ``entry_points``: the agent loads no pydantic plugins at all
-  (``PYDANTIC_DISABLE_PLUGINS``): third-party code has no business hooking the
-  validation of fault commands. pydantic then never calls it.
+So, once, before the agent's first import of either library, stand-in modules
+answer what those imports look up:
 
-Anything else, or a lookup the stand-in cannot answer, imports the real
-module and asks it, so behaviour never changes, only the cost. The stand-in
-leaves ``sys.modules`` as soon as both imports are done: a later
-``import importlib.metadata`` anywhere gets the real one. Where the real one
-is already loaded (a test process, the controller) nothing is done.
+- ``importlib.metadata.version(name)``: read from the installed
+  ``{name}-{version}.dist-info`` directory's name (the wheel spec fixes that
+  name), no file opened.
+- ``importlib.metadata.entry_points``: the agent loads no pydantic plugins at
+  all (``PYDANTIC_DISABLE_PLUGINS``): third-party code has no business hooking
+  the validation of fault commands. pydantic then never calls it.
+- ``email.parser.BytesParser``: a class whose construction imports the real
+  module and returns a real parser, so JetStream would work as before.
 
-An upstream change (a static ``__version__`` in nats-py) would make this
-unnecessary.
+Anything else, or a lookup a stand-in cannot answer, imports the real module
+and asks it, so behaviour never changes, only the cost. The stand-ins leave
+``sys.modules`` as soon as the imports are done: a later import anywhere gets
+the real module. Where a real one is already loaded (a test process, the
+controller) nothing is done.
+
+Upstream changes (a static ``__version__`` in nats-py, its JetStream modules
+imported on first use) would make this unnecessary.
 """
 
 from __future__ import annotations
@@ -38,11 +44,11 @@ from typing import Any
 SHIMMED = ("nats.aio.client", "pydantic.plugin._loader")
 
 
-def _real() -> types.ModuleType:
-    shim = sys.modules.get("importlib.metadata")
+def _real(name: str = "importlib.metadata") -> types.ModuleType:
+    shim = sys.modules.get(name)
     if shim is not None and getattr(shim, "__lean_stand_in__", False):
-        del sys.modules["importlib.metadata"]  # needed after all: the real one takes its place for good
-    return importlib.import_module("importlib.metadata")
+        del sys.modules[name]  # needed after all: the real one takes its place for good
+    return importlib.import_module(name)
 
 
 def _dist_version(name: str) -> str | None:
@@ -72,33 +78,51 @@ def _entry_points(**selection: Any) -> Any:
     return _real().entry_points(**selection)
 
 
-def _fallback(attr: str) -> Any:
-    if attr.startswith("__"):
-        raise AttributeError(attr)  # the import system probes __path__ and friends: not a lookup
-    return getattr(_real(), attr)
+class _BytesParser:
+    """Stand-in for ``email.parser.BytesParser``: constructing one gives a real one."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return _real("email.parser").BytesParser(*args, **kwargs)
 
 
-def import_without_metadata() -> bool:
-    """Import nats-py and pydantic's plugin loader behind the stand-in. True if it was used."""
+def _fallback_to(name: str) -> Any:
+    def fallback(attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)  # the import system probes __path__ and friends: not a lookup
+        return getattr(_real(name), attr)
+
+    return fallback
+
+
+def _stand_in(name: str, **attrs: Any) -> types.ModuleType:
+    shim = types.ModuleType(name, "stand-in, see agent.lean")
+    for key, value in attrs.items():
+        setattr(shim, key, value)
+    setattr(shim, "__getattr__", _fallback_to(name))  # noqa: B010  (a module-level __getattr__, PEP 562)
+    shim.__lean_stand_in__ = True  # type: ignore[attr-defined]
+    return shim
+
+
+def import_lean() -> bool:
+    """Import nats-py and pydantic's plugin loader behind the stand-ins. True if they were used."""
     if "importlib.metadata" in sys.modules or any(m in sys.modules for m in SHIMMED):
         return False  # too late to save anything, or nothing to save: leave everything as it is
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
-    shim = types.ModuleType("importlib.metadata", "stand-in, see agent.lean")
-    shim.version = _version  # type: ignore[attr-defined]
-    shim.entry_points = _entry_points  # type: ignore[attr-defined]
-    setattr(shim, "__getattr__", _fallback)  # noqa: B010  (a module-level __getattr__, PEP 562)
-    shim.__lean_stand_in__ = True  # type: ignore[attr-defined]
-    sys.modules["importlib.metadata"] = shim
+    shims = {"importlib.metadata": _stand_in("importlib.metadata", version=_version, entry_points=_entry_points)}
+    if "email.parser" not in sys.modules:
+        shims["email.parser"] = _stand_in("email.parser", BytesParser=_BytesParser)
+    sys.modules.update(shims)
     try:
         for name in SHIMMED:
             importlib.import_module(name)
     finally:
-        if sys.modules.get("importlib.metadata") is shim:
-            del sys.modules["importlib.metadata"]
-        if getattr(importlib, "metadata", None) is shim:
+        for name, shim in shims.items():
+            if sys.modules.get(name) is shim:
+                del sys.modules[name]
+        if getattr(importlib, "metadata", None) is shims["importlib.metadata"]:
             delattr(importlib, "metadata")
     return True
 
 
 # Importing this module does it: agent.main imports it before anything that loads nats-py or builds a model.
-USED = import_without_metadata()
+USED = import_lean()

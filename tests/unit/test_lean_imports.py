@@ -1,4 +1,4 @@
-"""agent.lean: the agent imports nats-py and pydantic without importlib.metadata, and nothing changes but the cost."""
+"""agent.lean: the agent imports nats-py and pydantic without importlib.metadata or email, and nothing changes but the cost."""
 
 from __future__ import annotations
 
@@ -16,9 +16,15 @@ PROBE = textwrap.dedent(
     """
     import json, sys
     import agent.main  # what faultline-agent imports
-    loaded = {m: m in sys.modules for m in ("importlib.metadata", "zipfile", "csv", "nats.aio.client")}
+    agent.main.build_parser().format_help()  # and what it runs before it is ready
+    watched = ("importlib.metadata", "zipfile", "csv", "email", "email.parser", "shutil", "nats.aio.client")
+    loaded = {m: m in sys.modules for m in watched}
     import nats.aio.client
     seen_version = nats.aio.client.__version__
+    import nats.js.client
+    parser = nats.js.client.BytesParser()  # JetStream's header parser: a real one, made on demand
+    parsed = dict(parser.parsebytes(b"Nats-Msg-Id: 7\\r\\n\\r\\n"))
+    import email.parser
     import importlib.metadata  # a later import gets the real module
     print(json.dumps({
         "used": agent.lean.USED,
@@ -26,6 +32,9 @@ PROBE = textwrap.dedent(
         "nats_version": seen_version,
         "real_version": importlib.metadata.version("nats-py"),
         "real_module": hasattr(importlib.metadata, "distributions"),
+        "parser_is_real": type(parser) is email.parser.BytesParser,
+        "parsed": parsed,
+        "real_email_parser": hasattr(email.parser, "HeaderParser"),
         "plugins": __import__("os").environ.get("PYDANTIC_DISABLE_PLUGINS"),
     }))
     """
@@ -47,9 +56,14 @@ def test_agent_imports_without_importlib_metadata_and_versions_are_unchanged() -
     assert loaded["nats.aio.client"] is True
     assert loaded["importlib.metadata"] is False, "importlib.metadata was loaded by the agent's imports"
     assert loaded["zipfile"] is False and loaded["csv"] is False
+    assert loaded["email"] is False and loaded["email.parser"] is False, "the email package was loaded"
+    assert loaded["shutil"] is False, "shutil (and bz2, lzma) loaded: argparse's default help formatter?"
     assert r["nats_version"] == r["real_version"], "nats-py saw another version than its metadata says"
     assert r["real_module"] is True, "a later import of importlib.metadata did not get the real module"
     assert r["plugins"] == "__all__"
+    assert r["parser_is_real"] is True, "the BytesParser stand-in did not give a real email parser"
+    assert r["parsed"] == {"Nats-Msg-Id": "7"}
+    assert r["real_email_parser"] is True, "a later import of email.parser did not get the real module"
 
 
 def test_dist_version_reads_the_dist_info_name() -> None:
@@ -67,5 +81,15 @@ def test_nothing_is_done_when_importlib_metadata_is_already_loaded() -> None:
     # this test process (pytest) has it loaded: the stand-in must stay out of the way
     assert "importlib.metadata" in sys.modules
     real = sys.modules["importlib.metadata"]
-    assert lean.import_without_metadata() is False
+    assert lean.import_lean() is False
     assert sys.modules["importlib.metadata"] is real
+
+
+def test_help_width_follows_columns_as_shutil_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent import main
+
+    monkeypatch.setenv("COLUMNS", "50")
+    assert main.terminal_columns() == 50
+    assert main.HelpFormatter("faultline-agent")._width == 48  # as argparse's own: columns less 2
+    monkeypatch.setenv("COLUMNS", "not-a-number")
+    assert main.terminal_columns() > 0
