@@ -16,10 +16,10 @@ log = logging.getLogger(__name__)
 INJECTORS: dict[str, str] = {
     "process-kill": "agent.faults.process:ProcessKill",
     "process-pause": "agent.faults.process:ProcessPause",
-    "cpu": "agent.faults.cpu:CpuStress",
-    "memory": "agent.faults.memory:MemoryStress",
-    # lazy: pyroute2 is imported on the first network fault, not by an idle agent
-    "network": "agent.faults.network_lazy:LazyNetworkFault",
+    # lazy (agent.faults.lazy): loaded on their first fault, not by an idle agent
+    "cpu": "agent.faults.lazy:LazyCpu",
+    "memory": "agent.faults.lazy:LazyMemory",
+    "network": "agent.faults.network_lazy:LazyNetworkFault",  # pyroute2 too
 }
 
 

@@ -16,32 +16,26 @@ import subprocess
 import sys
 from typing import Any
 
-from agent.faults.base import Capability, FaultContext, Injector, Plan
-from proto.messages import Measurements
+from agent.faults.base import Capability, Plan
+from agent.faults.lazy import LazyInjector
 
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 30.0
 
 
-class LazyNetworkFault(Injector):
+class LazyNetworkFault(LazyInjector):
     kind = "network"
-    plan_model = Plan  # the real one comes with load_plan()
+    real = "agent.faults.network:NetworkFault"
 
     def __init__(self, env: Any) -> None:
         super().__init__(env)
-        self._real: Any = None
         self._caps: list[Capability] | None = None
         self._swept: list[str] = []
 
-    def _load(self) -> Any:
-        if self._real is None:
-            from agent.faults.network import NetworkFault
-
-            self._real = NetworkFault(self.env)
-            if self._caps is not None:
-                self._real._caps = {c.name: c for c in self._caps}  # probed already: not again
-        return self._real
+    def _on_load(self, real: Any) -> None:
+        if self._caps is not None:
+            real._caps = {c.name: c for c in self._caps}  # probed already: not again
 
     def probe(self) -> list[Capability]:
         argv = [sys.executable, "-m", "agent.netlink.startup"]
@@ -58,28 +52,8 @@ class LazyNetworkFault(Injector):
             self._caps = self._load().probe()
         return list(self._caps)
 
-    def load_plan(self, raw: dict[str, Any]) -> Plan:
-        plan: Plan = self._load().load_plan(raw)
-        return plan
-
-    def check(self, spec: Any, ctx: FaultContext) -> None:
-        self._load().check(spec, ctx)
-
-    async def plan(self, spec: Any, ctx: FaultContext) -> Plan:
-        plan: Plan = await self._load().plan(spec, ctx)
-        return plan
-
-    async def apply(self, spec: Any, plan: Plan, ctx: FaultContext) -> Measurements:
-        m: Measurements = await self._load().apply(spec, plan, ctx)
-        return m
-
-    async def revert(self, plan: Plan, ctx: FaultContext) -> Measurements:
-        m: Measurements = await self._load().revert(plan, ctx)
-        return m
-
     async def sweep(self, journaled: list[Plan]) -> list[str]:
         swept, self._swept = self._swept, []
-        if journaled or self._real is not None:
-            lines: list[str] = await self._load().sweep(journaled)
-            swept += lines
+        if journaled or self.loaded:
+            swept += await self._load().sweep(journaled)
         return swept

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -25,20 +23,24 @@ import sys
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import psutil
-from pydantic import BaseModel, ConfigDict
 
 from agent import cgroups
 from agent.faults.base import AgentEnv, Capability, Injector, Plan, Rejected
+from agent.faults.stress_marks import (
+    MARKER_ARG,
+    MARKER_ENV,
+    StressorRef,
+    agent_tag,
+    find_marked,
+    make_marker,
+    stress_capabilities,
+)
 
 log = logging.getLogger(__name__)
 
-MARKER_ENV = "FAULTLINE_STRESSOR"
-MARKER_PREFIX = "faultline-stressor"
-_MARKER_ARG = "--marker="
 STOP_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 10.0
 
@@ -50,52 +52,6 @@ path kills one (revert with or without in-memory state, sweep) also reaps it."""
 
 class StressorError(Exception):
     """A stressor could not be started or placed; str() is the reason."""
-
-
-def agent_tag(node: str, state_dir: Path) -> str:
-    """Per-agent part of the marker: readable node name plus a hash of node and state_dir."""
-    digest = hashlib.sha256(f"{node}\0{Path(state_dir).resolve()}".encode()).hexdigest()[:12]
-    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', node)[:40]}-{digest}"
-
-
-def make_marker(kind: str, tag: str, fault_id: str) -> str:
-    return f"{MARKER_PREFIX}:{kind}:{tag}:{fault_id}"
-
-
-class StressorRef(BaseModel):
-    """One stressor process, identified beyond pid reuse by its start time."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
-
-    pid: int
-    create_time: float
-
-
-def _marker_of(proc: psutil.Process) -> str | None:
-    try:
-        for arg in proc.cmdline():
-            if arg.startswith(_MARKER_ARG):
-                return str(arg[len(_MARKER_ARG) :])
-    except (psutil.Error, OSError):
-        return None
-    return None
-
-
-def find_marked(prefix: str) -> dict[str, list[StressorRef]]:
-    """Live stressors whose marker starts with ``prefix``: marker -> refs."""
-    found: dict[str, list[StressorRef]] = {}
-    for proc in psutil.process_iter(["pid"]):
-        marker = _marker_of(proc)
-        if marker is None or not marker.startswith(prefix):
-            continue
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            ref = StressorRef(pid=proc.pid, create_time=proc.create_time())
-        except psutil.Error:
-            continue
-        found.setdefault(marker, []).append(ref)
-    return found
 
 
 @dataclass
@@ -128,7 +84,7 @@ def spawn(marker: str, args: Sequence[str], *, until: float = 0.0, core: int | N
         sys.executable,
         "-m",
         "agent.stressor_main",
-        f"{_MARKER_ARG}{marker}",
+        f"{MARKER_ARG}{marker}",
         f"--parent-pid={os.getpid()}",
         f"--until={until:.3f}",
     ]
@@ -344,8 +300,7 @@ class StressInjector(Injector):
         self._running: dict[str, Running] = {}
 
     def probe(self) -> list[Capability]:
-        ok, why = cgroups.writable()
-        return [Capability(self.kind, True), Capability("cgroup", ok, why)]
+        return stress_capabilities(self.kind)
 
     def marker_for(self, fault_id: str) -> str:
         return make_marker(self.kind, self.tag, fault_id)

@@ -11,7 +11,7 @@ from typing import Any
 import psutil
 import pytest
 
-from agent.faults.stressor import MARKER_PREFIX, agent_tag, find_marked
+from agent.faults.stress_marks import MARKER_PREFIX, agent_tag, find_marked
 from proto import subjects
 from proto.codec import decode, encode
 from proto.messages import Ack, Inject, Revert

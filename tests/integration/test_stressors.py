@@ -25,8 +25,10 @@ import pytest
 from agent import cgroups
 from agent.faults.base import AgentEnv, FaultContext, Injector
 from agent.faults.cpu import CpuStress
+from agent.faults.lazy import LazyCpu, LazyMemory
 from agent.faults.memory import MemoryStress
-from agent.faults.stressor import MARKER_PREFIX, find_marked, kill_and_wait, make_marker, spawn, start
+from agent.faults.stress_marks import MARKER_PREFIX, find_marked, make_marker
+from agent.faults.stressor import kill_and_wait, spawn, start
 from proto.faults import CpuSpec, MemorySpec
 from proto.messages import Measurements
 
@@ -219,6 +221,44 @@ async def test_sweep_kills_only_this_agents_unjournaled_stressors(tmp_path: Path
         assert gone(stray[0].pid) and not gone(kept[0].pid) and not gone(foreign[0].pid)
     finally:
         await kill_and_wait([], stray + kept + foreign)
+
+
+async def test_lazy_kind_sweeps_a_stray_at_start_and_loads_only_then(env: AgentEnv, cleanup: None) -> None:
+    """What an agent runs at start for cpu and memory (agent.faults.lazy): with nothing of ours
+    around, the sweep finds nothing and loads nothing; a stray of ours is killed by the real sweep."""
+    idle = LazyMemory(env)
+    assert await idle.sweep([]) == [] and not idle.loaded
+    lazy = LazyCpu(env)
+    stray = [spawn(make_marker("cpu", CpuStress(env).tag, "stray"), ["cpu", "--load=5"])]
+    try:
+        await start(stray, None)
+        lines = await lazy.sweep([])
+        assert len(lines) == 1 and "killed stray cpu stressor" in lines[0], lines
+        assert lazy.loaded and gone(stray[0].pid)
+    finally:
+        await kill_and_wait([], stray)
+
+
+async def test_lazy_kind_is_the_real_one_once_loaded(env: AgentEnv, cleanup: None) -> None:
+    """check, plan, apply, revert and release all reach one real instance: the memory kind's share
+    of free memory set aside by check() is given back by release()."""
+    lazy = LazyMemory(env)
+    assert lazy.probe() == MemoryStress(env).probe()  # the same answer, and still nothing loaded
+    assert not lazy.loaded
+    ctx = ctx_for(env, duration_s=30)
+    spec = MemorySpec(size="16Mi")
+    lazy.check(spec, ctx)
+    real = lazy._real
+    assert isinstance(real, MemoryStress) and real._promised == {ctx.fault_id: 16 * MiB}, "check() did not reach it"
+    plan = await lazy.plan(spec, ctx)
+    try:
+        await lazy.apply(spec, plan, ctx)
+        assert find_marked(plan.marker), "no stressor running after apply"  # type: ignore[attr-defined]
+    finally:
+        await lazy.revert(plan, ctx)
+        lazy.release(ctx)
+    assert not find_marked(plan.marker) and real._promised == {}  # type: ignore[attr-defined]
+    assert lazy.load_plan(plan.model_dump(mode="json")) == plan
 
 
 @pytest.fixture

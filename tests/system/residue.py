@@ -13,7 +13,7 @@ import re
 
 import psutil
 
-from agent.faults.stressor import MARKER_PREFIX, agent_tag
+from agent.faults.stress_marks import MARKER_PREFIX, agent_tag
 from agent.netlink import tc
 from agent.netlink.netns import iproute
 from tests.system.fleet import FleetHarness, list_netns, victim_status

@@ -16,7 +16,7 @@ from agent import cgroups
 from agent.faults.base import AgentEnv, FaultContext, Rejected
 from agent.faults.cpu import CpuPlan, CpuStress
 from agent.faults.memory import MemoryPlan, MemoryStress
-from agent.faults.stressor import agent_tag, find_marked
+from agent.faults.stress_marks import agent_tag, find_marked
 from proto.faults import CpuSpec, FaultSpec, MemorySpec
 
 SPEC = TypeAdapter(FaultSpec)

@@ -93,3 +93,34 @@ def test_help_width_follows_columns_as_shutil_would(monkeypatch: pytest.MonkeyPa
     assert main.HelpFormatter("faultline-agent")._width == 48  # as argparse's own: columns less 2
     monkeypatch.setenv("COLUMNS", "not-a-number")
     assert main.terminal_columns() > 0
+
+
+IDLE = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from pathlib import Path
+    import agent.main
+    from agent.faults import load_injectors
+    from agent.faults.base import AgentEnv
+    env = AgentEnv(node="lean-test", state_dir=Path(sys.argv[1]), instance_id="i", protected_pids=dict)
+    injectors, missing = load_injectors(env)
+    kinds = [k for k in injectors if k != "network"]  # network's start-up child has its own tests
+    caps = {k: [c.name for c in injectors[k].probe()] for k in kinds}
+    swept = {k: asyncio.run(injectors[k].sweep([])) for k in kinds}
+    heavy = ("agent.faults.stressor", "agent.faults.cpu", "agent.faults.memory", "pyroute2")
+    print(json.dumps({"loaded": [m for m in heavy if m in sys.modules], "caps": caps, "swept": swept,
+                      "missing": missing}))
+    """
+)
+
+
+def test_an_idle_agent_probes_and_sweeps_without_loading_the_stressor_code(tmp_path: object) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", IDLE, str(tmp_path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, f"probe failed: {out.stderr[-2000:]}"
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["missing"] == {}
+    assert r["loaded"] == [], f"loaded by an idle agent's start: {r['loaded']}"
+    assert r["caps"]["cpu"] == ["cpu", "cgroup"] and r["caps"]["memory"] == ["memory", "cgroup"]
+    assert r["swept"] == {"process-kill": [], "process-pause": [], "cpu": [], "memory": []}
