@@ -8,16 +8,33 @@ controller, else the v2 mount anyway (placement works, limits do not apply).
 
 A user names a cgroup relative to the cgroup root ("kubepods/pod1/abc"); on v1
 the same relative path is looked up under each controller's mount.
+
+Moving a process is checked against the *writer's* cgroup namespace: where the
+v2 hierarchy is mounted with ``nsdelegate`` (systemd's default), the kernel
+refuses (ENOENT) a move from or to a cgroup outside the writer's namespace root.
+A DaemonSet agent that is not privileged gets a private cgroup namespace from
+its runtime on v2 nodes, rooted at its own container, so every pod's and the
+node's cgroups are outside it. With the host's PID namespace (hostPID) and
+CAP_SYS_ADMIN, the agent writes from a short-lived thread that has joined PID
+1's cgroup namespace (namespaces belong to threads: the rest of the agent stays
+where it is). Where the agent already shares PID 1's namespace (a node service,
+the tests) it writes in place.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import math
 import os
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 CONTROLLERS: tuple[str, ...] = ("cpu", "memory")
+CLONE_NEWCGROUP = 0x02000000
+ROOT_CGROUPNS = "/proc/1/ns/cgroup"  # PID 1's: the host's init under hostPID
 _UNLIMITED_V1_BYTES = 1 << 62  # v1 reports "no limit" as a page-rounded LONG_MAX
 
 
@@ -183,14 +200,81 @@ def oom_kill_count(target: CgroupTarget) -> int | None:
     return None
 
 
-def move_pid(target: CgroupTarget, pid: int) -> None:
-    """Write ``pid`` into every procs file of the target. Raises CgroupError with the kernel's reason."""
-    for procs in target.procs_files():
+def move_pids(target: CgroupTarget, pids: Sequence[int], root_ns: str = ROOT_CGROUPNS) -> None:
+    """Write each pid into every procs file of the target; when the kernel refuses and our cgroup
+    namespace is not PID 1's, again from PID 1's (see the module doc). Raises CgroupError with
+    the kernel's reason."""
+
+    def write_all() -> None:
+        for pid in pids:
+            for procs in target.procs_files():
+                try:
+                    with open(procs, "w") as f:
+                        f.write(f"{pid}\n")
+                except OSError as exc:
+                    why = exc.strerror or str(exc)
+                    if exc.errno == errno.ENOENT and procs.exists():
+                        why += " (the cgroup is outside the agent's cgroup namespace: the kernel refuses the move)"
+                    raise CgroupError(f"cannot move pid {pid} into {procs}: {why}") from exc
+
+    try:
+        write_all()
+    except CgroupError as refused:
+        if shares_cgroupns(root_ns):
+            raise
         try:
-            with open(procs, "w") as f:
-                f.write(f"{pid}\n")
-        except OSError as exc:
-            raise CgroupError(f"cannot move pid {pid} into {procs}: {exc.strerror or exc}") from exc
+            in_cgroupns(root_ns, write_all)  # a move already made is made again: harmless
+        except CgroupError as exc:
+            raise CgroupError(f"{refused}; from the cgroup namespace of PID 1: {exc}") from exc
+
+
+def shares_cgroupns(ns_path: str = ROOT_CGROUPNS) -> bool:
+    """Whether this process is in the cgroup namespace at ns_path. True when that cannot be
+    read (no such process, no permission): then we write from where we are and the kernel
+    says whether it allows it."""
+    try:
+        return os.readlink("/proc/thread-self/ns/cgroup") == os.readlink(ns_path)
+    except OSError:
+        return True
+
+
+def in_cgroupns(ns_path: str, fn: Callable[[], None]) -> None:
+    """Run fn on a short-lived thread that has first joined the cgroup namespace at ns_path."""
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            try:
+                fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise CgroupError(f"cannot open the cgroup namespace {ns_path}: {exc.strerror}") from None
+            try:
+                if _libc().setns(fd, CLONE_NEWCGROUP) != 0:
+                    err = ctypes.get_errno()
+                    raise CgroupError(
+                        f"cannot join the cgroup namespace {ns_path} to move processes: {os.strerror(err)}"
+                        " (needs CAP_SYS_ADMIN and the host's PID namespace)"
+                    )
+            finally:
+                os.close(fd)
+            fn()  # the thread ends next, and its namespace with it
+        except BaseException as exc:  # handed to the caller's thread
+            failure.append(exc)
+
+    t = threading.Thread(target=body, name="cgroupns-move", daemon=True)
+    t.start()
+    t.join()
+    if failure:
+        raise failure[0]
+
+
+_LIBC: list[ctypes.CDLL] = []
+
+
+def _libc() -> ctypes.CDLL:
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    return _LIBC[0]
 
 
 def pids_in(target: CgroupTarget, controller: str) -> set[int]:

@@ -123,12 +123,11 @@ async def start(stressors: Sequence[Stressor], cgroup: cgroups.CgroupTarget | No
             if time.monotonic() > deadline:
                 raise StressorError(f"stressors {[s.pid for s in pending]} did not reach their start point")
             await asyncio.sleep(0.005)
-    for s in stressors:
-        if cgroup is not None:
-            try:
-                cgroups.move_pid(cgroup, s.pid)
-            except cgroups.CgroupError as exc:
-                raise StressorError(str(exc)) from exc
+    if cgroup is not None:
+        try:
+            cgroups.move_pids(cgroup, [s.pid for s in stressors])
+        except cgroups.CgroupError as exc:
+            raise StressorError(str(exc)) from exc
     for s in stressors:
         os.kill(s.pid, signal.SIGCONT)
 

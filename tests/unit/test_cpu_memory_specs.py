@@ -241,3 +241,46 @@ def test_v1_limits_and_missing_secondary_controller(tmp_path: Path) -> None:
     unlimited = _cg(mem_root, "big", {"memory.limit_in_bytes": "9223372036854771712\n"})
     assert cgroups.memory_limit_bytes(cgroups.resolve("big", "memory", layout)) is None
     assert unlimited.is_dir()
+
+
+# --- moving stressors: plain write, then from PID 1's cgroup namespace ---------------------------
+
+
+def _target(d: Path) -> cgroups.CgroupTarget:
+    return cgroups.CgroupTarget(path="t", dirs={"cpu": d}, versions={"cpu": "v2"})
+
+
+def test_move_pids_writes_into_every_procs_file(tmp_path: Path) -> None:
+    v1_cpu, v1_mem = tmp_path / "cpu", tmp_path / "memory"
+    for d in (v1_cpu, v1_mem):
+        d.mkdir()
+        (d / "cgroup.procs").write_text("")
+    target = cgroups.CgroupTarget(path="t", dirs={"cpu": v1_cpu, "memory": v1_mem}, versions={})
+    cgroups.move_pids(target, [11, 12])  # one write per pid and file; a plain file keeps the last
+    assert (v1_cpu / "cgroup.procs").read_text() == "12\n" and (v1_mem / "cgroup.procs").read_text() == "12\n"
+
+
+def test_a_refused_move_in_our_own_namespace_is_not_retried(tmp_path: Path) -> None:
+    with pytest.raises(cgroups.CgroupError, match=r"cannot move pid 7 into .*missing/cgroup.procs") as err:
+        cgroups.move_pids(_target(tmp_path / "missing"), [7], root_ns="/proc/self/ns/cgroup")
+    assert "namespace" not in str(err.value)
+
+
+def test_a_refused_move_is_retried_from_the_other_namespace_and_both_reasons_are_given(tmp_path: Path) -> None:
+    # a namespace file that is not a cgroup namespace: readlink differs, and joining it fails
+    with pytest.raises(cgroups.CgroupError) as err:
+        cgroups.move_pids(_target(tmp_path / "missing"), [7], root_ns="/proc/self/ns/net")
+    text = str(err.value)
+    assert "cannot move pid 7" in text and "from the cgroup namespace of PID 1" in text
+    assert "cannot join the cgroup namespace /proc/self/ns/net" in text, text
+
+
+def test_joining_a_namespace_that_does_not_exist_says_which(tmp_path: Path) -> None:
+    with pytest.raises(cgroups.CgroupError, match="cannot open the cgroup namespace /nonexistent/ns"):
+        cgroups.in_cgroupns("/nonexistent/ns", lambda: None)
+
+
+def test_shares_cgroupns_with_ourselves_and_when_unreadable() -> None:
+    assert cgroups.shares_cgroupns("/proc/self/ns/cgroup")
+    assert cgroups.shares_cgroupns("/nonexistent/ns")  # cannot tell: write from where we are
+    assert not cgroups.shares_cgroupns("/proc/self/ns/net")
