@@ -164,21 +164,35 @@ def load_settings(args: argparse.Namespace, environ: dict[str, str]) -> AgentSet
     return AgentSettings.model_validate(raw)
 
 
+class StopSignals:
+    """What SIGTERM and SIGINT do. The first starts the stop (revert everything, bounded by
+    timing.stop_timeout_s). A second SIGINT (Ctrl-C twice) exits at once; the journal keeps the
+    faults for the next start. A repeated SIGTERM is not a request to hurry: a parent-death
+    signal comes once per thread of a dying parent (faultline run's local agent), and cutting
+    the revert short would leave faults in place."""
+
+    def __init__(self, request_stop: Callable[[], None], exit_now: Callable[[int], Any] = os._exit) -> None:
+        self.request_stop = request_stop
+        self.exit_now = exit_now
+        self.stopping = False
+
+    def __call__(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if not self.stopping:
+            self.stopping = True
+            log.info("%s: reverting all faults and stopping", name)
+            self.request_stop()
+        elif signum == signal.SIGINT:
+            log.error("second SIGINT: exiting now; faults left to journal recovery")
+            self.exit_now(130)
+        else:
+            log.info("%s again: already stopping", name)
+
+
 async def serve(settings: AgentSettings) -> int:
     runtime = AgentRuntime(settings)
     loop = asyncio.get_running_loop()
-    signals_seen = 0
-
-    def on_signal(signum: int) -> None:
-        # a handler only sets a flag; the second signal forces exit (the journal still has the faults)
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen > 1:
-            log.error("second %s: exiting now; faults left to journal recovery", signal.Signals(signum).name)
-            os._exit(130)
-        log.info("%s: reverting all faults and stopping", signal.Signals(signum).name)
-        runtime.request_stop()
-
+    on_signal = StopSignals(runtime.request_stop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     extras = await _start_extras(runtime, settings)

@@ -59,6 +59,7 @@ MAX_REMEMBERED = 4096
 ENDED_IN_HEARTBEATS_S = 120.0
 REVERT_ATTEMPTS = 3
 JOURNAL_CLEANUP_DELAY_S = 0.5
+JOURNAL_SETTLE_S = 2.0  # a stop waits this long at most for journal bookkeeping in flight
 REVERT_BACKOFF_S = 1.0
 WATCHDOG_SLACK_S = 0.005
 
@@ -128,6 +129,7 @@ class AgentRuntime(CommandHandler, Recovery):
         self._pending_events: list[FaultEvent] = []
         self._cleanup: list[tuple[str, str, float, bool]] = []
         self._cleanup_timer: asyncio.TimerHandle | None = None
+        self._cleanups: set[asyncio.Task[None]] = set()  # journal bookkeeping in flight
         self._watchdog_poke = asyncio.Event()
         self._watchdog_next = 0.0  # monotonic time of the watchdog's next check
         self._hb_seq = 0
@@ -353,7 +355,20 @@ class AgentRuntime(CommandHandler, Recovery):
     def _start_cleanup(self) -> None:
         self._cleanup_timer = None
         if self._cleanup:
-            self.spawn(self.flush_cleanup(), name="journal-cleanup")
+            task = self.spawn(self.flush_cleanup(), name="journal-cleanup")
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
+
+    async def settle_journal(self, timeout_s: float) -> None:
+        """Finish the journal bookkeeping queued or in flight. A stop waits for it: its tasks are
+        cancelled afterwards, and a cancelled worker-thread call that has not started never runs
+        (entries of reverted faults would be left for the next start to revert again)."""
+        if self._cleanup_timer is not None:
+            self._cleanup_timer.cancel()
+            self._cleanup_timer = None
+        if self._cleanups:
+            await asyncio.wait(set(self._cleanups), timeout=timeout_s)
+        await self.flush_cleanup()
 
     async def flush_cleanup(self) -> None:
         batch, self._cleanup = self._cleanup, []
@@ -416,11 +431,16 @@ class AgentRuntime(CommandHandler, Recovery):
     # --- NATS ----------------------------------------------------------------
 
     async def connect(self) -> bool:
+        """Connect, retrying until connected (True) or asked to stop (False).
+
+        nats-py retries a first connect by itself, for ever (max_reconnect_attempts=-1), so a
+        stop request is raced against it: an agent that cannot reach NATS still stops at once
+        on SIGTERM (a rollout or ``systemctl stop`` while NATS is down)."""
         nats_cfg = self.settings.nats
         delay = nats_cfg.reconnect_wait_s
         while not self.stop_event.is_set():
-            try:
-                self.nc = await nats.connect(
+            attempt = asyncio.ensure_future(
+                nats.connect(
                     servers=nats_cfg.urls,
                     name=f"faultline-agent/{self.node}",
                     connect_timeout=nats_cfg.connect_timeout_s,
@@ -433,14 +453,27 @@ class AgentRuntime(CommandHandler, Recovery):
                     reconnected_cb=self._on_reconnected,
                     error_cb=self._on_error,
                 )
-                self.connected = True
-                self.nats_lost_since = None
-                return True
+            )
+            stop = asyncio.ensure_future(self.stop_event.wait())
+            try:
+                await asyncio.wait({attempt, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+            if not attempt.done():
+                attempt.cancel()  # stopping: give up the connection in progress
+                await asyncio.wait({attempt}, timeout=1.0)
+                return False
+            try:
+                self.nc = attempt.result()
             except Exception as exc:
                 log.warning("cannot reach NATS at %s: %s; retrying", ",".join(nats_cfg.urls), exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop_event.wait(), delay)
                 delay = min(delay * 2, 5.0)
+                continue
+            self.connected = True
+            self.nats_lost_since = None
+            return True
         return False
 
     async def _on_disconnected(self) -> None:
@@ -621,10 +654,7 @@ class AgentRuntime(CommandHandler, Recovery):
                 await asyncio.wait_for(done, max(1.0, timing.stop_timeout_s - 3 * self.settings.nats.drain_timeout_s))
             except TimeoutError:
                 log.error("stop: %d fault(s) did not revert in time; the journal keeps them", len(self.faults))
-        if self._cleanup_timer is not None:
-            self._cleanup_timer.cancel()
-            self._cleanup_timer = None
-        await self.flush_cleanup()  # the journal is settled before the last heartbeat
+        await self.settle_journal(JOURNAL_SETTLE_S)  # settled before the last heartbeat
         if self.nc is not None and self.connected:
             hb = encode(self.heartbeat("leaving"))
             with contextlib.suppress(Exception):

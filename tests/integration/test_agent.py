@@ -178,6 +178,34 @@ async def test_sigterm_reverts_says_leaving_and_exits(nc, agent_factory, victims
     assert "stopping" in (events.events("exp1.0", "reverted")[0].reason or "")
 
 
+async def test_sigterm_repeated_during_the_stop_still_reverts_and_settles_the_journal(nc, agent_factory, victims):
+    """A dying parent can send its parent-death signal once per thread: a second SIGTERM must not
+    cut the revert short, and the stop leaves no journal entry behind. (Two signals sent back to
+    back may merge in the kernel; tests/unit/test_agent_safety.py checks the policy itself.)"""
+    agent = agent_factory("node-a")
+    procs = victims.start(3)
+    for i in range(3):
+        assert (await send(nc, "node-a", pause(f"{victims.token}", fid=f"exp1.{i}"))).accepted
+    await async_wait_until(lambda: all(status(p) == "stopped" for p in procs), 5, "victims paused")
+    agent.signal(signal.SIGTERM)
+    agent.signal(signal.SIGTERM)
+    assert agent.proc is not None
+    rc = await asyncio.to_thread(agent.proc.wait, 5)
+    assert rc == 0, f"agent exited with {rc} on a repeated SIGTERM:\n{agent.log()}"
+    assert all(status(p) != "stopped" for p in procs)
+    assert agent.journal() == [], "journal entries left by a clean stop"
+
+
+async def test_sigterm_stops_an_agent_that_cannot_reach_nats(agent_factory):
+    agent = agent_factory("node-x", url="nats://127.0.0.1:1", start=False).start()
+    await async_wait_until(lambda: "Connection refused" in agent.log(since_start=True), 15, "a failed connect logged")
+    t0 = time.monotonic()
+    agent.signal(signal.SIGTERM)
+    assert agent.proc is not None
+    rc = await asyncio.to_thread(agent.proc.wait, 5)
+    assert rc == 0 and time.monotonic() - t0 < 5, f"exit {rc}:\n{agent.log()}"
+
+
 async def test_halt_reverts_everything_and_blocks_reinjection(nc, agent_factory, victims, events):
     agent_factory("node-a")
     (proc,) = victims.start(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from pathlib import Path
@@ -205,3 +206,40 @@ async def test_network_revert_waits_for_an_apply_that_timed_out(
     threading.Timer(0.1, release.set).start()  # the stuck apply ends while the revert waits
     await inj._netlink("revert", revert)
     assert order == ["apply finished", "revert"], "the revert ran before the timed-out apply finished"
+
+
+async def test_a_stop_returns_only_once_the_journal_of_what_it_reverted_is_settled(tmp_path: Path) -> None:
+    """The reverted fault's journal entry is dropped by a worker-thread call; the stop cancels its
+    tasks at the end, and a cancelled call that has not finished must not be left behind."""
+    rt, _ = runtime(tmp_path, lambda env: FlakyRevert(env, failures=0))
+    assert decode(await rt.handle_command(inject()), Ack).accepted
+    rec = rt.faults["e.0"]
+    await async_wait_until(lambda: rec.state == "active", 2, "the fault to become active")
+    finished: list[str] = []
+    real = rt.journal.finish_many
+
+    def slow_finish_many(batch: Any) -> None:
+        time.sleep(0.3)  # a busy disk
+        real(batch)
+        finished.extend(fid for fid, *_ in batch)
+
+    rt.journal.finish_many = slow_finish_many  # type: ignore[method-assign]
+    await asyncio.wait_for(rt.shutdown(), 10)
+    assert finished == ["e.0"], "the stop returned before the journal bookkeeping of its revert was done"
+    assert not list((tmp_path / "journal").glob("*.json"))
+
+
+def test_stop_signals_repeated_sigterm_keeps_stopping_a_second_sigint_exits() -> None:
+    from agent.main import StopSignals
+
+    stops: list[int] = []
+    exits: list[int] = []
+    on_signal = StopSignals(lambda: stops.append(1), exits.append)
+    on_signal(signal.SIGTERM)
+    on_signal(signal.SIGTERM)  # e.g. a parent-death signal from another thread of a dying parent
+    assert stops == [1] and exits == []
+    on_signal(signal.SIGINT)  # Ctrl-C while stopping
+    assert exits == [130]
+    first_int = StopSignals(lambda: stops.append(2), exits.append)
+    first_int(signal.SIGINT)
+    assert stops == [1, 2] and exits == [130]
