@@ -1,8 +1,10 @@
 """Processes the agent never touches (invariant 7), each with the reason.
 
 PID 1, the agent itself, its ancestors and descendants (its own stressors),
-other faultline agents on the machine, the NATS server the agent talks to,
-kernel threads, configured pids, and anything matching the deny list.
+other faultline agents on the machine, faultline controllers (a run paused by
+its own fault would abort blaming an agent, and its leases and aborts would
+stop), the NATS server the agent talks to, kernel threads, configured pids,
+and anything matching the deny list.
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ import psutil
 
 AGENT_MARKERS = ("faultline-agent", "agent.main")
 STRESSOR_MARKER = "faultline-stressor:"
+CONTROLLER_SCRIPT = "faultline"  # the console script (controller.cli:main)
+CONTROLLER_MODULE = "controller.cli"
+
+
+def is_controller(cmdline: Sequence[str]) -> bool:
+    """``faultline ...`` (the script, or an interpreter running it) or ``python -m controller.cli``."""
+    head = [os.path.basename(arg) for arg in cmdline[:2]]
+    return CONTROLLER_SCRIPT in head or (CONTROLLER_MODULE in cmdline[1:3] and "-m" in cmdline[1:2])
 
 
 def is_kernel_thread(proc: psutil.Process) -> bool:
@@ -78,6 +88,8 @@ def protection_reason(
         return "a NATS server"
     if any(marker in cmdline for marker in AGENT_MARKERS):
         return "a faultline agent"
+    if is_controller([str(x) for x in cmdline_list]):
+        return "a faultline controller"
     if STRESSOR_MARKER in cmdline:
         # any agent's stressor (also one started after the protected-pid snapshot, or another agent's)
         return "a faultline stressor"

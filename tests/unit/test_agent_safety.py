@@ -186,6 +186,32 @@ def test_every_faultline_stressor_is_protected() -> None:
     assert protection_reason(me, info, {}, []) == "a faultline stressor"
 
 
+@pytest.mark.parametrize(
+    "cmdline",
+    [
+        ["/venv/bin/python3", "/venv/bin/faultline", "run", "x.yaml"],
+        ["/usr/local/bin/faultline", "abort", "e1"],
+        ["python3", "-m", "controller.cli", "run", "x.yaml"],
+    ],
+)
+def test_a_faultline_controller_is_protected(cmdline: list[str]) -> None:
+    info = {"name": "python3", "cmdline": cmdline}
+    assert protection_reason(psutil.Process(), info, {}, []) == "a faultline controller"
+
+
+@pytest.mark.parametrize(
+    "cmdline",
+    [
+        ["python3", "-c", "pass", "faultline"],
+        ["/srv/faultline-app/bin/worker"],
+        ["python3", "worker.py", "controller.cli"],
+    ],
+)
+def test_a_process_merely_named_like_faultline_is_not_taken_for_a_controller(cmdline: list[str]) -> None:
+    info = {"name": "python3", "cmdline": cmdline}
+    assert protection_reason(psutil.Process(), info, {}, []) is None
+
+
 async def test_network_revert_waits_for_an_apply_that_timed_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
