@@ -245,7 +245,22 @@ def main(argv: list[str] | None = None) -> None:
     except (ValidationError, ValueError, OSError) as exc:
         print(f"faultline-agent: invalid settings: {exc}", file=sys.stderr)
         sys.exit(2)
+    why = state_dir_problem(settings.state_dir)
+    if why is not None:
+        print(f"faultline-agent: --state-dir / FAULTLINE_STATE_DIR {settings.state_dir}: {why}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(uvloop.run(serve(settings)))
+
+
+def state_dir_problem(state_dir: Path) -> str | None:
+    """Why the journal cannot live under state_dir (created if missing), or None."""
+    try:
+        (state_dir / "journal").mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        return f"cannot create the journal directory ({exc.strerror or exc})"
+    if not os.access(state_dir / "journal", os.W_OK | os.X_OK):
+        return "the journal directory is not writable by this user"
+    return None
 
 
 if __name__ == "__main__":

@@ -269,3 +269,16 @@ def test_stop_signals_repeated_sigterm_keeps_stopping_a_second_sigint_exits() ->
     first_int = StopSignals(lambda: stops.append(2), exits.append)
     first_int(signal.SIGINT)
     assert stops == [1, 2] and exits == [130]
+
+
+def test_an_unusable_state_dir_is_refused_at_start_naming_the_setting(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = [sys.executable, "-m", "agent.main", "--nats", "nats://127.0.0.1:1", "--node", "x"]
+    out = subprocess.run([*argv, "--state-dir", str(blocker / "state")], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2, out.stderr
+    assert "--state-dir" in out.stderr and "cannot create the journal directory (Not a directory)" in out.stderr
+    assert "Traceback" not in out.stderr
