@@ -13,7 +13,9 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, WithJsonSchema
 
 _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)\s*$")
+_DURATION_PART = r"(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)"
+_DURATION_PART_RE = re.compile(_DURATION_PART)
+_DURATION_RE = re.compile(rf"^\s*(?:{_DURATION_PART}\s*)+$")  # "30s", and Go's "1m30s" or "1h 30m"
 
 _SIZE_UNITS = {
     "": 1,
@@ -59,18 +61,17 @@ def _reject_bool(value: Any, what: str) -> None:
 
 
 def parse_duration(value: Any) -> float:
-    """Seconds from 30, 30.5, "30s", "500ms", "2m", "1h". Must be >= 0."""
+    """Seconds from 30, 30.5, "30s", "500ms", "2m", "1h", "1m30s". Must be >= 0."""
     _reject_bool(value, "a duration")
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if not m:
+        if not _DURATION_RE.match(value):
             raise ValueError(
                 f"invalid duration {value!r}: expected a number with a unit "
-                "(us, ms, s, m, h), for example '30s' or '500ms'"
+                "(us, ms, s, m, h), for example '30s', '500ms' or '1m30s'"
             )
-        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        seconds = sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART_RE.findall(value))
     else:
         raise ValueError(f"invalid duration {value!r}: expected a number of seconds or a string like '30s'")
     if seconds < 0 or seconds != seconds or seconds == float("inf"):
@@ -185,4 +186,11 @@ Rate = Annotated[
     BeforeValidator(parse_rate),
     WithJsonSchema({"anyOf": [{"type": "integer", "exclusiveMinimum": 0}, {"type": "string"}]}),
 ]
-PositiveDuration = Annotated[Duration, Field(gt=0)]
+PositiveDuration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    Field(gt=0),
+    WithJsonSchema(
+        {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "string", "pattern": _DURATION_RE.pattern}]},
+    ),
+]

@@ -15,13 +15,24 @@ from proto.units import parse_duration, parse_percent, parse_rate, parse_size
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("30s", 30), ("500ms", 0.5), ("2m", 120), ("1h", 3600), (5, 5.0), ("1.5s", 1.5), ("250us", 0.00025)],
+    [
+        ("30s", 30),
+        ("500ms", 0.5),
+        ("2m", 120),
+        ("1h", 3600),
+        (5, 5.0),
+        ("1.5s", 1.5),
+        ("250us", 0.00025),
+        ("1m30s", 90),
+        ("1h 30m", 5400),
+        ("2m500ms", 120.5),
+    ],
 )
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("bad", ["30", "-1s", "abc", True, None, [], "1d", float("nan")])
+@pytest.mark.parametrize("bad", ["30", "-1s", "abc", True, None, [], "1d", float("nan"), "1m30", "s30", "1m-30s"])
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(bad)
