@@ -3,12 +3,20 @@
 Selection happens once, in plan(): the journaled plan lists every target pid
 with its create time, so a revert after a crash (SIGCONT) reaches exactly the
 processes that were paused and never a newcomer that reused a pid.
+
+A process is held by at most one pause fault of an agent: the pause injector
+(one instance per agent) records which processes each fault holds, from its
+plan to its revert. Another pause fault that selects such a process skips it,
+and a revert never resumes a process that another fault still holds. Without
+this, the shorter of two overlapping pauses would resume the process under
+the longer one, whose report would still claim it was paused throughout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import random
@@ -24,6 +32,8 @@ from agent.faults.base import FaultContext, Injector, Plan, Rejected
 from agent.protect import protection_reason
 from proto.faults import ProcessKillSpec, ProcessMatch
 from proto.messages import Measurements, SkippedProcess
+
+log = logging.getLogger(__name__)
 
 _ATTRS = ["pid", "name", "cmdline", "username", "create_time", "status"]
 WATCH_INTERVAL_S = 0.1
@@ -127,11 +137,16 @@ def _choose(procs: list[psutil.Process], count: int | None, percent: float | Non
     return sorted(random.sample(procs, n), key=lambda p: p.pid)
 
 
+def _same_start(a: float, b: float) -> bool:
+    """Two create_times of one process: psutil rounds them to the clock tick."""
+    return abs(a - b) <= 0.05
+
+
 def _same_process(target: Target) -> psutil.Process | None:
     try:
         proc = psutil.Process(target.pid)
         # create_time guards against a pid reused by another process since the plan
-        if abs(proc.create_time() - target.create_time) > 0.05:
+        if not _same_start(proc.create_time(), target.create_time):
             return None
         return proc
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
@@ -174,6 +189,10 @@ class _ProcessInjector(Injector):
 
     async def plan(self, spec: Any, ctx: FaultContext) -> ProcessPlan:
         procs, skipped = await asyncio.to_thread(select, spec.match, ctx)
+        # From here to the return there is no await: what _exclude() sees and what
+        # _claim() records cannot be changed by another fault's plan in between.
+        procs, taken = self._exclude(procs, ctx)
+        skipped = skipped + taken
         if not procs:
             why = f"; skipped: {', '.join(f'{s.pid} ({s.reason})' for s in skipped)}" if skipped else ""
             raise Rejected(f"no process matches {describe(spec.match)} that may be touched{why}")
@@ -182,13 +201,24 @@ class _ProcessInjector(Injector):
         for p in chosen:
             with contextlib.suppress(psutil.Error):
                 targets.append(Target(pid=p.pid, create_time=p.info["create_time"], name=p.info.get("name") or ""))
-        return ProcessPlan(
+        plan = ProcessPlan(
             kind=self.kind,
             targets=targets,
             matched_pids=sorted(p.pid for p in procs),
             skipped=skipped,
             signal=self._signum(spec),
         )
+        self._claim(plan, ctx)
+        return plan
+
+    def _exclude(
+        self, procs: list[psutil.Process], ctx: FaultContext
+    ) -> tuple[list[psutil.Process], list[SkippedProcess]]:
+        """Matching processes another fault of this kind has taken: skipped, with the reason."""
+        return procs, []
+
+    def _claim(self, plan: ProcessPlan, ctx: FaultContext) -> None:  # noqa: B027 - optional hook
+        """Record the plan's targets as taken by ctx.fault_id, until its revert."""
 
     def _signum(self, spec: Any) -> int:
         raise NotImplementedError
@@ -263,6 +293,39 @@ class ProcessPause(_ProcessInjector):
     kind = "process-pause"
     default_all = True
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # fault id -> the processes it holds stopped, from its plan to its revert
+        self._held: dict[str, list[Target]] = {}
+
+    def holder(self, pid: int, create_time: float, fault_id: str | None = None) -> str | None:
+        """The active pause fault, other than ``fault_id``, that holds this process stopped."""
+        for fid, targets in self._held.items():
+            if fid != fault_id and any(t.pid == pid and _same_start(t.create_time, create_time) for t in targets):
+                return fid
+        return None
+
+    def _exclude(
+        self, procs: list[psutil.Process], ctx: FaultContext
+    ) -> tuple[list[psutil.Process], list[SkippedProcess]]:
+        free: list[psutil.Process] = []
+        taken: list[SkippedProcess] = []
+        for p in procs:
+            fid = self.holder(p.pid, p.info["create_time"], ctx.fault_id)
+            if fid is None:
+                free.append(p)
+            else:
+                name = str(p.info.get("name") or "")
+                taken.append(SkippedProcess(pid=p.pid, name=name, reason=f"already paused by fault {fid}"))
+        return free, taken
+
+    def _claim(self, plan: ProcessPlan, ctx: FaultContext) -> None:
+        self._held[ctx.fault_id] = list(plan.targets)
+
+    def release(self, ctx: FaultContext) -> None:
+        # revert drops the hold; this covers a fault whose end never reached a revert
+        self._held.pop(ctx.fault_id, None)
+
     def _signum(self, spec: Any) -> int:
         return int(signal.SIGSTOP)
 
@@ -275,6 +338,21 @@ class ProcessPause(_ProcessInjector):
 
     async def revert(self, plan: Plan, ctx: FaultContext) -> Measurements:
         assert isinstance(plan, ProcessPlan)
-        # SIGCONT to every planned target, applied or not: harmless if it was never stopped
-        resumed = [t.pid for t in plan.targets if _signal(t, signal.SIGCONT)]
-        return self._measure(plan, [t.pid for t in plan.targets]).model_copy(update={"resumed_pids": resumed})
+        self._held.pop(ctx.fault_id, None)
+        # SIGCONT to every planned target, applied or not (harmless if it was never stopped),
+        # except one another active pause fault holds: a second revert of this fault, or one
+        # from the journal, must not end that fault's pause early.
+        resumed: list[int] = []
+        kept: list[SkippedProcess] = []
+        for t in plan.targets:
+            fid = self.holder(t.pid, t.create_time, ctx.fault_id)
+            if fid is not None:
+                log.warning("fault %s: pid %d not resumed: still paused by fault %s", ctx.fault_id, t.pid, fid)
+                kept.append(SkippedProcess(pid=t.pid, name=t.name, reason=f"not resumed: still paused by fault {fid}"))
+            elif _signal(t, signal.SIGCONT):
+                resumed.append(t.pid)
+        m = self._measure(plan, [t.pid for t in plan.targets])
+        update: dict[str, Any] = {"resumed_pids": resumed}
+        if kept:
+            update["skipped"] = [*plan.skipped, *kept]
+        return m.model_copy(update=update)

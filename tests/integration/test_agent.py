@@ -183,9 +183,9 @@ async def test_sigterm_repeated_during_the_stop_still_reverts_and_settles_the_jo
     cut the revert short, and the stop leaves no journal entry behind. (Two signals sent back to
     back may merge in the kernel; tests/unit/test_agent_safety.py checks the policy itself.)"""
     agent = agent_factory("node-a")
-    procs = victims.start(3)
-    for i in range(3):
-        assert (await send(nc, "node-a", pause(f"{victims.token}", fid=f"exp1.{i}"))).accepted
+    procs = [p for i in range(3) for p in victims.start(1, tag=f"-{i}")]
+    for i in range(3):  # three faults in flight, each holding its own victim
+        assert (await send(nc, "node-a", pause(f"{victims.token}-{i}$", fid=f"exp1.{i}"))).accepted
     await async_wait_until(lambda: all(status(p) == "stopped" for p in procs), 5, "victims paused")
     agent.signal(signal.SIGTERM)
     agent.signal(signal.SIGTERM)

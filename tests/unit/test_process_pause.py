@@ -1,0 +1,199 @@
+"""Overlapping process-pause faults on one agent: a process is held by one fault at a time.
+
+The injector is driven directly (no runtime, no NATS) against real victim
+processes started by the test, each matched by a command line only it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agent.faults.base import AgentEnv, FaultContext, Rejected
+from agent.faults.process import ProcessPause, ProcessPlan
+from proto.faults import ProcessPauseSpec
+from proto.messages import Measurements
+from tests.conftest import Victims, async_wait_until, status
+
+
+def make_injector(tmp_path: Path) -> ProcessPause:
+    return ProcessPause(AgentEnv(node="n", state_dir=tmp_path, instance_id="t", protected_pids=dict))
+
+
+def ctx(inj: ProcessPause, fault_id: str, recovered: bool = False) -> FaultContext:
+    def emit(*_args: object) -> None:
+        pass
+
+    return FaultContext(
+        fault_id=fault_id,
+        experiment_id=fault_id.split(".")[0],
+        deadline=time.time() + 30,
+        pods=None,
+        env=inj.env,
+        emit=emit,
+        recovered=recovered,
+    )
+
+
+def spec(regex: str) -> ProcessPauseSpec:
+    return ProcessPauseSpec.model_validate({"match": {"cmdline": regex}})
+
+
+async def pause(inj: ProcessPause, fault_id: str, regex: str) -> tuple[ProcessPlan, Measurements]:
+    c = ctx(inj, fault_id)
+    plan = await inj.plan(spec(regex), c)
+    assert isinstance(plan, ProcessPlan)
+    return plan, await inj.apply(spec(regex), plan, c)
+
+
+async def wait_status(proc: psutil.Process, stopped: bool, what: str) -> None:
+    await async_wait_until(lambda: (status(proc) == psutil.STATUS_STOPPED) == stopped, 3, what)
+
+
+async def assert_stays_stopped(proc: psutil.Process, for_s: float, why: str) -> None:
+    """Polled for ``for_s``: a SIGCONT sent before this call would show within it."""
+    deadline = time.monotonic() + for_s
+    while time.monotonic() < deadline:
+        assert status(proc) == psutil.STATUS_STOPPED, why
+        await asyncio.sleep(0.02)
+
+
+def reasons(plan_or_m: ProcessPlan | Measurements) -> dict[int, str]:
+    return {s.pid: s.reason for s in plan_or_m.skipped or []}
+
+
+async def test_a_process_held_by_one_pause_is_skipped_by_another_which_then_fails(
+    tmp_path: Path, victims: Victims
+) -> None:
+    inj = make_injector(tmp_path)
+    (proc,) = victims.start(1, "-one")
+    regex = f"{victims.token}-one$"
+    plan_a, _ = await pause(inj, "a.0", regex)
+    await wait_status(proc, True, "the victim paused by a.0")
+
+    with pytest.raises(Rejected) as refused:
+        await inj.plan(spec(regex), ctx(inj, "b.0"))
+    reason = str(refused.value)
+    assert reason.startswith("no process matches"), reason
+    assert f"{proc.pid} (already paused by fault a.0)" in reason, reason
+
+    await assert_stays_stopped(proc, 0.2, "the victim resumed while a.0 holds it")
+    m = await inj.revert(plan_a, ctx(inj, "a.0"))
+    assert m.resumed_pids == [proc.pid]
+    await wait_status(proc, False, "the victim resumed by a.0's revert")
+
+
+async def test_a_second_pause_takes_only_the_process_that_is_free(tmp_path: Path, victims: Victims) -> None:
+    inj = make_injector(tmp_path)
+    held, free = victims.start(1, "-1")[0], victims.start(1, "-2")[0]
+    plan_a, _ = await pause(inj, "a.0", f"{victims.token}-1$")
+    await wait_status(held, True, "the first victim paused by a.0")
+
+    plan_b, m_b = await pause(inj, "b.0", f"{victims.token}-[12]$")
+    assert [t.pid for t in plan_b.targets] == [free.pid]
+    assert plan_b.matched_pids == [free.pid]
+    assert reasons(plan_b) == {held.pid: "already paused by fault a.0"}
+    assert m_b.hit_pids == [free.pid]
+    assert reasons(m_b) == {held.pid: "already paused by fault a.0"}, "the skip is not in b.0's report"
+    await wait_status(free, True, "the second victim paused by b.0")
+
+    m_a = await inj.revert(plan_a, ctx(inj, "a.0"))
+    assert m_a.resumed_pids == [held.pid]
+    await wait_status(held, False, "the first victim resumed by a.0's revert")
+    await assert_stays_stopped(free, 0.2, "a.0's revert resumed b.0's victim")
+
+    m_b = await inj.revert(plan_b, ctx(inj, "b.0"))
+    assert m_b.resumed_pids == [free.pid]
+    await wait_status(free, False, "the second victim resumed by b.0's revert")
+
+
+@pytest.mark.parametrize("end", ["revert", "release"])
+async def test_once_the_first_fault_ends_its_process_can_be_paused_again(
+    tmp_path: Path, victims: Victims, end: str
+) -> None:
+    """Its hold goes at its revert, and at release() for an end that never got to one."""
+    inj = make_injector(tmp_path)
+    (proc,) = victims.start(1, "-again")
+    regex = f"{victims.token}-again$"
+    plan_a, _ = await pause(inj, "a.0", regex)
+    await wait_status(proc, True, "the victim paused by a.0")
+    if end == "revert":
+        await inj.revert(plan_a, ctx(inj, "a.0"))
+    else:
+        inj.release(ctx(inj, "a.0"))
+        os.kill(proc.pid, signal.SIGCONT)  # our own victim: resumed without a.0's revert
+    await wait_status(proc, False, "the victim resumed")
+
+    plan_b, m_b = await pause(inj, "b.0", regex)
+    assert [t.pid for t in plan_b.targets] == [proc.pid] and m_b.hit_pids == [proc.pid]
+    assert not plan_b.skipped, plan_b.skipped
+    await wait_status(proc, True, "the victim paused again by b.0")
+    await inj.revert(plan_b, ctx(inj, "b.0"))
+    await wait_status(proc, False, "the victim resumed by b.0's revert")
+
+
+async def test_a_repeated_revert_never_resumes_a_process_another_fault_holds(tmp_path: Path, victims: Victims) -> None:
+    inj = make_injector(tmp_path)
+    (proc,) = victims.start(1, "-twice")
+    regex = f"{victims.token}-twice$"
+    plan_a, _ = await pause(inj, "a.0", regex)
+    await inj.revert(plan_a, ctx(inj, "a.0"))
+    await wait_status(proc, False, "the victim resumed by a.0's revert")
+    plan_b, _ = await pause(inj, "b.0", regex)
+    await wait_status(proc, True, "the victim paused by b.0")
+
+    again = await inj.revert(plan_a, ctx(inj, "a.0"))  # revert is idempotent: it may come twice
+    assert again.resumed_pids == []
+    assert reasons(again) == {proc.pid: "not resumed: still paused by fault b.0"}
+    await assert_stays_stopped(proc, 0.2, "a.0's second revert resumed b.0's victim")
+
+    m_b = await inj.revert(plan_b, ctx(inj, "b.0"))
+    assert m_b.resumed_pids == [proc.pid]
+    await wait_status(proc, False, "the victim resumed by b.0's revert")
+
+
+async def test_journal_recovery_reverts_its_pause_and_spares_a_live_one(tmp_path: Path, victims: Victims) -> None:
+    """A paused fault reverted from its journaled plan: by a fresh injector (the agent restarted)
+    it resumes the process and holds nothing after; beside a live pause it leaves that one's be."""
+    before = make_injector(tmp_path)  # the agent run that crashed with a.0 active
+    (proc,) = victims.start(1, "-journal")
+    regex = f"{victims.token}-journal$"
+    plan_a, _ = await pause(before, "a.0", regex)
+    await wait_status(proc, True, "the victim paused by a.0")
+    journaled = plan_a.model_dump(mode="json")
+
+    inj = make_injector(tmp_path)  # the next run: recovery reverts what the journal holds
+    m = await inj.revert(inj.load_plan(journaled), ctx(inj, "a.0", recovered=True))
+    assert m.resumed_pids == [proc.pid]
+    await wait_status(proc, False, "the victim resumed by the recovered revert")
+
+    plan_b, _ = await pause(inj, "b.0", regex)
+    assert [t.pid for t in plan_b.targets] == [proc.pid], "recovery left a hold behind"
+    await wait_status(proc, True, "the victim paused by b.0 after recovery")
+    m = await inj.revert(inj.load_plan(journaled), ctx(inj, "a.0", recovered=True))
+    assert m.resumed_pids == [] and reasons(m) == {proc.pid: "not resumed: still paused by fault b.0"}
+    await assert_stays_stopped(proc, 0.2, "a journaled revert resumed b.0's victim")
+    await inj.revert(plan_b, ctx(inj, "b.0"))
+    await wait_status(proc, False, "the victim resumed by b.0's revert")
+
+
+async def test_two_plans_at_once_take_the_process_once(tmp_path: Path, victims: Victims) -> None:
+    """Each plan scans in a worker thread; the hold is checked and taken after, with no await between."""
+    inj = make_injector(tmp_path)
+    (proc,) = victims.start(1, "-race")
+    regex = f"{victims.token}-race$"
+    results = await asyncio.gather(
+        inj.plan(spec(regex), ctx(inj, "a.0")), inj.plan(spec(regex), ctx(inj, "b.0")), return_exceptions=True
+    )
+    plans = [r for r in results if isinstance(r, ProcessPlan)]
+    refusals = [str(r) for r in results if isinstance(r, Rejected)]
+    assert len(plans) == 1 and len(refusals) == 1, results
+    winner = "a.0" if results[0] is plans[0] else "b.0"
+    assert f"{proc.pid} (already paused by fault {winner})" in refusals[0], refusals[0]
+    await inj.revert(plans[0], ctx(inj, winner))
