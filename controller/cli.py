@@ -12,6 +12,7 @@ import asyncio
 import getpass
 import json
 import logging
+import shlex
 import signal
 import socket
 import sys
@@ -24,16 +25,17 @@ from controller.dispatch import ConnectError, close, connect, revert_experiment
 from controller.engine import ExperimentRunner
 from controller.experiment import ExperimentError, json_schema_text, load_experiment
 from controller.fleet import Fleet, NodeView
-from controller.local import LocalEnvironment, LocalModeError, nats_url_from_env
+from controller.halting import HALT_WAIT_HELP, halt_and_confirm
+from controller.local import LocalEnvironment, LocalModeError
+from controller.natsurl import DEFAULT_NATS_URL, NatsTarget, NatsUrlError, configured, default_target
 from controller.report import exit_code, render_text, to_json
 from controller.targeting import TargetingError
 from controller.tracking import PreflightError
 from proto import __version__
 from proto.codec import DecodeError, decode, encode
-from proto.messages import Ack, Halt, Revert
-from proto.subjects import HALT, exp_control
+from proto.messages import Ack, Revert
+from proto.subjects import exp_control
 
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 EPILOG = """\
@@ -50,9 +52,11 @@ against a fleet (agents started with `faultline-agent --nats URL --node NAME`):
   faultline abort zone-outage-3fa2c1 --nats nats://10.0.0.5:4222
   faultline halt --nats nats://10.0.0.5:4222 --reason "incident 42"
 
-FAULTLINE_NATS_URL stands for --nats. Exit codes of run: 0 completed,
-1 aborted or failed, 2 bad input (the file, the targets, the fleet's
-capabilities; nothing is sent). Ctrl-C during run aborts and reverts.
+FAULTLINE_NATS_URL stands for --nats: nats://, tls://, ws://, wss:// or HOST:PORT, or a
+comma-separated list of them. Exit codes of run: 0 completed, 1 aborted or failed, 2 bad
+input (the file, the NATS URL, the targets, the fleet's capabilities, a heartbeatTimeout
+under two heartbeat intervals of a target; nothing is sent). Ctrl-C during run aborts and
+reverts.
 """
 
 
@@ -95,13 +99,17 @@ def _indent(text: str) -> str:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     try:
+        target = configured(args.nats)
+    except NatsUrlError as exc:
+        _err(f"faultline: {exc} (nothing sent)")
+        return EXIT_BAD_INPUT
+    try:
         exp = load_experiment(args.file)
     except ExperimentError as exc:
         _err(f"{args.file}: invalid experiment file (nothing sent):\n" + _indent(str(exc)))
         return EXIT_BAD_INPUT
-    url = nats_url_from_env(args.nats)
     say = (lambda _line: None) if args.quiet else _err
-    if url is None:
+    if target is None:
         say("no NATS configured (--nats, FAULTLINE_NATS_URL): running on this machine with an embedded")
         say("nats-server and a local agent ...")
         try:
@@ -110,12 +118,12 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 spec_t = exp.spec.targets
                 if spec_t.nodes or spec_t.labels or spec_t.mode != "all":
                     say(f"note: spec.targets replaced by the local node {env.node} (local mode)")
-                return await _run_experiment(args, exp, env.nc, env.fleet, [env.node], say)
+                return await _run_experiment(args, exp, env.nc, env.fleet, [env.node], say, env.url)
         except LocalModeError as exc:
             _err(f"faultline: {exc}")
             return EXIT_BAD_INPUT
     try:
-        nc = await connect(url)
+        nc = await connect(target.url)
     except ConnectError as exc:
         _err(f"faultline: {exc}")
         return EXIT_BAD_INPUT
@@ -123,14 +131,14 @@ async def cmd_run(args: argparse.Namespace) -> int:
     try:
         await fleet.start()
         await fleet.gather()
-        return await _run_experiment(args, exp, nc, fleet, None, say)
+        return await _run_experiment(args, exp, nc, fleet, None, say, target.url)
     finally:
         await fleet.stop()
         await close(nc)
 
 
 async def _run_experiment(
-    args: argparse.Namespace, exp: Any, nc: Any, fleet: Fleet, override: list[str] | None, say: Any
+    args: argparse.Namespace, exp: Any, nc: Any, fleet: Fleet, override: list[str] | None, say: Any, url: str
 ) -> int:
     runner = ExperimentRunner(nc, fleet, exp, nodes_override=override, progress=say)
     try:
@@ -142,7 +150,8 @@ async def _run_experiment(
         data = {
             "experiment": exp.metadata.name,
             "targets": plan.targets,
-            "faults": [f.model_dump(mode="json", by_alias=True, exclude_none=True) for f in exp.spec.faults],
+            # every key, null when unset: scripts read a stable shape
+            "faults": [f.model_dump(mode="json", by_alias=True) for f in exp.spec.faults],
             "pods": {n: [p.model_dump() for p in ps] for n, ps in plan.pods.items()},
             "notes": plan.notes,
         }
@@ -152,11 +161,24 @@ async def _run_experiment(
             _out(f"dry run: {exp.metadata.name} would target {', '.join(plan.targets)}")
             _out("every target is ready and has the capabilities the faults need; nothing was sent")
         return EXIT_OK
-    say(f"running {runner.experiment_id}; abort it from elsewhere with: faultline abort {runner.experiment_id}")
+    say(f"running {runner.experiment_id}; abort it from elsewhere with: {abort_command(runner.experiment_id, url)}")
     with _signals_abort(runner):
         report = await runner.run()
     _out(to_json(report) if args.output == "json" else render_text(report))
     return exit_code(report)
+
+
+def abort_command(experiment_id: str, url: str) -> str:
+    """The `faultline abort` line to print: with --nats unless the command alone finds this server."""
+    command = f"faultline abort {experiment_id}"
+    try:
+        implied = configured(None) or default_target()  # what `faultline abort` without --nats would use
+    except NatsUrlError:
+        implied = default_target()
+    if url != implied.url:
+        # local mode's embedded server, or an explicit --nats: without it, abort would try another server
+        return f"{command} --nats {shlex.quote(url)}"
+    return command
 
 
 class _signals_abort:
@@ -216,13 +238,19 @@ def _agent_row(view: NodeView, now: float) -> dict[str, Any]:
     }
 
 
-def _fleet_url(args: argparse.Namespace) -> str:
-    return nats_url_from_env(args.nats) or DEFAULT_NATS_URL
+def _fleet_target(args: argparse.Namespace) -> NatsTarget:
+    """--nats, FAULTLINE_NATS_URL or the default; raises NatsUrlError naming the one that is wrong."""
+    return configured(args.nats) or default_target()
 
 
-def _connect_failed(args: argparse.Namespace, exc: ConnectError) -> int:
+def _bad_url(exc: NatsUrlError) -> int:
     _err(f"faultline: {exc}")
-    if nats_url_from_env(args.nats) is None:
+    return EXIT_BAD_INPUT
+
+
+def _connect_failed(args: argparse.Namespace, target: NatsTarget, exc: ConnectError) -> int:
+    _err(f"faultline: {exc}")
+    if target.source == "default":
         _err(
             f"  no --nats and no FAULTLINE_NATS_URL, so {DEFAULT_NATS_URL} was tried; "
             f"`faultline {args.command}` talks to a fleet's NATS server (see --help)"
@@ -231,11 +259,15 @@ def _connect_failed(args: argparse.Namespace, exc: ConnectError) -> int:
 
 
 async def cmd_agents(args: argparse.Namespace) -> int:
-    url = _fleet_url(args)
+    try:
+        target = _fleet_target(args)
+    except NatsUrlError as exc:
+        return _bad_url(exc)
+    url = target.url
     try:
         nc, fleet = await _with_fleet(url)
     except ConnectError as exc:
-        return _connect_failed(args, exc)
+        return _connect_failed(args, target, exc)
     try:
         views = await fleet.gather()
     finally:
@@ -278,13 +310,16 @@ def _issuer() -> str:
 
 
 async def cmd_abort(args: argparse.Namespace) -> int:
-    url = _fleet_url(args)
+    try:
+        target = _fleet_target(args)
+    except NatsUrlError as exc:
+        return _bad_url(exc)
     exp_id = args.experiment_id
     reason = f"{args.reason} (by {_issuer()})"
     try:
-        nc, fleet = await _with_fleet(url)
+        nc, fleet = await _with_fleet(target.url)
     except ConnectError as exc:
-        return _connect_failed(args, exc)
+        return _connect_failed(args, target, exc)
     try:
         cmd = Revert(experiment_id=exp_id, reason=reason, expires_at=time.time() + 30.0)
         try:
@@ -313,18 +348,18 @@ async def cmd_abort(args: argparse.Namespace) -> int:
 
 
 async def cmd_halt(args: argparse.Namespace) -> int:
-    url = _fleet_url(args)
     try:
-        nc = await connect(url)
+        target = _fleet_target(args)
+    except NatsUrlError as exc:
+        return _bad_url(exc)
+    try:
+        nc = await connect(target.url)
     except ConnectError as exc:
-        return _connect_failed(args, exc)
+        return _connect_failed(args, target, exc)
     try:
-        await nc.publish(HALT, encode(Halt(reason=args.reason, issued_by=_issuer())))
-        await asyncio.wait_for(nc.flush(), 2.0)
+        return await halt_and_confirm(nc, target.url, args.reason, _issuer(), args.output, _out, _err)
     finally:
         await close(nc)
-    _out(f"halt sent on {url}: every agent reverts everything now")
-    return EXIT_OK
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
@@ -368,7 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def nats_opt(sp: argparse.ArgumentParser, local: bool) -> None:
         default = "embedded server and local agent" if local else DEFAULT_NATS_URL
-        sp.add_argument("--nats", metavar="URL", help=f"NATS server URL [FAULTLINE_NATS_URL; default: {default}]")
+        sp.add_argument(
+            "--nats",
+            metavar="URL",
+            help="NATS server URL: nats://, tls://, ws://, wss:// or HOST:PORT; several comma-separated "
+            f"[FAULTLINE_NATS_URL; default: {default}]",
+        )
 
     def output_opt(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("-o", "--output", choices=["text", "json"], default="text", help="result format")
@@ -393,9 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("experiment_id", metavar="EXPERIMENT_ID", help="as printed by `faultline run`")
     ab.add_argument("--reason", default="aborted from the command line")
     nats_opt(ab, local=False)
-    h = sub.add_parser("halt", help="every agent reverts everything now")
+    h = sub.add_parser(
+        "halt",
+        help="every agent reverts everything now; waits until each agent seen confirms it holds nothing",
+        description=HALT_WAIT_HELP,
+    )
     h.add_argument("--reason", default="halt from the command line")
     nats_opt(h, local=False)
+    output_opt(h)
     v = sub.add_parser("validate", help="check experiment files; exit 2 with field paths if one is invalid")
     v.add_argument("files", nargs="+", metavar="FILE", help="experiment file(s) (YAML); each is reported")
     sub.add_parser("schema", help="print the JSON Schema of the experiment file")

@@ -16,6 +16,7 @@ from typing import Any
 import nats
 import nats.errors
 
+from controller.natsurl import split_servers
 from proto.codec import DecodeError, decode, encode
 from proto.messages import Ack, Revert
 from proto.subjects import agent_cmd, exp_abort
@@ -31,7 +32,13 @@ class ConnectError(RuntimeError):
 
 
 async def connect(url: str, *, name: str = "faultline", connect_timeout_s: float = 2.0) -> Any:
-    """A NATS connection that reconnects for a while and does not print errors by itself."""
+    """A NATS connection that reconnects for a while and does not print errors by itself.
+
+    ``url`` is one URL or a comma-separated list, as faultline-agent takes them."""
+    try:
+        servers = split_servers(url)
+    except ValueError as exc:
+        raise ConnectError(f"cannot connect to NATS at {url}: not a NATS server URL: {exc}") from None
 
     seen: list[Exception] = []  # the last error only: the callback lives as long as the connection
 
@@ -42,7 +49,7 @@ async def connect(url: str, *, name: str = "faultline", connect_timeout_s: float
     try:
         return await asyncio.wait_for(
             nats.connect(
-                url,
+                servers,
                 name=name,
                 connect_timeout=int(max(1, connect_timeout_s)),
                 reconnect_time_wait=1,

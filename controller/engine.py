@@ -21,7 +21,14 @@ from controller.experiment import Experiment, fault_id, new_experiment_id
 from controller.fleet import Fleet
 from controller.report import AbortInfo, Outcome, Report
 from controller.targeting import TargetingError, select_nodes
-from controller.tracking import PRE_ACK, Plan, PreflightError, Track, capability_refusals
+from controller.tracking import (
+    PRE_ACK,
+    Plan,
+    PreflightError,
+    Track,
+    capability_refusals,
+    heartbeat_timeout_refusal,
+)
 from proto.codec import DecodeError, decode, encode, peek_id
 from proto.messages import TERMINAL_STATES, Ack, FaultEvent, Inject, Lease, PodRef, Revert
 from proto.subjects import exp_control, exp_events, exp_lease, safe_token
@@ -99,6 +106,9 @@ class ExperimentRunner:
             targets = select_nodes(self.fleet.labels(), spec.targets, self.rng)
         views = {n: v for n in targets if (v := self.fleet.get(n)) is not None}
         refusals = capability_refusals(list(spec.faults), views)
+        too_short = heartbeat_timeout_refusal(spec.abort.heartbeat_timeout_s, views)
+        if too_short is not None:
+            refusals.append(too_short)
         if refusals:
             raise PreflightError("\n".join(refusals))
         self._plan = Plan(targets=targets, pods=pods, notes=notes)

@@ -31,11 +31,6 @@ class LocalModeError(RuntimeError):
     pass
 
 
-def nats_url_from_env(flag: str | None) -> str | None:
-    """The configured NATS URL: --nats first, then FAULTLINE_NATS_URL; None means local mode."""
-    return flag or os.environ.get("FAULTLINE_NATS_URL") or None
-
-
 def local_state_dir() -> Path:
     """Journal of the local agent: FAULTLINE_STATE_DIR, else /var/lib/faultline/local as root, else
     ~/.local/state/faultline/local. Fixed, not per run: a crashed run's journal is recovered next time."""

@@ -78,7 +78,8 @@ def exit_code(report: Report) -> int:
 
 
 def to_json(report: Report) -> str:
-    data = report.model_dump(mode="json", exclude_none=True)
+    """Every key of the model, null when absent: scripts can rely on the shape (abort is null on success)."""
+    data = report.model_dump(mode="json")
     data["duration_s"] = round(report.duration_s, 3)
     return json.dumps(data, indent=2)
 

@@ -117,3 +117,26 @@ def capability_refusals(specs: list[Any], views: dict[str, NodeView]) -> list[st
                 why = "; ".join(hb.capability_notes.get(c, "not supported by this agent") for c in missing)
                 reasons.append(f"node {node}: spec.faults[{i}] ({spec.kind}) needs {', '.join(missing)}: {why}")
     return reasons
+
+
+HEARTBEATS_PER_TIMEOUT = 2
+"""heartbeatTimeout must cover this many heartbeat intervals of every target: one missed beat must not abort."""
+
+
+def heartbeat_timeout_refusal(timeout_s: float, views: dict[str, NodeView]) -> str | None:
+    """Why spec.abort.heartbeatTimeout is too short for the targets' heartbeat intervals, or None."""
+    if not views:
+        return None
+    need_s = round(HEARTBEATS_PER_TIMEOUT * max(v.heartbeat.interval_s for v in views.values()), 3)
+    if timeout_s >= need_s:
+        return None
+    short = [
+        f"{node} (every {view.heartbeat.interval_s:g}s)"
+        for node, view in sorted(views.items())
+        if HEARTBEATS_PER_TIMEOUT * view.heartbeat.interval_s > timeout_s
+    ]
+    return (
+        f"spec.abort.heartbeatTimeout: {timeout_s:g}s is less than {HEARTBEATS_PER_TIMEOUT} heartbeat intervals "
+        f"of agent{'s' if len(short) > 1 else ''} {', '.join(short)}: one late heartbeat would abort the run, blaming the agent; "
+        f"use heartbeatTimeout: {need_s:g}s or more"
+    )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -84,6 +86,20 @@ class Running:
         found: str = wait_until(find, 20, "faultline run to print its experiment id")
         return found
 
+    def abort_hint(self) -> str:
+        """The command after "abort it from elsewhere with: ", as printed."""
+
+        def find() -> str | None:
+            for line in self.stderr().splitlines():
+                if "abort it from elsewhere with: " in line:
+                    return line.split("abort it from elsewhere with: ", 1)[1].strip()
+            if self.proc.poll() is not None:
+                raise AssertionError(f"faultline exited {self.proc.returncode}:\n{self.stderr()}")
+            return None
+
+        found: str = wait_until(find, 20, "faultline run to print how to abort it")
+        return found
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -156,6 +172,43 @@ def test_unreachable_nats_is_named_with_a_reason() -> None:
     assert r.returncode == 2
     assert re.search(r"cannot connect to NATS at nats://127\.0\.0\.1:1: \S", r.stderr), r.stderr
     assert "no --nats" not in r.stderr  # the URL was given: no hint about defaults
+
+
+@pytest.mark.parametrize("command", [["agents"], ["halt"], ["abort", "some-exp-123456"], ["run", "EXAMPLE"]])
+def test_wrong_nats_scheme_is_refused_at_once_naming_the_flag(command: list[str]) -> None:
+    argv = [str(EXAMPLES / "pause-worker.yaml") if a == "EXAMPLE" else a for a in command]
+    started = time.monotonic()
+    r = faultline(*argv, "--nats", "http://127.0.0.1:4222", timeout_s=30)
+    elapsed = time.monotonic() - started
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "faultline: --nats http://127.0.0.1:4222: not a NATS server URL: scheme http:// is not one NATS speaks" in (
+        r.stderr
+    ), r.stderr
+    assert "Name or service not known" not in r.stderr and "cannot connect" not in r.stderr
+    assert elapsed < 3.0, f"took {elapsed:.1f}s: the URL was not checked up front"
+
+
+def test_wrong_nats_url_from_the_environment_names_the_variable() -> None:
+    r = faultline("agents", env=cli_env(FAULTLINE_NATS_URL="nats://127.0.0.1:notaport"), timeout_s=30)
+    assert r.returncode == 2
+    assert "faultline: FAULTLINE_NATS_URL=nats://127.0.0.1:notaport: not a NATS server URL: port 'notaport'" in (
+        r.stderr
+    ), r.stderr
+    r = faultline("halt", "--nats", "", timeout_s=30)  # `--nats "$UNSET"` must not fall back to the default
+    assert r.returncode == 2 and "--nats '': not a NATS server URL: no URL given" in r.stderr, r.stderr
+
+
+def test_bare_host_port_and_a_list_are_accepted_as_nats_py_does(
+    nats_url: str, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    agent_factory("node-a")
+    bare = nats_url.removeprefix("nats://")  # 127.0.0.1:PORT
+    r = faultline("agents", "--nats", bare, "-o", "json")
+    assert r.returncode == 0, r.stderr
+    assert [row["node"] for row in json.loads(r.stdout)] == ["node-a"]
+    r = faultline("agents", "-o", "json", env=cli_env(FAULTLINE_NATS_URL=f"{nats_url}, {nats_url}"))
+    assert r.returncode == 0, r.stderr
+    assert [row["node"] for row in json.loads(r.stdout)] == ["node-a"]
 
 
 def test_no_nats_configured_says_which_default_was_tried() -> None:
@@ -238,6 +291,34 @@ def test_run_without_nats_uses_local_agent(tmp_path: Path, victims: Victims) -> 
     assert status(victim) != psutil.STATUS_STOPPED
 
 
+def test_local_run_prints_an_abort_command_that_works_as_printed(
+    tmp_path: Path, victims: Victims, running: Callable[..., Running]
+) -> None:
+    (victim,) = victims.start(1)
+    # the example as it is, on the test's own victim and with a shorter duration
+    text = (EXAMPLES / "pause-worker.yaml").read_text()
+    assert "duration: 10s" in text and "faultline-example-worker --queue q1$" in text
+    text = text.replace("duration: 10s", "duration: 8s").replace(
+        "faultline-example-worker --queue q1$", f"{victims.token}$"
+    )
+    path = tmp_path / "pause-worker.yaml"
+    path.write_text(text)
+    run = running("run", str(path), "-o", "json", env=cli_env(FAULTLINE_STATE_DIR=str(tmp_path / "state")))
+    hint = run.abort_hint()
+    argv = shlex.split(hint)
+    assert argv[:3] == ["faultline", "abort", run.experiment_id()], hint
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the local agent to pause the victim")
+    # exactly as printed, from a shell with no NATS configured
+    r = faultline(*argv[1:], timeout_s=30)
+    assert r.returncode == 0, f"{hint!r} failed:\n{r.stdout}{r.stderr}"
+    assert "--nats" in argv, hint  # the embedded server's port, not the default one
+    assert run.wait(20) == 1, run.stderr()
+    report = json.loads(run.stdout())
+    assert report["outcome"] == "aborted" and "aborted from the command line" in report["abort"]["reason"]
+    assert report["faults"][0]["state"] == "reverted"
+    assert status(victim) != psutil.STATUS_STOPPED
+
+
 # --- against a fleet (real nats-server and agents from tests/conftest.py) ----------------
 
 
@@ -247,6 +328,10 @@ def test_agents_lists_the_fleet(nats_url: str, agent_factory: Callable[..., Agen
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(r.stdout)
     assert row["node"] == "node-a" and row["labels"] == {"zone": "a"} and row["state"] == "ready"
+    assert set(row) == {
+        "node", "version", "state", "labels", "capabilities", "capability_notes", "faults",
+        "cpu_percent", "memory_percent", "last_seen_s", "instance_id",
+    }  # fmt: skip
     assert "process-pause" in row["capabilities"]
     text = faultline("agents", "--nats", nats_url)
     assert "node-a" in text.stdout and "zone=a" in text.stdout
@@ -267,14 +352,22 @@ def test_run_example_against_a_real_agent(
     path.write_text(text)
     dry = faultline("run", str(path), "--nats", nats_url, "--dry-run", "-o", "json")
     assert dry.returncode == 0, dry.stderr
-    assert json.loads(dry.stdout)["targets"] == ["node-a"]
+    plan = json.loads(dry.stdout)
+    assert plan["targets"] == ["node-a"]
+    assert set(plan) == {"experiment", "targets", "faults", "pods", "notes"}
+    # every field of the fault, null when the file leaves it out
+    assert plan["faults"][0]["duration"] is None and plan["faults"][0]["match"]["pid"] is None
     assert status(victim) != psutil.STATUS_STOPPED and not agent.settled_journal()
 
     r = faultline("run", str(path), "--nats", nats_url, "-o", "json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
+    # the same keys on success as on abort, null when absent
+    assert report["abort"] is None and set(report) >= {"abort", "notes", "problems", "duration_s"}
     (fault,) = report["faults"]
     assert fault["state"] == "expired" and fault["measurements"]["hit_pids"] == [victim.pid]
+    assert fault["reason"] is None or isinstance(fault["reason"], str)
+    assert "oom_killed" in fault["measurements"] and "pods" in fault and "ack_reason" in fault
     assert fault["dispatched_at"] <= fault["acked_at"] <= fault["active_at"] <= fault["ended_at"]
     assert status(victim) != psutil.STATUS_STOPPED
     assert agent.settled_journal() == []
@@ -290,6 +383,40 @@ def test_refused_before_dispatch(tmp_path: Path, nats_url: str, agent_factory: C
     if r.returncode == 0:
         pytest.skip("this machine's agent can inject netem delay; nothing to refuse")
     assert r.returncode == 2 and "node node-a: spec.faults[0] (network) needs" in r.stderr
+
+
+async def test_heartbeat_timeout_under_two_intervals_is_refused_and_nothing_sent(
+    tmp_path: Path, nc: Any, nats_url: str, agent_factory: Callable[..., AgentProcess], victims: Victims
+) -> None:
+    agent = agent_factory("node-a", extra=["--heartbeat-interval", "1"])
+    (victim,) = victims.start(1)
+    path = experiment_file(tmp_path, [pause(victims)], duration="5s", abort={"heartbeatTimeout": "1500ms"})
+    sent: list[str] = []
+
+    async def record(msg: Any) -> None:
+        if not msg.subject.endswith(".hb"):
+            sent.append(msg.subject)
+
+    sub = await nc.subscribe("faultline.>", cb=record)
+    try:
+        await nc.flush(timeout=5)
+        for extra in (["--dry-run"], []):
+            r = await asyncio.to_thread(faultline, "run", str(path), "--nats", nats_url, *extra)
+            assert r.returncode == 2, r.stdout + r.stderr
+            assert "cannot run cli-test (nothing sent)" in r.stderr
+            assert (
+                "spec.abort.heartbeatTimeout: 1.5s is less than 2 heartbeat intervals of agent node-a (every 1s): "
+                "one late heartbeat would abort the run, blaming the agent; use heartbeatTimeout: 2s or more"
+            ) in r.stderr, r.stderr
+        await nc.flush(timeout=5)
+    finally:
+        await sub.unsubscribe()
+    assert sent == [], f"published before the refusal: {sent}"
+    assert status(victim) != psutil.STATUS_STOPPED and agent.journal() == []
+    # twice the interval is enough
+    ok = experiment_file(tmp_path, [pause(victims)], duration="5s", abort={"heartbeatTimeout": "2s"})
+    r = await asyncio.to_thread(faultline, "run", str(ok), "--nats", nats_url, "--dry-run")
+    assert r.returncode == 0, r.stderr
 
 
 def test_heartbeat_loss_aborts_and_reverts(
@@ -402,19 +529,47 @@ def test_halt(
     running: Callable[..., Running],
 ) -> None:
     agent_factory("node-a")
+    agent_factory("node-b")  # holds nothing
     (victim,) = victims.start(1)
-    path = experiment_file(tmp_path, [pause(victims)], duration="30s")
+    path = experiment_file(tmp_path, [pause(victims)], duration="30s", targets={"nodes": ["node-a"]})
     run = running("run", str(path), "--nats", nats_url, "-o", "json")
-    run.experiment_id()
+    exp_id = run.experiment_id()
     wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
-    r = faultline("halt", "--nats", nats_url, "--reason", "test halt")
-    assert r.returncode == 0
-    wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 5, "the victim to resume after halt")
+    started = time.monotonic()
+    r = faultline("halt", "--nats", nats_url, "--reason", "test halt", "-o", "json")
+    elapsed = time.monotonic() - started
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 agent(s) seen: node-a, node-b; waiting up to 5s" in r.stderr, r.stderr
+    result = json.loads(r.stdout)
+    assert result["outcome"] == "clear" and result["agents_seen"] == 2 and result["reason"] == "test halt"
+    a, b = result["nodes"]
+    assert (a["node"], a["result"], a["active_faults"]) == ("node-a", "clear", [])
+    (ended,) = a["ended_since_halt"]
+    assert ended["experiment_id"] == exp_id and ended["state"] == "reverted" and "halt: test halt" in ended["reason"]
+    assert (b["node"], b["result"], b["ended_since_halt"]) == ("node-b", "clear", [])
+    assert elapsed < 15, f"halt took {elapsed:.1f}s"
+    # the heartbeat said so because it is so: the victim runs again
+    wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 2, "the victim to resume after a confirmed halt")
     # the agent reverted on its own: the run ends with every fault reverted, not "completed"
     assert run.wait(40) == 1
     report = json.loads(run.stdout())
     assert report["faults"][0]["state"] == "reverted"
     assert report["outcome"] == "aborted" and "halt" in report["abort"]["reason"]
+    text = faultline("halt", "--nats", nats_url)
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert "node-a: clear: held no fault" in text.stdout and "node-b: clear: held no fault" in text.stdout
+    assert "halt confirmed: all 2 agent(s) seen report no active fault" in text.stdout
+
+
+def test_halt_with_no_agent_says_so(nats_url: str) -> None:
+    r = faultline("halt", "--nats", nats_url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"halt sent on {nats_url}, but no agent sent a heartbeat within" in r.stdout
+    assert "no agent is connected to this NATS server" in r.stdout
+    r = faultline("halt", "--nats", nats_url, "-o", "json")
+    assert r.returncode == 0
+    result = json.loads(r.stdout)
+    assert (result["outcome"], result["agents_seen"], result["nodes"]) == ("no-agents", 0, [])
 
 
 def test_killed_controller_lease_lapses_and_victim_resumes(

@@ -1,0 +1,220 @@
+"""`faultline halt`: one broadcast Halt, then confirmation from the agents' heartbeats.
+
+The Halt is a broadcast on ``proto.subjects.HALT`` that every agent acts on
+without any controller state, and nothing answers it. What the CLI can
+confirm it learns from heartbeats: it collects them as `faultline agents`
+does to learn which agents there are, then waits, bounded, until each of
+them has sent a heartbeat after the halt that lists no active fault.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import nats.errors
+from pydantic import BaseModel, ConfigDict
+
+from controller.fleet import Fleet, NodeView
+from proto.codec import encode
+from proto.messages import ActiveFault, EndedFault, Halt
+from proto.subjects import HALT
+
+HALT_WAIT_S = 5.0
+"""How long after sending the halt every agent seen has to confirm it, unless its heartbeat is slow."""
+HALT_WAIT_INTERVALS = 2.5
+"""...then this many heartbeat intervals of the slowest agent seen (one missed beat is not silence)."""
+HALT_WAIT_MAX_S = 30.0
+"""...but never longer than this."""
+
+HALT_WAIT_HELP = (
+    "Broadcast a halt: every agent connected to the NATS server reverts every fault it holds, now, "
+    "without any controller state. Then confirm it: heartbeats are collected for 1.5 s (up to 5 s when "
+    "agents beat slowly) to learn which agents there are, and halt waits at most "
+    f"{HALT_WAIT_S:g} s after sending ({HALT_WAIT_INTERVALS:g} heartbeat intervals of the slowest agent if "
+    f"longer, never more than {HALT_WAIT_MAX_S:g} s) until each of them sends a heartbeat listing no active "
+    "fault, and prints each node's result. Exit 0 when every agent seen is clear, or when no agent is seen; "
+    "1 when one still holds faults, failed a revert or went silent (each is named); 2 when NATS cannot be "
+    "reached."
+)
+
+NodeResult = Literal["clear", "holds-faults", "revert-failed", "silent"]
+HaltOutcome = Literal["clear", "not-clear", "no-agents"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class HaltNode(_Model):
+    """One agent's answer to the halt, as its heartbeats tell it."""
+
+    node: str
+    result: NodeResult
+    agent_state: str
+    active_faults: list[ActiveFault]
+    """In its last heartbeat: empty once clear."""
+    ended_since_halt: list[EndedFault]
+    """Faults its heartbeats report ended since the halt (reverted, or failed to revert)."""
+    heartbeat_after_halt_s: float | None
+    """When its last heartbeat arrived, seconds after the halt was sent; None: none arrived since."""
+    last_seen_s: float
+
+
+class HaltReport(_Model):
+    url: str
+    reason: str
+    issued_by: str
+    halt_id: str
+    sent_at: float
+    outcome: HaltOutcome
+    agents_seen: int
+    wait_s: float
+    """The bound the confirmation had (0 when no agent was seen)."""
+    waited_s: float
+    """From sending the halt to the result."""
+    nodes: list[HaltNode]
+
+
+def wait_bound_s(views: Mapping[str, NodeView]) -> float:
+    slowest = max((v.heartbeat.interval_s for v in views.values()), default=0.0)
+    return min(HALT_WAIT_MAX_S, max(HALT_WAIT_S, HALT_WAIT_INTERVALS * slowest))
+
+
+def _confirmed(view: NodeView, sent_mono: float) -> bool:
+    """A heartbeat that arrived after the halt was sent and lists no active fault."""
+    return view.last_seen_monotonic > sent_mono and not view.heartbeat.faults
+
+
+def node_result(view: NodeView, sent_mono: float, sent_wall: float, now_mono: float) -> HaltNode:
+    hb = view.heartbeat
+    after_s = view.last_seen_monotonic - sent_mono
+    ended: list[EndedFault] = []
+    if after_s > 0:
+        # The agent stamps its ends with its own clock: move the halt's time onto it. The
+        # offset includes the transit time, so the estimate errs early, never missing an end.
+        halt_on_agent_clock = sent_wall + (hb.sent_at - view.received_at)
+        ended = [e for e in hb.ended if e.at >= halt_on_agent_clock]
+    result: NodeResult
+    if after_s <= 0:
+        result = "silent"
+    elif hb.faults:
+        result = "holds-faults"
+    elif any(e.state == "failed" for e in ended):
+        result = "revert-failed"
+    else:
+        result = "clear"
+    return HaltNode(
+        node=hb.node,
+        result=result,
+        agent_state=hb.state,
+        active_faults=list(hb.faults),
+        ended_since_halt=ended,
+        heartbeat_after_halt_s=round(after_s, 3) if after_s > 0 else None,
+        last_seen_s=round(view.age_s(now_mono), 3),
+    )
+
+
+async def confirm(fleet: Fleet, sent_mono: float, sent_wall: float, wait_s: float) -> list[HaltNode]:
+    """Wait until every agent seen confirmed the halt, at most until ``wait_s`` after it was sent."""
+    remaining_s = max(0.0, sent_mono + wait_s - time.monotonic())
+    await fleet.wait_until(lambda: all(_confirmed(v, sent_mono) for v in fleet.nodes().values()), remaining_s)
+    now = time.monotonic()
+    return [node_result(v, sent_mono, sent_wall, now) for _, v in sorted(fleet.nodes().items())]
+
+
+def _faults_text(faults: list[ActiveFault] | list[EndedFault]) -> str:
+    return ", ".join(f"{f.fault_id} ({f.kind}, {f.state})" for f in faults)
+
+
+def render_node(n: HaltNode, wait_s: float) -> str:
+    if n.result == "clear":
+        detail = f"{len(n.ended_since_halt)} fault(s) ended since the halt: {_faults_text(n.ended_since_halt)}"
+        held = detail if n.ended_since_halt else "held no fault"
+        return f"{n.node}: clear: {held} (heartbeat {n.heartbeat_after_halt_s:.1f}s after the halt)"
+    if n.result == "holds-faults":
+        return (
+            f"{n.node}: NOT CLEAR: still holds {len(n.active_faults)} fault(s) {wait_s:g}s after the halt: "
+            + _faults_text(n.active_faults)
+        )
+    if n.result == "revert-failed":
+        failed = [e for e in n.ended_since_halt if e.state == "failed"]
+        return f"{n.node}: NOT CLEAR: revert failed: " + "; ".join(
+            f"{e.fault_id} ({e.kind}): {e.reason or 'no reason given'}" for e in failed
+        )
+    return (
+        f"{n.node}: NOT CLEAR: silent: no heartbeat within {wait_s:g}s after the halt "
+        f"(last one {n.last_seen_s:.1f}s ago); it may still hold faults"
+    )
+
+
+def render_text(report: HaltReport) -> list[str]:
+    if report.outcome == "no-agents":
+        return [
+            f"halt sent on {report.url}, but no agent sent a heartbeat within {report.waited_s:.1f}s: "
+            "no agent is connected to this NATS server, so none holds a fault here and there is nothing to confirm"
+        ]
+    lines = [render_node(n, report.wait_s) for n in report.nodes]
+    bad = [n for n in report.nodes if n.result != "clear"]
+    if not bad:
+        lines.append(f"halt confirmed: all {report.agents_seen} agent(s) seen report no active fault")
+    else:
+        named = ", ".join(f"{n.node} ({n.result})" for n in bad)
+        lines.append(f"halt NOT confirmed on {len(bad)} of {report.agents_seen} agent(s) seen: {named}")
+    return lines
+
+
+async def halt_and_confirm(
+    nc: Any,
+    url: str,
+    reason: str,
+    issued_by: str,
+    output: str,
+    out: Callable[[str], None],
+    err: Callable[[str], None],
+) -> int:
+    """Send the halt, confirm it; print the result. Returns the exit code (0 clear or no agents, 1 not)."""
+    fleet = Fleet(nc)
+    await fleet.start()  # before the halt: the heartbeats around it tell who is there
+    try:
+        halt = Halt(reason=reason, issued_by=issued_by)
+        sent_mono = time.monotonic()
+        try:
+            await nc.publish(HALT, encode(halt))
+            await nc.flush(timeout=2)
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            err(f"faultline: the halt may not have reached NATS at {url}: {str(exc) or type(exc).__name__}")
+            return 1
+        err(f"halt sent on {url}: every agent reverts everything now; learning from heartbeats who is there ...")
+        views = await fleet.gather()
+        wait_s = wait_bound_s(views) if views else 0.0
+        if views:
+            err(
+                f"{len(views)} agent(s) seen: {', '.join(sorted(views))}; waiting up to {wait_s:g}s after the "
+                "halt for each to report no active fault"
+            )
+        nodes = await confirm(fleet, sent_mono, halt.sent_at, wait_s) if views else []
+        outcome: HaltOutcome = (
+            "no-agents" if not nodes else "clear" if all(n.result == "clear" for n in nodes) else "not-clear"
+        )
+        report = HaltReport(
+            url=url,
+            reason=reason,
+            issued_by=issued_by,
+            halt_id=halt.id,
+            sent_at=halt.sent_at,
+            outcome=outcome,
+            agents_seen=len(nodes),
+            wait_s=wait_s,
+            waited_s=round(time.monotonic() - sent_mono, 3),
+            nodes=nodes,
+        )
+    finally:
+        await fleet.stop()
+    if output == "json":
+        out(report.model_dump_json(indent=2))
+    else:
+        for line in render_text(report):
+            out(line)
+    return 1 if outcome == "not-clear" else 0

@@ -1,0 +1,118 @@
+"""`faultline halt`'s confirmation, from heartbeats fed to a Fleet without NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from controller.fleet import Fleet
+from controller.halting import HaltReport, confirm, render_text, wait_bound_s
+from proto.codec import encode
+from proto.messages import ActiveFault, EndedFault, Heartbeat
+
+
+def beat(fleet: Fleet, node: str, *, faults: Any = (), ended: Any = (), interval_s: float = 0.5) -> None:
+    hb = Heartbeat(
+        node=node,
+        instance_id="i",
+        version="1",
+        interval_s=interval_s,
+        seq=1,
+        started_at=time.time(),
+        faults=list(faults),
+        ended=list(ended),
+    )
+    assert fleet.observe(encode(hb)) is not None
+
+
+def active(fid: str) -> ActiveFault:
+    return ActiveFault(
+        fault_id=fid, experiment_id="exp-1", kind="process-pause", state="reverting", since=0, expires_at=0
+    )
+
+
+def ended(fid: str, state: str = "reverted", reason: str = "halt: x (by me)") -> EndedFault:
+    return EndedFault(
+        fault_id=fid, experiment_id="exp-1", kind="process-pause", state=state, reason=reason, at=time.time()
+    )
+
+
+def report(fleet: Fleet, nodes: Any, wait_s: float) -> HaltReport:
+    bad = [n for n in nodes if n.result != "clear"]
+    return HaltReport(
+        url="nats://h:4222", reason="x", issued_by="me", halt_id="h1", sent_at=time.time(),
+        outcome="not-clear" if bad else "clear", agents_seen=len(nodes), wait_s=wait_s, waited_s=wait_s, nodes=nodes,
+    )  # fmt: skip
+
+
+async def test_every_result_kind_and_the_bound() -> None:
+    fleet = Fleet(None)
+    for n in ("clear", "holding", "failing", "silent"):
+        beat(fleet, n, faults=[active(f"{n}.0")])  # before the halt
+    await asyncio.sleep(0.01)
+    sent_mono, sent_wall = time.monotonic(), time.time()
+    await asyncio.sleep(0.01)
+    beat(fleet, "clear", ended=[ended("clear.0")])
+    beat(fleet, "holding", faults=[active("holding.0")])
+    beat(fleet, "failing", ended=[ended("failing.0", "failed", "halt: x; revert failed: tc said no")])
+    started = time.monotonic()
+    nodes = await confirm(fleet, sent_mono, sent_wall, wait_s=0.3)
+    assert time.monotonic() - started < 0.3 + 0.2, "the wait is bounded"
+    by = {n.node: n for n in nodes}
+    assert {k: v.result for k, v in by.items()} == {
+        "clear": "clear", "failing": "revert-failed", "holding": "holds-faults", "silent": "silent",
+    }  # fmt: skip
+    assert [e.fault_id for e in by["clear"].ended_since_halt] == ["clear.0"]
+    assert by["silent"].heartbeat_after_halt_s is None and by["silent"].active_faults
+    lines = render_text(report(fleet, nodes, 0.3))
+    assert "clear: clear: 1 fault(s) ended since the halt: clear.0 (process-pause, reverted)" in lines[0]
+    assert (
+        lines[1] == "failing: NOT CLEAR: revert failed: failing.0 (process-pause): halt: x; revert failed: tc said no"
+    )
+    assert (
+        lines[2]
+        == "holding: NOT CLEAR: still holds 1 fault(s) 0.3s after the halt: holding.0 (process-pause, reverting)"
+    )
+    assert lines[3].startswith("silent: NOT CLEAR: silent: no heartbeat within 0.3s after the halt (last one ")
+    assert lines[4] == (
+        "halt NOT confirmed on 3 of 4 agent(s) seen: failing (revert-failed), holding (holds-faults), silent (silent)"
+    )
+
+
+async def test_returns_as_soon_as_every_agent_confirmed() -> None:
+    fleet = Fleet(None)
+    beat(fleet, "a", faults=[active("a.0")])
+    sent_mono, sent_wall = time.monotonic(), time.time()
+
+    async def later() -> None:
+        await asyncio.sleep(0.1)
+        beat(fleet, "a", ended=[ended("a.0")])
+
+    feeder = asyncio.create_task(later(), name="feed-heartbeat")
+    started = time.monotonic()
+    (node,) = await confirm(fleet, sent_mono, sent_wall, wait_s=5.0)
+    await feeder
+    assert node.result == "clear" and time.monotonic() - started < 1.0
+    assert render_text(report(fleet, [node], 5.0))[-1] == "halt confirmed: all 1 agent(s) seen report no active fault"
+
+
+async def test_an_end_before_the_halt_is_not_counted() -> None:
+    fleet = Fleet(None)
+    old = ended("a.0").model_copy(update={"at": time.time() - 60})
+    sent_mono, sent_wall = time.monotonic(), time.time()
+    await asyncio.sleep(0.01)
+    beat(fleet, "a", ended=[old])
+    (node,) = await confirm(fleet, sent_mono, sent_wall, wait_s=1.0)
+    assert node.result == "clear" and node.ended_since_halt == []
+
+
+def test_wait_bound_follows_slow_heartbeats_within_limits() -> None:
+    fleet = Fleet(None)
+    assert wait_bound_s({}) == 5.0
+    beat(fleet, "fast", interval_s=0.5)
+    assert wait_bound_s(fleet.nodes()) == 5.0
+    beat(fleet, "slow", interval_s=4.0)
+    assert wait_bound_s(fleet.nodes()) == 10.0
+    beat(fleet, "glacial", interval_s=60.0)
+    assert wait_bound_s(fleet.nodes()) == 30.0
