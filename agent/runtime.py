@@ -528,6 +528,17 @@ class AgentRuntime(CommandHandler, Recovery):
         for rec in hit:
             self.remember(self.ended_experiments, rec.experiment_id, "halted")
         log.warning("HALT from %s: %s; reverting %d fault(s)", halt.issued_by, halt.reason, len(hit))
+        self.spawn(self._report_halted(hit), name="halt-heartbeat")
+
+    async def _report_halted(self, hit: list[FaultRecord]) -> None:
+        """A heartbeat as soon as the halt's reverts are done: `faultline halt` confirms from it,
+        not a heartbeat interval later."""
+        if hit:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.timing.revert_timeout_s):
+                    await asyncio.gather(*(r.finished.wait() for r in hit))
+        if not self.stopping:
+            await self.publish(subjects.agent_hb(self.node), encode(self.heartbeat()))
 
     def _holds(self, experiment_id: str) -> bool:
         return any(r.experiment_id == experiment_id for r in self.faults.values())

@@ -218,6 +218,23 @@ async def test_halt_reverts_everything_and_blocks_reinjection(nc, agent_factory,
     assert not again.accepted and "halted" in (again.reason or "")
 
 
+async def test_halt_is_reported_by_a_heartbeat_at_once(nc, agent_factory, victims, heartbeats):
+    """faultline halt confirms from heartbeats: the agent sends one as soon as its reverts are done."""
+    agent_factory("node-a", extra=["--heartbeat-interval", "30"])  # the next regular one is 30 s away
+    (proc,) = victims.start(1)
+    assert (await send(nc, "node-a", pause(victims.token))).accepted
+    await async_wait_until(lambda: status(proc) == "stopped", 5, "victim paused")
+    t_halt = time.time()
+    await nc.publish(subjects.HALT, encode(Halt(reason="test", issued_by="pytest")))
+    hb = await async_wait_until(
+        lambda: [h for h in heartbeats.heartbeats("node-a") if h.sent_at > t_halt and not h.faults],
+        3,
+        "a heartbeat with no active fault right after the halt",
+    )
+    assert any(e.fault_id == "exp1.0" and e.state == "reverted" for e in hb[0].ended)
+    assert status(proc) != "stopped"
+
+
 async def test_bad_commands_are_rejected_and_faults_kept(nc, agent_factory, victims, events):
     agent = agent_factory("node-a")
     (proc,) = victims.start(1)
