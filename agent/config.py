@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from proto.natsurl import split_servers
 from proto.subjects import safe_token
 
 
@@ -40,7 +41,14 @@ class IdentitySettings(_Group):
 
 class NatsSettings(_Group):
     urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
-    """NATS server URLs. Default nats://127.0.0.1:4222."""
+    """NATS server URLs: nats://, tls://, ws://, wss:// or HOST:PORT. Default nats://127.0.0.1:4222."""
+
+    @field_validator("urls")
+    @classmethod
+    def _nats_urls(cls, urls: list[str]) -> list[str]:
+        # http://... would fail for ever after a DNS lookup of "http": refuse it at start instead
+        return split_servers(",".join(urls))
+
     connect_timeout_s: float = 2.0
     """Per-attempt connect timeout, seconds. Default 2."""
     reconnect_wait_s: float = 0.5

@@ -242,7 +242,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         settings = load_settings(args, dict(os.environ))
-    except (ValidationError, ValueError, OSError) as exc:
+    except ValidationError as exc:
+        for line in settings_errors(exc):
+            print(f"faultline-agent: invalid settings: {line}", file=sys.stderr)
+        sys.exit(2)
+    except (ValueError, OSError) as exc:
         print(f"faultline-agent: invalid settings: {exc}", file=sys.stderr)
         sys.exit(2)
     why = state_dir_problem(settings.state_dir)
@@ -250,6 +254,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"faultline-agent: --state-dir / FAULTLINE_STATE_DIR {settings.state_dir}: {why}", file=sys.stderr)
         sys.exit(2)
     sys.exit(uvloop.run(serve(settings)))
+
+
+def settings_errors(exc: ValidationError) -> list[str]:
+    """One line per error: the setting's path (nats.urls; --nats and FAULTLINE_NATS_URL set it) and why."""
+    return [
+        f"{'.'.join(str(p) for p in e['loc']) or '(settings)'}: {str(e['msg']).removeprefix('Value error, ')}"
+        for e in exc.errors()
+    ]
 
 
 def state_dir_problem(state_dir: Path) -> str | None:

@@ -27,13 +27,13 @@ from controller.experiment import ExperimentError, json_schema_text, load_experi
 from controller.fleet import Fleet, NodeView
 from controller.halting import HALT_WAIT_HELP, halt_and_confirm
 from controller.local import LocalEnvironment, LocalModeError
-from controller.natsurl import DEFAULT_NATS_URL, NatsTarget, NatsUrlError, configured, default_target
 from controller.report import exit_code, render_text, to_json
 from controller.targeting import TargetingError
 from controller.tracking import PreflightError
 from proto import __version__
 from proto.codec import DecodeError, decode, encode
 from proto.messages import Ack, Revert
+from proto.natsurl import DEFAULT_NATS_URL, NatsTarget, NatsUrlError, configured, default_target
 from proto.subjects import exp_control
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2

@@ -16,9 +16,9 @@ from typing import Any
 import nats
 import nats.errors
 
-from controller.natsurl import split_servers
 from proto.codec import DecodeError, decode, encode
 from proto.messages import Ack, Revert
+from proto.natsurl import split_servers
 from proto.subjects import agent_cmd, exp_abort
 
 log = logging.getLogger(__name__)

@@ -282,3 +282,13 @@ def test_an_unusable_state_dir_is_refused_at_start_naming_the_setting(tmp_path: 
     assert out.returncode == 2, out.stderr
     assert "--state-dir" in out.stderr and "cannot create the journal directory (Not a directory)" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_nats_url_no_nats_server_speaks_is_refused_at_start(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "agent.main", "--nats", "http://127.0.0.1:4222", "--node", "x"]
+    out = subprocess.run([*argv, "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2, out.stderr
+    assert "invalid settings: nats.urls: scheme http:// is not one NATS speaks" in out.stderr, out.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from controller.natsurl import DEFAULT_NATS_URL, NatsUrlError, configured, split_servers
+from proto.natsurl import DEFAULT_NATS_URL, NatsUrlError, configured, split_servers
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""The NATS server URL(s) the CLI talks to: where they come from, checked once at the edge.
+"""NATS server URLs, checked once at the edge, for the CLI and the agent alike; where the
+CLI's come from (--nats, FAULTLINE_NATS_URL, the default).
 
 nats-py takes nats://, tls://, ws:// and wss:// URLs, and a bare HOST or
 HOST:PORT (it prefixes nats:// and defaults the port to 4222). Anything else,
