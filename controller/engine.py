@@ -310,7 +310,7 @@ class ExperimentRunner:
         except DecodeError as exc:
             reply = Ack(in_reply_to=peek_id(msg.data) or "unknown", node="controller", accepted=False, reason=str(exc))
         else:
-            self.abort(f"requested: {cmd.reason}")
+            self.abort(cmd.reason)  # already says who and why ("aborted from the command line (by ...)")
             reply = Ack(in_reply_to=cmd.id, node="controller", accepted=True, reason="aborting and reverting")
         if msg.reply:
             await msg.respond(encode(reply))
