@@ -182,6 +182,11 @@ class _ProcessInjector(Injector):
                 f"signal: {name} stops a process and process-kill never resumes it; use kind: process-pause "
                 "(SIGSTOP for the duration, SIGCONT at revert)"
             )
+        if isinstance(spec, ProcessKillSpec) and spec.signal == signal.SIGCONT:
+            raise Rejected(
+                "signal: SIGCONT would resume processes a process-pause fault holds stopped, ending that "
+                "fault early behind its back; a pause ends with its own revert (or `faultline abort`)"
+            )
         if spec.match.pid is not None and spec.match.pid in (1, os.getpid()):
             raise Rejected(
                 f"match.pid: {spec.match.pid} is protected ({'PID 1' if spec.match.pid == 1 else 'the agent'})"

@@ -175,6 +175,16 @@ async def test_process_kill_refuses_stop_signals(tmp_path: Path) -> None:
         )
         ack = decode(await rt.handle_command(encode(cmd)), Ack)
         assert not ack.accepted and "process-pause" in (ack.reason or ""), ack.reason
+    # and SIGCONT, which would end a pause fault's pause behind its back
+    cmd = Inject(
+        experiment_id="e",
+        fault_id="e.cont",
+        spec={"kind": "process-kill", "match": {"pid": 99999}, "signal": "SIGCONT"},
+        expires_at=time.time() + 30,
+        lease_timeout_s=30,
+    )
+    ack = decode(await rt.handle_command(encode(cmd)), Ack)
+    assert not ack.accepted and "signal: SIGCONT would resume" in (ack.reason or ""), ack.reason
 
 
 def test_every_faultline_stressor_is_protected() -> None:
