@@ -502,7 +502,7 @@ def test_abort_without_controller_reverts_on_agents(
     victims: Victims,
     running: Callable[..., Running],
 ) -> None:
-    agent_factory("node-a")
+    agent = agent_factory("node-a")
     (victim,) = victims.start(1)
     path = experiment_file(tmp_path, [pause(victims)], duration="60s", abort={"leaseTimeout": "60s"})
     run = running("run", str(path), "--nats", nats_url)
@@ -513,6 +513,8 @@ def test_abort_without_controller_reverts_on_agents(
     assert r.returncode == 0, r.stdout + r.stderr
     assert "node-a: revert acknowledged" in r.stdout
     wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 5, "the victim to resume after abort")
+    wait_until(lambda: "reverted: requested: " in agent.log(), 5, "the agent to log the revert")
+    assert "reverted: requested: aborted from the command line (by " in agent.log(), agent.log()
 
 
 def test_abort_unknown_experiment(nats_url: str, agent_factory: Callable[..., AgentProcess]) -> None:

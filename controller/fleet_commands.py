@@ -1,0 +1,170 @@
+"""`faultline agents`, `abort` and `halt`: the commands that talk to a running fleet, no experiment file."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import socket
+import time
+from typing import Any
+
+from controller.console import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from controller.console import err as _err
+from controller.console import out as _out
+from controller.dispatch import ConnectError, close, connect, revert_experiment
+from controller.fleet import Fleet, NodeView
+from controller.halting import halt_and_confirm
+from proto.codec import DecodeError, decode, encode
+from proto.messages import Ack, Revert
+from proto.natsurl import DEFAULT_NATS_URL, NatsTarget, NatsUrlError, configured, default_target
+from proto.subjects import exp_control
+
+
+async def _with_fleet(url: str) -> tuple[Any, Fleet]:
+    nc = await connect(url)
+    fleet = Fleet(nc)
+    await fleet.start()
+    return nc, fleet
+
+
+def _agent_row(view: NodeView, now: float) -> dict[str, Any]:
+    hb = view.heartbeat
+    return {
+        "node": hb.node,
+        "version": hb.version,
+        "state": hb.state,
+        "labels": hb.labels,
+        "capabilities": hb.capabilities,
+        "capability_notes": hb.capability_notes,
+        "faults": [f.model_dump() for f in hb.faults],
+        "cpu_percent": hb.load.cpu_percent if hb.load else None,
+        "memory_percent": hb.load.memory_percent if hb.load else None,
+        "last_seen_s": round(view.age_s(now), 2),
+        "instance_id": hb.instance_id,
+    }
+
+
+def _fleet_target(args: argparse.Namespace) -> NatsTarget:
+    """--nats, FAULTLINE_NATS_URL or the default; raises NatsUrlError naming the one that is wrong."""
+    return configured(args.nats) or default_target()
+
+
+def _bad_url(exc: NatsUrlError) -> int:
+    _err(f"faultline: {exc}")
+    return EXIT_BAD_INPUT
+
+
+def _connect_failed(args: argparse.Namespace, target: NatsTarget, exc: ConnectError) -> int:
+    _err(f"faultline: {exc}")
+    if target.source == "default":
+        _err(
+            f"  no --nats and no FAULTLINE_NATS_URL, so {DEFAULT_NATS_URL} was tried; "
+            f"`faultline {args.command}` talks to a fleet's NATS server (see --help)"
+        )
+    return EXIT_BAD_INPUT
+
+
+async def cmd_agents(args: argparse.Namespace) -> int:
+    try:
+        target = _fleet_target(args)
+    except NatsUrlError as exc:
+        return _bad_url(exc)
+    url = target.url
+    try:
+        nc, fleet = await _with_fleet(url)
+    except ConnectError as exc:
+        return _connect_failed(args, target, exc)
+    try:
+        views = await fleet.gather()
+    finally:
+        await fleet.stop()
+        await close(nc)
+    now = time.monotonic()
+    rows = [_agent_row(v, now) for _, v in sorted(views.items())]
+    if args.output == "json":
+        _out(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        _out(f"no agents sent a heartbeat on {url}")
+        return EXIT_OK
+    table = [["NODE", "VERSION", "STATE", "LABELS", "CAPABILITIES", "FAULTS", "CPU", "MEM", "LAST SEEN"]]
+    for r in rows:
+        table.append(
+            [
+                r["node"],
+                r["version"],
+                r["state"],
+                ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or "-",
+                ",".join(r["capabilities"]) or "-",
+                ",".join(f"{f['fault_id']}:{f['state']}" for f in r["faults"]) or "-",
+                "-" if r["cpu_percent"] is None else f"{r['cpu_percent']:.0f}%",
+                "-" if r["memory_percent"] is None else f"{r['memory_percent']:.0f}%",
+                f"{r['last_seen_s']:.1f}s ago",
+            ]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+def _issuer() -> str:
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except (OSError, KeyError):
+        return "unknown"
+
+
+async def cmd_abort(args: argparse.Namespace) -> int:
+    try:
+        target = _fleet_target(args)
+    except NatsUrlError as exc:
+        return _bad_url(exc)
+    exp_id = args.experiment_id
+    reason = f"{args.reason} (by {_issuer()})"
+    try:
+        nc, fleet = await _with_fleet(target.url)
+    except ConnectError as exc:
+        return _connect_failed(args, target, exc)
+    try:
+        cmd = Revert(experiment_id=exp_id, reason=reason, expires_at=time.time() + 30.0)
+        try:
+            msg = await nc.request(exp_control(exp_id), encode(cmd), timeout=2.0)
+            ack = decode(msg.data, Ack)
+            if ack.accepted:
+                _out(f"experiment {exp_id}: abort requested; its controller is reverting on every target")
+                return EXIT_OK
+            _err(f"experiment {exp_id}: the controller refused: {ack.reason}")
+        except (DecodeError, TimeoutError, Exception) as exc:  # no responder, timeout: fall back to the agents
+            logging.getLogger(__name__).debug("control request: %r", exc)
+        # No controller answers (it died, or runs elsewhere): revert directly on every agent holding its faults.
+        views = await fleet.gather()
+        holders = sorted(n for n, v in views.items() if any(f.experiment_id == exp_id for f in v.heartbeat.faults))
+        if not holders:
+            _err(f"unknown experiment id {exp_id}: no controller runs it and no agent holds its faults")
+            return EXIT_BAD_INPUT
+        results = await revert_experiment(nc, holders, exp_id, reason)  # the agents say "requested: "
+        failed = [n for n, (a, _why) in results.items() if a is None]
+        for n, (a, why) in sorted(results.items()):
+            _out(f"{n}: " + ("revert acknowledged" if a is not None else f"no answer ({why})"))
+        return EXIT_FAILED if failed else EXIT_OK
+    finally:
+        await fleet.stop()
+        await close(nc)
+
+
+async def cmd_halt(args: argparse.Namespace) -> int:
+    try:
+        target = _fleet_target(args)
+    except NatsUrlError as exc:
+        return _bad_url(exc)
+    try:
+        nc = await connect(target.url)
+    except ConnectError as exc:
+        return _connect_failed(args, target, exc)
+    try:
+        return await halt_and_confirm(nc, target.url, args.reason, _issuer(), args.output, _out, _err)
+    finally:
+        await close(nc)
