@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -41,25 +42,41 @@ def nats_server_binary() -> str:
 
 
 WORKDIR_PREFIX = "faultline-nats-"
+OWNER_FILE = "owner"  # "<pid> <start time>" of the process that made the directory
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of pid (field 22 of /proc/PID/stat), or None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_gone(d: Path) -> bool:
+    """True when the process recorded in d's owner file no longer runs (its pid is gone or reused)."""
+    try:
+        pid, start = (d / OWNER_FILE).read_text().split()
+        return _start_time(int(pid)) != start
+    except (OSError, ValueError):
+        return False  # no owner file (not ours to judge) or one being written
 
 
 def sweep_stale_workdirs(parent: Path | None = None) -> list[Path]:
     """Remove work dirs this class left behind when its process was killed (kill -9 of a local
-    ``faultline run``: its nats-server dies with it, the directory stays). A directory goes only
-    when its ports file names a server that is no longer running; returns what was removed."""
+    ``faultline run``: its nats-server gets the parent-death signal and exits, the directory
+    stays). A directory goes only when it is this user's and the process that made it is gone;
+    returns what was removed. Never raises: another run may remove one at the same time."""
     removed: list[Path] = []
     for d in Path(parent or tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
-        ports = list(d.glob("nats-server_*.ports")) if d.is_dir() and not d.is_symlink() else []
-        if len(ports) != 1 or d.stat().st_uid != os.getuid():
-            continue
-        pid = ports[0].name.removeprefix("nats-server_").removesuffix(".ports")
         try:
-            alive = Path(f"/proc/{int(pid)}/comm").read_text().strip() == "nats-server"
-        except (OSError, ValueError):
-            alive = False
-        if not alive:
-            shutil.rmtree(d, ignore_errors=True)
+            st = d.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or not _owner_gone(d):
+                continue
+            shutil.rmtree(d)
             removed.append(d)
+        except OSError:
+            continue
     return removed
 
 
@@ -84,6 +101,8 @@ class NatsServer:
         if self._own_dir:
             sweep_stale_workdirs()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+        if self._own_dir:
+            (self.workdir / OWNER_FILE).write_text(f"{os.getpid()} {_start_time(os.getpid())}")
         self.extra_args = extra_args or []
         self.pdeathsig = pdeathsig
         self.proc: subprocess.Popen[bytes] | None = None

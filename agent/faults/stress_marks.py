@@ -2,7 +2,7 @@
 stressors carry, the scan that finds them, and the capability probe.
 
 Kept apart from agent.faults.stressor so that an idle agent can probe and sweep
-without loading the stressor code (agent.faults.stress_lazy).
+without loading the stressor code (agent.faults.lazy).
 """
 
 from __future__ import annotations
