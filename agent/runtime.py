@@ -25,7 +25,6 @@ from collections import OrderedDict, deque
 from collections.abc import Coroutine
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -439,38 +438,45 @@ class AgentRuntime(CommandHandler, Recovery):
         nats_cfg = self.settings.nats
         delay = nats_cfg.reconnect_wait_s
         while not self.stop_event.is_set():
-            attempt = asyncio.ensure_future(
-                nats.connect(
-                    servers=nats_cfg.urls,
-                    name=f"faultline-agent/{self.node}",
-                    connect_timeout=nats_cfg.connect_timeout_s,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=nats_cfg.reconnect_wait_s,
-                    ping_interval=2,
-                    max_outstanding_pings=2,
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                    error_cb=self._on_error,
-                )
-            )
-            stop = asyncio.ensure_future(self.stop_event.wait())
+            nc = NATS()
+            options: dict[str, Any] = {  # nats-py annotates the timeouts as int; it takes float seconds
+                "servers": nats_cfg.urls,
+                "name": f"faultline-agent/{self.node}",
+                "connect_timeout": nats_cfg.connect_timeout_s,
+                "allow_reconnect": True,
+                "max_reconnect_attempts": -1,
+                "reconnect_time_wait": nats_cfg.reconnect_wait_s,
+                "ping_interval": 2,
+                "max_outstanding_pings": 2,
+                "disconnected_cb": self._on_disconnected,
+                "reconnected_cb": self._on_reconnected,
+                "error_cb": self._on_error,
+            }
+            attempt = asyncio.create_task(nc.connect(**options), name="nats-connect")
+            stop = asyncio.create_task(self.stop_event.wait(), name="nats-connect-stop")
             try:
                 await asyncio.wait({attempt, stop}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stop.cancel()
             if not attempt.done():
-                attempt.cancel()  # stopping: give up the connection in progress
+                # stopping: give up the connection in progress, and close what it opened (a socket
+                # mid-handshake; or a client whose connect completed as it was cancelled)
+                attempt.cancel()
                 await asyncio.wait({attempt}, timeout=1.0)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.close(), 1.0)
                 return False
             try:
-                self.nc = attempt.result()
+                attempt.result()
             except Exception as exc:
                 log.warning("cannot reach NATS at %s: %s; retrying", ",".join(nats_cfg.urls), exc)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.close(), 1.0)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop_event.wait(), delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            self.nc = nc
             self.connected = True
             self.nats_lost_since = None
             return True

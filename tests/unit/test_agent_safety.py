@@ -302,3 +302,33 @@ def test_a_nats_url_no_nats_server_speaks_is_refused_at_start(tmp_path: Path) ->
     out = subprocess.run([*argv, "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2, out.stderr
     assert "invalid settings: nats.urls: scheme http:// is not one NATS speaks" in out.stderr, out.stderr
+
+
+async def test_a_stop_during_a_nats_handshake_gives_up_and_closes_the_socket(tmp_path: Path) -> None:
+    """A server that accepts and never speaks: the agent's connect is mid-handshake when the stop
+    comes. connect() must return False promptly and close what it opened."""
+    closed = asyncio.Event()
+    accepted = asyncio.Event()
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await reader.read()  # until the client closes its end
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        settings = AgentSettings(
+            state_dir=tmp_path, identity={"node": "safety"}, nats={"urls": [f"nats://127.0.0.1:{port}"]}
+        )
+        rt = AgentRuntime(settings, injectors={})
+        connecting = asyncio.create_task(rt.connect())
+        await asyncio.wait_for(accepted.wait(), 5)
+        rt.request_stop()
+        assert await asyncio.wait_for(connecting, 3) is False, "connect() did not give up on the stop"
+        await asyncio.wait_for(closed.wait(), 3)  # the half-open connection was closed, not left to GC
+        assert rt.nc is None
+    finally:
+        server.close()
+        await server.wait_closed()
