@@ -41,7 +41,7 @@ class IdentitySettings(_Group):
 
 class NatsSettings(_Group):
     urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
-    """NATS server URLs: nats://, tls://, ws://, wss:// or HOST:PORT. Default nats://127.0.0.1:4222."""
+    """NATS server URLs: nats://, tls:// or HOST:PORT (ws://, wss:// with aiohttp). Default nats://127.0.0.1:4222."""
 
     @field_validator("urls")
     @classmethod

@@ -25,7 +25,18 @@ CONTROLLER_MODULE = "controller.cli"
 def is_controller(cmdline: Sequence[str]) -> bool:
     """``faultline ...`` (the script, or an interpreter running it) or ``python -m controller.cli``."""
     head = [os.path.basename(arg) for arg in cmdline[:2]]
-    return CONTROLLER_SCRIPT in head or (CONTROLLER_MODULE in cmdline[1:3] and "-m" in cmdline[1:2])
+    if CONTROLLER_SCRIPT in head:
+        return True
+    # python [interpreter options] -m controller.cli: -m ends the interpreter's options
+    i = 1
+    while i < len(cmdline) - 1:
+        arg = cmdline[i]
+        if arg == "-m":
+            return cmdline[i + 1] == CONTROLLER_MODULE
+        if not arg.startswith("-") or arg == "-c":
+            return False  # a script or -c code: what follows are its arguments
+        i += 2 if arg in ("-X", "-W") else 1  # the options that take a value
+    return False
 
 
 def is_kernel_thread(proc: psutil.Process) -> bool:

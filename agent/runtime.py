@@ -657,10 +657,17 @@ class AgentRuntime(CommandHandler, Recovery):
         await self.shutdown()
         return 0
 
+    def revert_budget_at_stop(self) -> float:
+        """What timing.stop_timeout_s leaves for the reverts once every other step of a stop has
+        had its own bound: unsubscribe 1 s, journal settle, last heartbeat, drain, close 1 s,
+        tasks 2 s. The whole stop then stays within stop_timeout_s."""
+        drain = self.settings.nats.drain_timeout_s
+        others = 1.0 + JOURNAL_SETTLE_S + 2 * drain + 1.0 + 2.0
+        return max(1.0, self.settings.timing.stop_timeout_s - others)
+
     async def shutdown(self) -> None:
         """One path: stop taking commands, revert everything, say goodbye, drain."""
         self.stopping = True
-        timing = self.settings.timing
         for sub in self._subs[:1]:  # the command subscription: no new work
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(sub.unsubscribe(), 1.0)
@@ -668,7 +675,7 @@ class AgentRuntime(CommandHandler, Recovery):
         if hit:
             done = asyncio.gather(*(r.finished.wait() for r in hit))
             try:
-                await asyncio.wait_for(done, max(1.0, timing.stop_timeout_s - 3 * self.settings.nats.drain_timeout_s))
+                await asyncio.wait_for(done, self.revert_budget_at_stop())
             except TimeoutError:
                 log.error("stop: %d fault(s) did not revert in time; the journal keeps them", len(self.faults))
         await self.settle_journal(JOURNAL_SETTLE_S)  # settled before the last heartbeat

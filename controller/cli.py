@@ -48,7 +48,7 @@ against a fleet (agents started with `faultline-agent --nats URL --node NAME`):
   faultline abort zone-outage-3fa2c1 --nats nats://10.0.0.5:4222
   faultline halt --nats nats://10.0.0.5:4222 --reason "incident 42"
 
-FAULTLINE_NATS_URL stands for --nats: nats://, tls://, ws://, wss:// or HOST:PORT, or a
+FAULTLINE_NATS_URL stands for --nats: nats://, tls:// or HOST:PORT (ws://, wss:// need aiohttp), or a
 comma-separated list of them. Exit codes of run: 0 completed, 1 aborted or failed, 2 bad
 input (the file, the NATS URL, the targets, the fleet's capabilities, a heartbeatTimeout
 under two heartbeat intervals of a target; nothing is sent). Ctrl-C during run aborts and
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--nats",
             metavar="URL",
-            help="NATS server URL: nats://, tls://, ws://, wss:// or HOST:PORT; several comma-separated "
+            help="NATS server URL: nats://, tls:// or HOST:PORT (ws://, wss:// need aiohttp); several comma-separated "
             f"[FAULTLINE_NATS_URL; default: {default}]",
         )
 

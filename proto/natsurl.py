@@ -1,7 +1,8 @@
 """NATS server URLs, checked once at the edge, for the CLI and the agent alike; where the
 CLI's come from (--nats, FAULTLINE_NATS_URL, the default).
 
-nats-py takes nats://, tls://, ws:// and wss:// URLs, and a bare HOST or
+nats-py takes nats://, tls://, ws:// and wss:// URLs (the last two only with
+aiohttp installed, which faultline does not need), and a bare HOST or
 HOST:PORT (it prefixes nats:// and defaults the port to 4222). Anything else,
 http:// say, it quietly turns into a host name ("http") and fails after a DNS
 lookup with "Name or service not known". Checking here makes that an
@@ -10,6 +11,7 @@ immediate error that names the flag or variable it came from.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass
@@ -63,8 +65,13 @@ def _check_one(url: str) -> str:
         )
     else:
         url = m.group(1).lower() + url[len(m.group(1)) :]  # nats-py matches the scheme case-sensitively
+    if url.startswith(("ws://", "wss://")) and importlib.util.find_spec("aiohttp") is None:
+        raise ValueError(
+            "ws:// and wss:// need the aiohttp package, which faultline does not install; "
+            "use nats:// or tls://, or pip install aiohttp"
+        )
     parts = urlsplit(url)
-    if not parts.hostname:
+    if not parts.hostname or parts.hostname == "none":  # nats-py refuses the host "none" too
         raise ValueError(f"no host in {url}")
     try:
         parts.port  # noqa: B018 - urlsplit parses the port lazily; this raises on a bad one

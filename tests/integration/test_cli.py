@@ -177,15 +177,13 @@ def test_unreachable_nats_is_named_with_a_reason() -> None:
 @pytest.mark.parametrize("command", [["agents"], ["halt"], ["abort", "some-exp-123456"], ["run", "EXAMPLE"]])
 def test_wrong_nats_scheme_is_refused_at_once_naming_the_flag(command: list[str]) -> None:
     argv = [str(EXAMPLES / "pause-worker.yaml") if a == "EXAMPLE" else a for a in command]
-    started = time.monotonic()
     r = faultline(*argv, "--nats", "http://127.0.0.1:4222", timeout_s=30)
-    elapsed = time.monotonic() - started
     assert r.returncode == 2, r.stdout + r.stderr
     assert "faultline: --nats http://127.0.0.1:4222: not a NATS server URL: scheme http:// is not one NATS speaks" in (
         r.stderr
     ), r.stderr
+    # checked up front: no connection was tried (that would fail after a DNS lookup of "http")
     assert "Name or service not known" not in r.stderr and "cannot connect" not in r.stderr
-    assert elapsed < 3.0, f"took {elapsed:.1f}s: the URL was not checked up front"
 
 
 def test_wrong_nats_url_from_the_environment_names_the_variable() -> None:
@@ -537,9 +535,7 @@ def test_halt(
     run = running("run", str(path), "--nats", nats_url, "-o", "json")
     exp_id = run.experiment_id()
     wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
-    started = time.monotonic()
     r = faultline("halt", "--nats", nats_url, "--reason", "test halt", "-o", "json")
-    elapsed = time.monotonic() - started
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 agent(s) seen: node-a, node-b; waiting up to 5s" in r.stderr, r.stderr
     result = json.loads(r.stdout)
@@ -549,7 +545,6 @@ def test_halt(
     (ended,) = a["ended_since_halt"]
     assert ended["experiment_id"] == exp_id and ended["state"] == "reverted" and "halt: test halt" in ended["reason"]
     assert (b["node"], b["result"], b["ended_since_halt"]) == ("node-b", "clear", [])
-    assert elapsed < 15, f"halt took {elapsed:.1f}s"
     # the heartbeat said so because it is so: the victim runs again
     wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 2, "the victim to resume after a confirmed halt")
     # the agent reverted on its own: the run ends with every fault reverted, not "completed"

@@ -202,6 +202,7 @@ def test_every_faultline_stressor_is_protected() -> None:
         ["/venv/bin/python3", "/venv/bin/faultline", "run", "x.yaml"],
         ["/usr/local/bin/faultline", "abort", "e1"],
         ["python3", "-m", "controller.cli", "run", "x.yaml"],
+        ["python3", "-u", "-X", "dev", "-m", "controller.cli", "agents"],
     ],
 )
 def test_a_faultline_controller_is_protected(cmdline: list[str]) -> None:
@@ -332,3 +333,15 @@ async def test_a_stop_during_a_nats_handshake_gives_up_and_closes_the_socket(tmp
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_a_stop_fits_in_stop_timeout_s_with_every_step_at_its_bound(tmp_path: Path) -> None:
+    from agent import runtime as rt_mod
+
+    settings = AgentSettings(state_dir=tmp_path, identity={"node": "safety"})
+    rt = AgentRuntime(settings, injectors={})
+    drain = settings.nats.drain_timeout_s
+    # the steps of shutdown(), each at its bound: unsubscribe, reverts, settle, heartbeat, drain, close, tasks
+    worst = 1.0 + rt.revert_budget_at_stop() + rt_mod.JOURNAL_SETTLE_S + drain + drain + 1.0 + 2.0
+    assert worst <= settings.timing.stop_timeout_s, worst
+    assert rt.revert_budget_at_stop() >= settings.timing.revert_timeout_s, "a single revert attempt must fit"

@@ -12,8 +12,6 @@ from proto.natsurl import DEFAULT_NATS_URL, NatsUrlError, configured, split_serv
     [
         ("nats://10.0.0.5:4222", ["nats://10.0.0.5:4222"]),
         ("tls://nats.example:4443", ["tls://nats.example:4443"]),
-        ("ws://nats.example:8080", ["ws://nats.example:8080"]),
-        ("wss://nats.example", ["wss://nats.example"]),
         ("NATS://h:1", ["nats://h:1"]),  # nats-py matches the scheme case-sensitively
         ("127.0.0.1:4222", ["nats://127.0.0.1:4222"]),  # bare HOST:PORT, as nats-py takes it
         ("nats-0", ["nats://nats-0"]),  # bare HOST: nats-py adds port 4222
@@ -40,7 +38,7 @@ def test_accepted(given: str, servers: list[str]) -> None:
         ("nats://:4222", "no host in nats://:4222"),
         ("", "no URL given"),
         ("nats://a:1,,nats://b:1", "an empty entry"),
-        ("nats://a:1,ws://b:80", "ws:// and wss:// URLs cannot be mixed"),
+        ("nats://none:4222", "no host in nats://none:4222"),
         ("h/path", "neither a URL with a scheme nor HOST[:PORT]"),
     ],
 )
@@ -48,6 +46,19 @@ def test_refused_with_the_reason(given: str, why: str) -> None:
     with pytest.raises(ValueError, match="^") as exc:
         split_servers(given)
     assert why in str(exc.value)
+
+
+def test_websocket_urls_need_aiohttp(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "aiohttp" else real(name, *a))
+    with pytest.raises(ValueError, match="ws:// and wss:// need the aiohttp package"):
+        split_servers("wss://nats.example")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "aiohttp" else real(name, *a))
+    assert split_servers("ws://nats.example:8080") == ["ws://nats.example:8080"]
+    with pytest.raises(ValueError, match="ws:// and wss:// URLs cannot be mixed"):
+        split_servers("nats://a:1,ws://b:80")
 
 
 def test_configured_names_where_the_url_came_from(monkeypatch: pytest.MonkeyPatch) -> None:
