@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
+from controller.natsserver import WORKDIR_PREFIX, sweep_stale_workdirs
 from tests.conftest import REPO, AgentProcess, Victims, status, wait_until
 
 pytestmark = pytest.mark.integration
@@ -592,10 +593,16 @@ def test_killed_local_cli_leaves_nothing_paused_or_running(
 ) -> None:
     (victim,) = victims.start(1)
     path = experiment_file(tmp_path, [pause(victims)], duration="60s")
-    run = running("run", str(path), env=cli_env(FAULTLINE_STATE_DIR=str(tmp_path / "state")))
+    tmp = tmp_path / "tmp"  # the embedded nats-server's work dir goes here (TMPDIR)
+    tmp.mkdir()
+    run = running("run", str(path), env=cli_env(FAULTLINE_STATE_DIR=str(tmp_path / "state"), TMPDIR=str(tmp)))
     run.experiment_id()
     wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
     children = _descendants(run.proc.pid)
     run.kill()  # kill -9 the CLI: its agent gets SIGTERM (pdeathsig), reverts and exits; nats-server too
     wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 10, "the victim to resume after the CLI died")
     wait_until(lambda: not _alive(children), 15, f"local agent and nats-server to exit: {_alive(children)}")
+    # what the killed run could not remove, the next local run sweeps (it calls this on start)
+    left = list(tmp.glob(f"{WORKDIR_PREFIX}*"))
+    assert len(left) == 1, left
+    assert sweep_stale_workdirs(tmp) == left and not list(tmp.iterdir())
