@@ -89,13 +89,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
     try:
         target = configured(args.nats)
     except NatsUrlError as exc:
-        _err(f"faultline: {exc} (nothing sent)")
-        return EXIT_BAD_INPUT
+        return _refused(args, "nats-url", f"faultline: {exc} (nothing sent)")
     try:
         exp = load_experiment(args.file)
     except ExperimentError as exc:
-        _err(f"{args.file}: invalid experiment file (nothing sent):\n" + _indent(str(exc)))
-        return EXIT_BAD_INPUT
+        return _refused(
+            args, "experiment-file", f"{args.file}: invalid experiment file (nothing sent):\n" + _indent(str(exc))
+        )
     say = (lambda _line: None) if args.quiet else _err
     if target is None:
         say("no NATS configured (--nats, FAULTLINE_NATS_URL): running on this machine with an embedded")
@@ -108,13 +108,11 @@ async def cmd_run(args: argparse.Namespace) -> int:
                     say(f"note: spec.targets replaced by the local node {env.node} (local mode)")
                 return await _run_experiment(args, exp, env.nc, env.fleet, [env.node], say, env.url)
         except LocalModeError as exc:
-            _err(f"faultline: {exc}")
-            return EXIT_BAD_INPUT
+            return _refused(args, "local-mode", f"faultline: {exc}")
     try:
         nc = await connect(target.url)
     except ConnectError as exc:
-        _err(f"faultline: {exc}")
-        return EXIT_BAD_INPUT
+        return _refused(args, "connect", f"faultline: {exc}")
     fleet = Fleet(nc)
     try:
         await fleet.start()
@@ -132,8 +130,9 @@ async def _run_experiment(
     try:
         plan = await runner.plan()
     except (TargetingError, PreflightError) as exc:
-        _err(f"faultline: cannot run {exp.metadata.name} (nothing sent):\n" + _indent(str(exc)))
-        return EXIT_BAD_INPUT
+        return _refused(
+            args, "preflight", f"faultline: cannot run {exp.metadata.name} (nothing sent):\n" + _indent(str(exc))
+        )
     if args.dry_run:
         data = {
             "experiment": exp.metadata.name,
@@ -154,6 +153,16 @@ async def _run_experiment(
         report = await runner.run()
     _out(to_json(report) if args.output == "json" else render_text(report))
     return exit_code(report)
+
+
+def _refused(args: argparse.Namespace, stage: str, text: str) -> int:
+    """Bad input, or the run could not start; nothing was sent. The reason goes to stderr and,
+    with -o json, an object to stdout too, so a script always has JSON to read."""
+    _err(text)
+    if args.output == "json":
+        refusal = {"outcome": "refused", "stage": stage, "error": text, "sent": False, "exit_code": EXIT_BAD_INPUT}
+        _out(json.dumps(refusal, indent=2))
+    return EXIT_BAD_INPUT
 
 
 def abort_command(experiment_id: str, url: str) -> str:

@@ -234,6 +234,15 @@ def test_run_invalid_file_exits_2_and_sends_nothing(tmp_path: Path) -> None:
     r = faultline("run", str(bad), "--nats", "nats://127.0.0.1:1")
     assert r.returncode == 2
     assert "spec.faults" in r.stderr and "nothing sent" in r.stderr and "connect" not in r.stderr
+    assert r.stdout == ""  # text output: the reason is on stderr only
+    # -o json: a script gets an object on stdout as well, saying where the run stopped
+    r = faultline("run", str(bad), "--nats", "nats://127.0.0.1:1", "-o", "json")
+    refusal = json.loads(r.stdout)
+    assert r.returncode == 2 and refusal["exit_code"] == 2 and refusal["sent"] is False
+    assert (refusal["outcome"], refusal["stage"]) == ("refused", "experiment-file")
+    assert "spec.faults" in refusal["error"]
+    r = faultline("run", str(bad), "--nats", "nats://127.0.0.1:1", "-o", "json", "--dry-run")
+    assert json.loads(r.stdout)["stage"] == "experiment-file"
 
 
 # --- local mode -----------------------------------------------------------------------
@@ -399,9 +408,13 @@ async def test_heartbeat_timeout_under_two_intervals_is_refused_and_nothing_sent
     sub = await nc.subscribe("faultline.>", cb=record)
     try:
         await nc.flush(timeout=5)
-        for extra in (["--dry-run"], []):
+        for extra in (["--dry-run"], [], ["-o", "json"]):
             r = await asyncio.to_thread(faultline, "run", str(path), "--nats", nats_url, *extra)
             assert r.returncode == 2, r.stdout + r.stderr
+            if "json" in extra:
+                refusal = json.loads(r.stdout)
+                assert (refusal["stage"], refusal["sent"]) == ("preflight", False), refusal
+                assert "spec.abort.heartbeatTimeout" in refusal["error"]
             assert "cannot run cli-test (nothing sent)" in r.stderr
             assert (
                 "spec.abort.heartbeatTimeout: 1.5s is less than 2 heartbeat intervals of agent node-a (every 1s): "
