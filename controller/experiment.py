@@ -140,9 +140,14 @@ def _reason(err: Any) -> str:
         return f"unknown fault kind; expected one of {', '.join(FAULT_KINDS)}"
     if err["type"] == "union_tag_not_found":
         return f"missing kind; expected one of {', '.join(FAULT_KINDS)}"
+    if err["type"] == "missing":
+        return "required field missing"
+    if err["type"] == "too_short":
+        n = (err.get("ctx") or {}).get("min_length", 1)
+        return f"needs at least {n} item{'s' if n != 1 else ''}, got {len(err['input']) if hasattr(err.get('input'), '__len__') else 0}"
     if err["type"] in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
         return msg[0].lower() + msg[1:] if msg else msg
-    return msg
+    return msg[0].lower() + msg[1:] if msg[:1].isupper() and msg[1:2].islower() else msg
 
 
 def format_errors(exc: ValidationError) -> list[str]:

@@ -104,7 +104,8 @@ def test_examples_exist() -> None:
         ({"faults": [{"kind": "bogus"}]}, "spec.faults[0]: unknown fault kind"),
         ({"faults": [{"match": {"pid": 1}}]}, "spec.faults[0]: missing kind"),
         ({"faults": [{"kind": "process-pause", "match": {"pid": 1}, "extra": 1}]}, "spec.faults[0].extra: unknown"),
-        ({"faults": []}, "spec.faults: "),
+        ({"faults": []}, "spec.faults: needs at least 1 item, got 0"),
+        ({"duration": None}, "spec.duration: "),
         ({"duration": "soon"}, "spec.duration: invalid duration 'soon'"),
         ({"targets": {"mode": "fixed"}}, "spec.targets: mode fixed needs a value"),
         ({"targets": {"mode": "fixed-percent", "value": 150}}, "spec.targets: mode fixed-percent needs a value"),
@@ -115,6 +116,14 @@ def test_examples_exist() -> None:
 )
 def test_errors_name_field_path_and_reason(spec: dict[str, object], expected: str) -> None:
     assert expected in error_of(base(**spec))
+
+
+def test_a_missing_field_says_so_in_plain_words() -> None:
+    data = base()
+    spec = data["spec"]
+    assert isinstance(spec, dict)
+    del spec["duration"]
+    assert "spec.duration: required field missing" in error_of(data)
 
 
 def test_all_errors_are_listed_one_per_line() -> None:
