@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import math
 import os
 import threading
@@ -268,13 +269,9 @@ def in_cgroupns(ns_path: str, fn: Callable[[], None]) -> None:
         raise failure[0]
 
 
-_LIBC: list[ctypes.CDLL] = []
-
-
+@functools.cache
 def _libc() -> ctypes.CDLL:
-    if not _LIBC:
-        _LIBC.append(ctypes.CDLL(None, use_errno=True))
-    return _LIBC[0]
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def pids_in(target: CgroupTarget, controller: str) -> set[int]:

@@ -45,6 +45,18 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interv
         time.sleep(interval_s)
 
 
+def remove_cgroup(d: Path, timeout_s: float) -> None:
+    """rmdir a test's cgroup, retried while a just-killed member is still leaving it."""
+    deadline = time.monotonic() + timeout_s
+    while d.exists():
+        try:
+            d.rmdir()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 async def async_wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.02) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:

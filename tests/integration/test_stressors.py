@@ -31,6 +31,7 @@ from agent.faults.stress_marks import MARKER_PREFIX, find_marked, make_marker
 from agent.faults.stressor import kill_and_wait, spawn, start
 from proto.faults import CpuSpec, MemorySpec
 from proto.messages import Measurements
+from tests.conftest import remove_cgroup
 
 pytestmark = pytest.mark.integration
 
@@ -282,14 +283,7 @@ def test_cgroup() -> Iterator[str]:
         made.append(d)
     yield name
     for d in made:
-        deadline = time.monotonic() + 5
-        while d.exists():
-            try:
-                d.rmdir()
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)  # a just-killed member may take a moment to leave
+        remove_cgroup(d, 5)
 
 
 @pytest.mark.parametrize("kind", ["cpu", "memory"])

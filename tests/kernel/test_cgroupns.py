@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import remove_cgroup
 
 pytestmark = pytest.mark.kernel
 
@@ -139,15 +140,8 @@ def nsdelegate_hierarchy() -> Iterator[Hierarchy]:
             for pid in (d / "cgroup.procs").read_text().split():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
-        deadline = time.monotonic() + 10
         for d in made:
-            while d.exists():
-                try:
-                    d.rmdir()
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)  # a killed member still leaving
+            remove_cgroup(d, 10)
         if mounted.returncode == 0:
             _run(["umount", str(root)])
         root.rmdir()
