@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from agent.faults.base import Injector, Rejected
 from agent.faults_table import FaultRecord
-from agent.journal import Journal, JournalEntry
+from agent.journal import Journal
 from proto.codec import DecodeError, decode_command, encode, peek_id
 from proto.faults import required_capabilities
-from proto.messages import Ack, FaultEvent, FaultState, Inject, PodRef, Revert
+from proto.messages import Ack, FaultEvent, FaultState, Inject, PodRef, Revert, Start
 
 if TYPE_CHECKING:
     from agent.config import AgentSettings
@@ -67,6 +67,10 @@ def pod_scoped(spec: Any, pods: list[PodRef]) -> Any:
     return spec.model_copy(update={"netns": loc.netns_path})
 
 
+def accepted(in_reply_to: str, node: str, states: dict[str, FaultState]) -> Ack:
+    return Ack(in_reply_to=in_reply_to, node=node, accepted=True, fault_states=states)
+
+
 class CommandHandler:
     # provided by AgentRuntime
     settings: AgentSettings
@@ -90,10 +94,11 @@ class CommandHandler:
         def remember(self, table: OrderedDict[str, Any], key: str, value: Any) -> None: ...
         def publish_event(self, ev: FaultEvent) -> None: ...
         def poke_watchdog(self, due: float) -> None: ...
+        def launch(self, rec: FaultRecord) -> None: ...
         def make_context(
             self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
         ) -> FaultContext: ...
-        async def lifecycle(self, rec: FaultRecord) -> None: ...
+
 
     async def handle_command(self, data: bytes) -> bytes:
         """Decode and act on one command; returns the encoded Ack. Never raises."""
@@ -125,8 +130,13 @@ class CommandHandler:
         except DecodeError as exc:
             return encode(self._reject(peek_id(data) or "", f"rejected: {exc}"))
         # A command delivered twice is answered from the current state, never re-applied:
-        # injects are idempotent by fault id (held -> its state; ended -> refused).
-        ack = await self._inject(cmd) if isinstance(cmd, Inject) else self._revert_command(cmd)
+        # injects are idempotent by fault id (held -> its state; ended -> refused), and so are starts.
+        if isinstance(cmd, Inject):
+            ack = await self._inject(cmd)
+        elif isinstance(cmd, Start):
+            ack = self._start_command(cmd)
+        else:
+            ack = self._revert_command(cmd)
         return encode(ack)
 
     async def _inject(self, cmd: Inject) -> Ack:
@@ -136,7 +146,7 @@ class CommandHandler:
         if held is not None:
             if held.experiment_id != exp:
                 return self._reject(cmd.id, f"fault id {fid} is held by experiment {held.experiment_id}")
-            return Ack(in_reply_to=cmd.id, node=self.node, accepted=True, fault_states={fid: held.state})
+            return accepted(cmd.id, self.node, {fid: held.state})
         if fid in self.ended:
             return self._reject(cmd.id, f"fault {fid} already ended ({self.ended[fid]}); not re-injected")
         if exp in self.ended_experiments:
@@ -178,30 +188,51 @@ class CommandHandler:
             return self._reject(cmd.id, f"check failed: {exc}", cmd)
         # The Ack says "accepted" at once, with no I/O on its path; the lifecycle journals the
         # plan before it touches anything (invariant 4). A crash in between leaves nothing applied.
-        entry = JournalEntry(
-            fault_id=fid,
-            experiment_id=exp,
-            spec=cmd.spec,
-            expires_at=cmd.expires_at,
-            lease_timeout_s=cmd.lease_timeout_s,
-            pods=cmd.pods,
-            command_id=cmd.id,
-        )
         rec = FaultRecord(
-            entry=entry,
+            cmd=cmd,
             injector=injector,
             ctx=ctx,
             deadline_mono=time.monotonic() + (cmd.expires_at - now),
         )
         self.faults[fid] = rec
-        # the agent's own deadline timer (invariant 1); the watchdog double-checks
-        loop = asyncio.get_running_loop()
-        rec.timer = loop.call_at(rec.deadline_mono, rec.request_end, "deadline reached", "expired")
-        rec.task = self.spawn(self.lifecycle(rec), name=f"fault:{fid}")
+        if cmd.await_start:
+            # nothing runs until its Start; an end asked for before then (revert, halt, lease
+            # lapse, deadline, stop) launches the lifecycle, which applies nothing and reports it
+            rec.on_end = self.launch
+        else:
+            self.launch(rec)
         # its lease clock starts now: a lease shorter than the watchdog's wait wakes it early
         self.poke_watchdog(min(rec.accepted_mono + cmd.lease_timeout_s, rec.deadline_mono))
-        log.info("accepted %s (%s) of %s, expires in %.1fs", fid, kind, exp, cmd.expires_at - now)
-        return Ack(in_reply_to=cmd.id, node=self.node, accepted=True, fault_states={fid: "accepted"})
+        log.info(
+            "accepted %s (%s) of %s, expires in %.1fs%s",
+            fid,
+            kind,
+            exp,
+            cmd.expires_at - now,
+            ", waiting for its start" if cmd.await_start else "",
+        )
+        return accepted(cmd.id, self.node, {fid: "accepted"})
+
+    def _start_command(self, cmd: Start) -> Ack:
+        """Launch the experiment's faults that wait for their start; idempotent (a broadcast
+        Start and a per-node one may both arrive). Answers each named fault's state."""
+        if self.stopping:
+            return self._reject(cmd.id, "agent is stopping")
+        now = time.time()
+        if cmd.expires_at <= now:
+            return self._reject(cmd.id, f"expired: expires_at passed {now - cmd.expires_at:.1f}s ago")
+        states: dict[str, FaultState] = {}
+        wanted = set(cmd.fault_ids) if cmd.fault_ids is not None else None
+        for rec in list(self.faults.values()):
+            if rec.experiment_id != cmd.experiment_id or (wanted is not None and rec.fault_id not in wanted):
+                continue
+            if rec.waiting:
+                self.launch(rec)
+            states[rec.fault_id] = rec.state
+        for fid in cmd.fault_ids or []:
+            if fid not in states and fid in self.ended:
+                states[fid] = self.ended[fid]  # type: ignore[assignment]
+        return accepted(cmd.id, self.node, states)
 
     def _revert_command(self, cmd: Revert) -> Ack:
         states: dict[str, FaultState] = {}
@@ -218,4 +249,4 @@ class CommandHandler:
         if cmd.fault_ids is None:
             # an experiment reverted as a whole never takes new faults from a late or replayed Inject
             self.remember(self.ended_experiments, cmd.experiment_id, "was reverted")
-        return Ack(in_reply_to=cmd.id, node=self.node, accepted=True, fault_states=states)
+        return accepted(cmd.id, self.node, states)

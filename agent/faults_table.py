@@ -5,23 +5,37 @@ plan -> journal -> apply -> wait for an end (deadline, revert, lease lapse,
 halt, stop) -> revert -> journal removal -> terminal event. Every end path
 goes through the same revert, so a failed apply is still reverted
 (invariant 5) and nothing depends on which path came first.
+
+A fault accepted with ``await_start`` has no task until its Start: it is a
+record and nothing else. Ending it before then launches the same lifecycle,
+which finds the end already asked for, applies nothing and reports the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.faults.base import FaultContext, Injector, Plan
 from agent.journal import JournalEntry
-from proto.messages import TERMINAL_STATES, ActiveFault, FaultState, Measurements
+from proto.messages import TERMINAL_STATES, ActiveFault, FaultState, Inject, Measurements
+
+
+@functools.cache
+def no_measurements() -> Measurements:
+    """One empty report shared by every record until it measures something (the model is
+    frozen); built on first use, so an idle agent never builds the Measurements schema."""
+    return Measurements()
 
 
 @dataclass
 class FaultRecord:
-    entry: JournalEntry
+    cmd: Inject
+    """The Inject as accepted (a pod-level fault's spec already narrowed to its pod)."""
     injector: Injector
     ctx: FaultContext
     deadline_mono: float
@@ -33,21 +47,43 @@ class FaultRecord:
     end_state: FaultState = "reverted"
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
-    measurements: Measurements = field(default_factory=Measurements)
+    measurements: Measurements = field(default_factory=no_measurements)
     task: asyncio.Task[None] | None = None
     timer: asyncio.TimerHandle | None = None
+    on_end: Callable[[FaultRecord], None] | None = None
+    """Set while the fault waits for its Start (no task yet): called once when an end is asked for."""
+
+    @property
+    def waiting(self) -> bool:
+        """Accepted with await_start and not started: nothing applied, no lifecycle task."""
+        return self.task is None and not self.ended.is_set()
 
     @property
     def fault_id(self) -> str:
-        return self.entry.fault_id
+        return self.cmd.fault_id
 
     @property
     def experiment_id(self) -> str:
-        return self.entry.experiment_id
+        return self.cmd.experiment_id
 
     @property
     def kind(self) -> str:
-        return self.entry.spec.kind
+        return self.cmd.spec.kind
+
+    def journal_entry(self, plan: Plan) -> JournalEntry:
+        """What the journal keeps: built when the plan is known, just before the apply (an
+        accepted fault that never starts is never journaled: nothing of it was applied)."""
+        cmd = self.cmd
+        return JournalEntry(
+            fault_id=cmd.fault_id,
+            experiment_id=cmd.experiment_id,
+            spec=cmd.spec,
+            expires_at=cmd.expires_at,
+            lease_timeout_s=cmd.lease_timeout_s,
+            pods=cmd.pods,
+            plan=plan.model_dump(mode="json"),
+            command_id=cmd.id,
+        )
 
     def request_end(self, reason: str, state: FaultState = "reverted") -> bool:
         """Ask the lifecycle to revert. The first reason wins; later calls are no-ops."""
@@ -58,6 +94,9 @@ class FaultRecord:
         self.ended.set()
         if self.timer is not None:
             self.timer.cancel()
+        if self.on_end is not None:
+            on_end, self.on_end = self.on_end, None
+            on_end(self)
         return True
 
     def set_state(self, state: FaultState) -> None:
@@ -75,7 +114,7 @@ class FaultRecord:
             kind=self.kind,
             state=self.state,
             since=self.since,
-            expires_at=self.entry.expires_at,
+            expires_at=self.cmd.expires_at,
         )
 
 

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import gc
 import logging
+import math
 import os
 import random
 import socket
@@ -49,6 +50,7 @@ from proto.messages import (
     Lease,
     Measurements,
     Revert,
+    Start,
     new_id,
 )
 
@@ -129,8 +131,9 @@ class AgentRuntime(CommandHandler, Recovery):
         self._cleanup: list[tuple[str, str, float, bool]] = []
         self._cleanup_timer: asyncio.TimerHandle | None = None
         self._cleanups: set[asyncio.Task[None]] = set()  # journal bookkeeping in flight
-        self._watchdog_poke = asyncio.Event()
-        self._watchdog_next = 0.0  # monotonic time of the watchdog's next check
+        self._watchdog_timer: asyncio.TimerHandle | None = None
+        self._watchdog_next = math.inf  # monotonic time of the watchdog's next check; none armed
+        self._watchdog_closed = False
         self._hb_seq = 0
         self._load = load_sampler or LoadSampler()
         self._cp_cache: dict[str, list[tuple[str, int]]] = {}
@@ -265,8 +268,24 @@ class AgentRuntime(CommandHandler, Recovery):
             recovered=recovered,
         )
 
+    def launch(self, rec: FaultRecord) -> None:
+        """Start an accepted fault's lifecycle: at once, on its Start, or (ended while it
+        waited for its Start) only to report the end, applying nothing. Idempotent."""
+        rec.on_end = None
+        if rec.task is not None:
+            return
+        if not rec.ended.is_set():
+            rec.set_state("injecting")
+            # the agent's own deadline timer (invariant 1); the watchdog double-checks
+            rec.timer = asyncio.get_running_loop().call_at(
+                rec.deadline_mono, rec.request_end, "deadline reached", "expired"
+            )
+        else:
+            rec.end_reason = f"{rec.end_reason or 'ended'} before its start: nothing was applied"
+        rec.task = self.spawn(self.lifecycle(rec), name=f"fault:{rec.fault_id}")
+
     async def lifecycle(self, rec: FaultRecord) -> None:
-        inj, ctx, spec = rec.injector, rec.ctx, rec.entry.spec
+        inj, ctx, spec = rec.injector, rec.ctx, rec.cmd.spec
         timing = self.settings.timing
         failure: str | None = None
         try:
@@ -278,9 +297,8 @@ class AgentRuntime(CommandHandler, Recovery):
                 async with asyncio.timeout(timing.revert_timeout_s):
                     plan = await inj.plan(spec, ctx)
                 rec.plan = plan
-                rec.entry = rec.entry.model_copy(update={"plan": plan.model_dump(mode="json")})
                 try:
-                    await asyncio.to_thread(self.journal.write, rec.entry)  # journal before act
+                    await asyncio.to_thread(self.journal.write, rec.journal_entry(plan))  # journal before act
                 except OSError as exc:
                     raise RuntimeError(f"journal write failed, not acting: {exc}") from exc
                 if not rec.ended.is_set():
@@ -336,7 +354,7 @@ class AgentRuntime(CommandHandler, Recovery):
         await self.send_event(rec, state, reason)
         log.info("fault %s %s: %s", rec.fault_id, state, reason)
         # a failed revert keeps its journal entry: the next start retries it
-        self._queue_cleanup(rec.fault_id, state, rec.entry.expires_at, not error)
+        self._queue_cleanup(rec.fault_id, state, rec.cmd.expires_at, not error)
         rec.finished.set()
 
     def _queue_cleanup(self, fault_id: str, state: str, expires_at: float, remove: bool) -> None:
@@ -510,6 +528,7 @@ class AgentRuntime(CommandHandler, Recovery):
         self._subs.append(await self.nc.subscribe(subjects.HALT, cb=self._on_halt))
         self._subs.append(await self.nc.subscribe(subjects.ALL_LEASES, cb=self._on_lease))
         self._subs.append(await self.nc.subscribe(subjects.ALL_ABORTS, cb=self._on_abort))
+        self._subs.append(await self.nc.subscribe(subjects.ALL_STARTS, cb=self._on_start))
         # "ready" must mean the server routes commands to us. nats-py writes a flush's PING
         # straight to the socket, ahead of the SUBs still in its send buffer, so one PONG
         # does not prove the server has them (CI once got "no responders" right after
@@ -567,6 +586,25 @@ class AgentRuntime(CommandHandler, Recovery):
         if cmd.experiment_id == exp:
             self._revert_command(cmd)
 
+    def _waits_for_start(self, experiment_id: str) -> bool:
+        return any(r.experiment_id == experiment_id and r.waiting for r in self.faults.values())
+
+    async def _on_start(self, msg: Msg) -> None:
+        """A broadcast Start of one experiment (the controller's fast path; per-node Starts follow)."""
+        exp = subjects.experiment_from_subject(msg.subject)
+        if exp is None or not self._waits_for_start(exp):
+            return  # not ours, or already started: skip the decode
+        try:
+            cmd = decode(msg.data, Start)
+        except DecodeError as exc:
+            self.rejected_count += 1
+            log.warning("ignored malformed start on %s: %s", msg.subject, exc)
+            return
+        if cmd.experiment_id == exp:
+            ack = self._start_command(cmd)
+            if not ack.accepted:
+                log.warning("start of %s not carried out: %s", exp, ack.reason)
+
     async def _on_lease(self, msg: Msg) -> None:
         exp = subjects.experiment_from_subject(msg.subject)
         if exp is None or not self._holds(exp):
@@ -599,13 +637,13 @@ class AgentRuntime(CommandHandler, Recovery):
         for rec in list(self.faults.values()):
             if rec.ended.is_set():
                 continue
-            if time.time() >= rec.entry.expires_at:
+            if time.time() >= rec.cmd.expires_at:
                 rec.request_end("deadline reached", "expired")
                 continue
             last = max(self.lease_seen.get(rec.experiment_id, 0.0), rec.accepted_mono)
             silent = now - last
-            if silent > rec.entry.lease_timeout_s:
-                rec.request_end(f"lease lapsed: no lease for {silent:.1f}s (timeout {rec.entry.lease_timeout_s:g}s)")
+            if silent > rec.cmd.lease_timeout_s:
+                rec.request_end(f"lease lapsed: no lease for {silent:.1f}s (timeout {rec.cmd.lease_timeout_s:g}s)")
                 self.remember(self.ended_experiments, rec.experiment_id, "lease lapsed")
 
     def next_check_in(self) -> float:
@@ -621,24 +659,40 @@ class AgentRuntime(CommandHandler, Recovery):
             for rec in self.faults.values():
                 if not rec.ended.is_set():
                     last = max(self.lease_seen.get(rec.experiment_id, 0.0), rec.accepted_mono)
-                    due = min(due, last + rec.entry.lease_timeout_s, rec.deadline_mono)
+                    due = min(due, last + rec.cmd.lease_timeout_s, rec.deadline_mono)
         return max(0.0, due - now) + WATCHDOG_SLACK_S  # a lapse is "silent > timeout": look just after
 
     def poke_watchdog(self, due: float) -> None:
-        """Something is due at monotonic time ``due`` (a fault's lease, NATS loss): wake the
-        watchdog early if its next check would come later."""
+        """Something is due at monotonic time ``due`` (a fault's lease or deadline, NATS loss):
+        make sure the watchdog looks then, or earlier."""
         if due < self._watchdog_next:
-            self._watchdog_poke.set()
+            self._arm_watchdog(max(0.0, due - time.monotonic()) + WATCHDOG_SLACK_S)
 
-    async def watchdog_loop(self) -> None:
-        while True:
+    def _arm_watchdog(self, delay: float) -> None:
+        # A timer, not a task: re-arming it when a fault is accepted costs a timer handle, not
+        # a task wake-up, and an agent holding nothing has no timer at all.
+        if self._watchdog_timer is not None:
+            self._watchdog_timer.cancel()
+        self._watchdog_next = time.monotonic() + delay
+        self._watchdog_timer = asyncio.get_running_loop().call_later(delay, self._watchdog_tick)
+
+    def _watchdog_tick(self) -> None:
+        """Check leases, NATS loss and deadlines, then sleep until the next thing can be due
+        (at most watchdog_interval_s) while faults are held; with none held, until poked."""
+        self._watchdog_timer = None
+        self._watchdog_next = math.inf
+        try:
             self.check_leases()
-            self._watchdog_poke.clear()
-            delay = self.next_check_in()
-            self._watchdog_next = time.monotonic() + delay
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._watchdog_poke.wait()
+        except Exception:  # the watchdog must outlive any bug in one check
+            log.exception("watchdog check failed; checking again in %gs", self.settings.timing.watchdog_interval_s)
+        if self.faults and not self._watchdog_closed:
+            self._arm_watchdog(self.next_check_in())
+
+    def stop_watchdog(self) -> None:
+        self._watchdog_closed = True
+        if self._watchdog_timer is not None:
+            self._watchdog_timer.cancel()
+            self._watchdog_timer = None
 
     # --- main ----------------------------------------------------------------
 
@@ -650,7 +704,6 @@ class AgentRuntime(CommandHandler, Recovery):
         await self.subscribe()
         self._flush_pending()
         self.spawn(self.heartbeat_loop(), name="heartbeat")
-        self.spawn(self.watchdog_loop(), name="watchdog")
         log.info("faultline-agent ready node=%s pid=%d instance=%s", self.node, os.getpid(), self.instance_id)
         self.ready_event.set()
         await self.stop_event.wait()
@@ -689,6 +742,7 @@ class AgentRuntime(CommandHandler, Recovery):
                 await asyncio.wait_for(self.nc.drain(), self.settings.nats.drain_timeout_s)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), 1.0)
+        self.stop_watchdog()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

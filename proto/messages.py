@@ -20,8 +20,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from proto.faults import FaultSpec
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 1  # 1.1: Heartbeat.ended
+SCHEMA_MINOR = 2  # 1.1: Heartbeat.ended; 1.2: Inject.await_start, Start
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
+
+START_SINCE_MINOR = 2
+"""Agents speaking 1.2 or newer hold an Inject with await_start until its Start."""
+
+
+def schema_minor(version: str) -> int:
+    """The MINOR of a "MAJOR.MINOR" schema_version (validated by Message's pattern)."""
+    return int(version.partition(".")[2] or 0)
+
 
 MAX_MESSAGE_BYTES = 256 * 1024
 """Messages larger than this are refused before parsing."""
@@ -46,7 +55,7 @@ class Message(BaseModel):
 
 
 FaultState = Literal[
-    "accepted",  # journaled and acknowledged; not yet applied
+    "accepted",  # acknowledged; not yet applied (an Inject with await_start waits here for its Start)
     "injecting",
     "active",
     "reverting",
@@ -80,6 +89,26 @@ class Inject(Message):
     expires_at: float = Field(description="absolute deadline of the fault (Unix seconds)")
     lease_timeout_s: float = Field(gt=0, le=3600, description="revert if the lease is not renewed this long")
     pods: list[PodRef] | None = Field(None, description="restrict the fault to these pods on the node")
+    await_start: bool = Field(
+        False,
+        description=(
+            "since 1.2: accept and hold the fault, applying nothing, until a Start for its experiment "
+            "arrives; a held fault that gets no Start ends unapplied when its lease lapses or its deadline passes"
+        ),
+    )
+
+
+class Start(Message):
+    """Apply the faults an experiment's Injects left waiting (await_start), since 1.2.
+
+    Sent once to every agent on faultline.v1.exp.<id>.start when every target has
+    accepted, and per node (request-reply) to any agent not seen starting.
+    """
+
+    type: Literal["start"] = "start"
+    experiment_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    fault_ids: list[str] | None = Field(None, description="default: every waiting fault of the experiment")
+    expires_at: float
 
 
 class Revert(Message):
@@ -90,7 +119,7 @@ class Revert(Message):
     expires_at: float
 
 
-Command = Annotated[Inject | Revert, Field(discriminator="type")]
+Command = Annotated[Inject | Revert | Start, Field(discriminator="type")]
 
 
 class Ack(Message):
@@ -243,6 +272,6 @@ class FaultEvent(Message):
 
 
 AnyMessage = Annotated[
-    Inject | Revert | Ack | Halt | Lease | Heartbeat | FaultEvent,
+    Inject | Revert | Start | Ack | Halt | Lease | Heartbeat | FaultEvent,
     Field(discriminator="type"),
 ]

@@ -9,6 +9,7 @@ HALT = f"{PREFIX}.halt"
 ALL_HEARTBEATS = f"{PREFIX}.agent.*.hb"
 ALL_LEASES = f"{PREFIX}.exp.*.lease"
 ALL_ABORTS = f"{PREFIX}.exp.*.abort"
+ALL_STARTS = f"{PREFIX}.exp.*.start"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -36,6 +37,11 @@ def exp_lease(experiment_id: str) -> str:
 def exp_abort(experiment_id: str) -> str:
     """Broadcast Revert of a whole experiment: one publish reaches every agent at NATS fan-out speed."""
     return f"{PREFIX}.exp.{safe_token(experiment_id)}.abort"
+
+
+def exp_start(experiment_id: str) -> str:
+    """Broadcast Start of a whole experiment: every target applies its waiting faults at once."""
+    return f"{PREFIX}.exp.{safe_token(experiment_id)}.start"
 
 
 def exp_events(experiment_id: str) -> str:

@@ -129,15 +129,23 @@ async def test_every_end_of_a_fault_releases_what_its_check_set_aside(tmp_path: 
 
 
 async def test_watchdog_wakes_when_a_short_lease_lapses_not_on_its_tick(tmp_path: Path) -> None:
-    """The watchdog sleeps up to watchdog_interval_s (here 30 s), yet a fault accepted with a
-    0.3 s lease (and never leased) is reverted as soon as that lease lapses."""
+    """The watchdog sleeps up to watchdog_interval_s (here 30 s) while faults are held, and not at
+    all while none are; yet a fault accepted with a 0.3 s lease (and never leased) is reverted as
+    soon as that lease lapses."""
     settings = AgentSettings(state_dir=tmp_path, identity={"node": "safety"}, timing={"watchdog_interval_s": 30.0})
     env = AgentEnv(node="safety", state_dir=tmp_path, instance_id="t", protected_pids=dict)
     rt = AgentRuntime(settings, injectors={"process-pause": FlakyRevert(env, failures=0)})
     rt.capabilities = ["process-pause"]
-    watchdog = asyncio.create_task(rt.watchdog_loop())
     try:
-        await asyncio.sleep(0.05)  # the watchdog is now asleep for 30 s, nothing held
+        long = Inject(
+            experiment_id="e",
+            fault_id="e.long",
+            spec={"kind": "process-pause", "match": {"pid": 99999}},
+            expires_at=time.time() + 30,
+            lease_timeout_s=60,
+        )
+        assert decode(await rt.handle_command(encode(long)), Ack).accepted
+        await asyncio.sleep(0.05)  # the watchdog is now asleep for 30 s: nothing is due sooner
         cmd = Inject(
             experiment_id="e",
             fault_id="e.0",
@@ -153,9 +161,31 @@ async def test_watchdog_wakes_when_a_short_lease_lapses_not_on_its_tick(tmp_path
         assert rec.end_reason is not None and rec.end_reason.startswith("lease lapsed"), rec.end_reason
         assert took < 0.3 + 0.5, f"lease of 0.3 s lapsed, reverted after {took:.2f}s"
     finally:
-        watchdog.cancel()
-        await asyncio.gather(watchdog, return_exceptions=True)
+        rt.end_all("test over")
+        await asyncio.wait_for(asyncio.gather(*(r.finished.wait() for r in list(rt.faults.values()))), 5)
+        rt.stop_watchdog()
         await rt.flush_cleanup()
+
+
+async def test_idle_agent_has_no_watchdog_timer(tmp_path: Path) -> None:
+    """Nothing held: no watchdog wake-ups at all (an idle agent runs for months on every node)."""
+    settings = AgentSettings(state_dir=tmp_path, identity={"node": "safety"})
+    env = AgentEnv(node="safety", state_dir=tmp_path, instance_id="t", protected_pids=dict)
+    rt = AgentRuntime(settings, injectors={"process-pause": FlakyRevert(env, failures=0)})
+    rt.capabilities = ["process-pause"]
+    assert rt._watchdog_timer is None
+    cmd = Inject(
+        experiment_id="e",
+        fault_id="e.0",
+        spec={"kind": "process-pause", "match": {"pid": 99999}},
+        expires_at=time.time() + 30,
+        lease_timeout_s=0.2,
+    )
+    assert decode(await rt.handle_command(encode(cmd)), Ack).accepted
+    assert rt._watchdog_timer is not None, "a held fault arms the watchdog"
+    await asyncio.wait_for(rt.faults["e.0"].finished.wait(), 3.0)
+    await async_wait_until(lambda: rt._watchdog_timer is None, 3.0, "the watchdog to stop once nothing is held")
+    await rt.flush_cleanup()
 
 
 async def test_process_kill_refuses_stop_signals(tmp_path: Path) -> None:

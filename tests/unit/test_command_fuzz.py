@@ -38,6 +38,7 @@ FIELDS = [
     "pods",
     "fault_ids",
     "reason",
+    "await_start",
 ]
 
 
@@ -77,6 +78,14 @@ def test_arbitrary_json(tmp_path: Path, value: object) -> None:
 def test_message_shaped_json(tmp_path: Path, obj: dict[str, object]) -> None:
     obj.setdefault("schema_version", "1.0")
     obj.setdefault("type", "inject")
+    handle(runtime(tmp_path), json.dumps(obj).encode())
+
+
+@SETTINGS
+@given(st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=len(FIELDS)))
+def test_start_shaped_json(tmp_path: Path, obj: dict[str, object]) -> None:
+    obj.setdefault("schema_version", "1.2")
+    obj["type"] = "start"
     handle(runtime(tmp_path), json.dumps(obj).encode())
 
 

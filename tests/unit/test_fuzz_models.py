@@ -28,10 +28,10 @@ from agent.runtime import AgentRuntime
 from proto import codec
 from proto.codec import DecodeError, decode
 from proto.faults import CpuSpec, MemorySpec, NetworkSpec, ProcessKillSpec, ProcessPauseSpec
-from proto.messages import Ack, Halt, Heartbeat, Inject, Lease, Revert
+from proto.messages import Ack, Halt, Heartbeat, Inject, Lease, Revert, Start
 
 SPECS: list[type[BaseModel]] = [ProcessKillSpec, ProcessPauseSpec, CpuSpec, MemorySpec, NetworkSpec]
-MESSAGES: list[type[BaseModel]] = [Inject, Revert, Ack, Halt, Lease, Heartbeat]
+MESSAGES: list[type[BaseModel]] = [Inject, Revert, Start, Ack, Halt, Lease, Heartbeat]
 
 junk = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
@@ -39,7 +39,7 @@ junk = st.recursive(
     max_leaves=8,
 )
 ids = st.from_regex(r"\A[A-Za-z0-9_.-]{1,20}\Z")
-versions = st.sampled_from(["1.0", "1.1", "1.9", "0.9", "2.0", "1", "x.y", ""])
+versions = st.sampled_from(["1.0", "1.1", "1.2", "1.9", "0.9", "2.0", "1", "x.y", ""])
 times = st.one_of(
     st.floats(min_value=-1e3, max_value=1e3).map(lambda d: time.time() + d),
     st.floats(allow_nan=False, allow_infinity=True),
