@@ -17,9 +17,9 @@ import nats
 import nats.errors
 
 from proto.codec import DecodeError, decode, encode
-from proto.messages import Ack, Revert
+from proto.messages import Ack, Revert, Start
 from proto.natsurl import split_servers
-from proto.subjects import agent_cmd, exp_abort
+from proto.subjects import agent_cmd, exp_abort, exp_start
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +181,33 @@ async def broadcast_revert(nc: Any, experiment_id: str, reason: str, *, timeout_
     except (nats.errors.Error, TimeoutError, OSError) as exc:
         return f"broadcast failed: {str(exc) or type(exc).__name__}"
     return None
+
+
+async def broadcast_start(nc: Any, experiment_id: str, *, timeout_s: float = 2.0) -> str | None:
+    """One publish that starts the experiment's waiting faults on every agent. Returns why it failed, or None.
+
+    The fast path only, as broadcast_revert: callers follow up with per-node
+    requests (start_experiment) for any node not seen starting.
+    """
+    cmd = Start(experiment_id=experiment_id, expires_at=time.time() + 60.0)
+    try:
+        await nc.publish(exp_start(experiment_id), encode(cmd))
+        await nc.flush(timeout=timeout_s)
+    except (nats.errors.Error, TimeoutError, OSError) as exc:
+        return f"broadcast failed: {str(exc) or type(exc).__name__}"
+    return None
+
+
+async def start_experiment(
+    nc: Any,
+    nodes: list[str],
+    experiment_id: str,
+    fault_ids: list[str],
+    *,
+    timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    attempts: int = DEFAULT_ATTEMPTS,
+) -> dict[str, tuple[Ack | None, str | None]]:
+    """Start the experiment's waiting faults on each node, all nodes at once, bounded. Each Ack
+    names the state of every fault in ``fault_ids`` that the agent holds or recently ended."""
+    payload = encode(Start(experiment_id=experiment_id, fault_ids=fault_ids, expires_at=time.time() + 60.0))
+    return await request_acks(nc, dict.fromkeys(nodes, payload), timeout_s=timeout_s, attempts=attempts)

@@ -1,10 +1,19 @@
 """ExperimentRunner: one experiment from target resolution to report.
 
 resolve targets -> check capabilities (refuse before sending anything) ->
-lease publisher + monitor + abort responder -> dispatch Inject to every target
-(concurrently, bounded, retried) -> wait for every fault's end -> final Revert
-(always, idempotent) -> report. Any abort (heartbeat loss, an agent leaving or
-restarting, a rejection, Ctrl-C, `faultline abort`) reverts on every target.
+lease publisher + monitor + abort responder -> dispatch every fault to every
+target as an Inject that waits for its start (concurrently, bounded, retried)
+-> when every target has accepted every fault, one Start for all (broadcast,
+then per node for any not seen starting) -> wait for every fault's end ->
+final Revert (always, idempotent) -> report. Any abort (heartbeat loss, an
+agent leaving or restarting, a rejection, Ctrl-C, `faultline abort`) reverts
+on every target.
+
+Two phases make the start all-or-nothing: a target that refuses or does not
+answer aborts the run before any fault is applied anywhere, and the faults
+start together (one broadcast) instead of one after another in dispatch
+order. Agents older than schema 1.2 cannot wait; their faults start on
+acceptance, and the report says so.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from controller.dispatch import broadcast_revert, request_acks, revert_experiment
+from controller.dispatch import broadcast_revert, broadcast_start, request_acks, revert_experiment, start_experiment
 from controller.experiment import Experiment, fault_id, new_experiment_id
 from controller.fleet import Fleet
 from controller.report import AbortInfo, Outcome, Report
@@ -74,6 +83,8 @@ class ExperimentRunner:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._baseline: dict[str, str] = {}
+        self._awaits_start: set[str] = set()  # targets that hold their faults until the Start
+        self.start_sent_at: float | None = None
         self._plan: Plan | None = None
         self._finishing = False
 
@@ -138,6 +149,8 @@ class ExperimentRunner:
             view = self.fleet.get(n)
             if view is not None:
                 self._baseline[n] = view.heartbeat.instance_id
+                if view.awaits_start:
+                    self._awaits_start.add(n)
         for n in plan.targets:
             for i, f in enumerate(self.experiment.spec.faults):
                 fid = fault_id(self.experiment_id, i)
@@ -198,21 +211,23 @@ class ExperimentRunner:
             await asyncio.gather(dispatch, waker, return_exceptions=True)
 
     async def _dispatch_faults(self, targets: list[str], t0: float) -> None:
-        """Fault by fault, to every target at once (one batch of requests per fault)."""
+        """Fault by fault, to every target at once (one batch of requests per fault); then the start."""
         for i, f in enumerate(self.experiment.spec.faults):
             if self.aborted:
                 return
             fid = fault_id(self.experiment_id, i)
             expires_at = t0 + self.experiment.fault_duration_s(i)
-            shared: bytes | None = None  # node-level faults: one command, encoded once, for every node
+            shared: dict[bool, bytes] = {}  # node-level faults: one command, encoded once, for every node
             payloads: dict[str, bytes] = {}
             for node in targets:
                 track = self.tracks[(node, fid)]
+                wait = node in self._awaits_start
                 if track.pods is None:
-                    shared = shared or self._inject_command(f, fid, expires_at, None)
-                    payloads[node] = shared
+                    if wait not in shared:
+                        shared[wait] = self._inject_command(f, fid, expires_at, None, wait)
+                    payloads[node] = shared[wait]
                 else:
-                    payloads[node] = self._inject_command(f, fid, expires_at, track.pods)
+                    payloads[node] = self._inject_command(f, fid, expires_at, track.pods, wait)
                 track.expires_at = expires_at
                 track.dispatched_at = time.time()
                 track.move("dispatched", at=track.dispatched_at)
@@ -221,8 +236,12 @@ class ExperimentRunner:
             )
             for node, (ack, why) in results.items():
                 self._on_ack(self.tracks[(node, fid)], ack, why)
+        if not self.aborted:
+            await self._start(targets)
 
-    def _inject_command(self, f: Any, fid: str, expires_at: float, pods: list[PodRef] | None) -> bytes:
+    def _inject_command(
+        self, f: Any, fid: str, expires_at: float, pods: list[PodRef] | None, await_start: bool
+    ) -> bytes:
         return encode(
             Inject(
                 experiment_id=self.experiment_id,
@@ -231,8 +250,61 @@ class ExperimentRunner:
                 expires_at=expires_at,
                 lease_timeout_s=self.experiment.spec.abort.lease_timeout_s,
                 pods=pods,
+                await_start=await_start,
             )
         )
+
+    def _not_started(self) -> list[Track]:
+        """Faults accepted to wait for the start that no event or Ack has shown starting yet."""
+        return [
+            t for t in self.tracks.values() if t.node in self._awaits_start and t.accepted and t.state == "accepted"
+        ]
+
+    async def _start(self, targets: list[str]) -> None:
+        """Every target accepted every fault: start them all at once. The broadcast first; then,
+        for any node not seen starting within broadcast_wait_s, a Start of its own with its Ack."""
+        if not self._awaits_start:
+            return
+        legacy = [n for n in targets if n not in self._awaits_start]
+        self.progress(
+            f"{self._t()} all {len(targets)} target(s) accepted; starting"
+            + (f" ({len(legacy)} older agent(s) started on acceptance)" if legacy else "")
+        )
+        self.start_sent_at = time.time()
+        why = await broadcast_start(self.nc, self.experiment_id)
+        if why is not None:
+            log.warning("%s; starting node by node", why)
+        end = time.monotonic() + self.broadcast_wait_s
+        while self._not_started() and not self.aborted and time.monotonic() < end:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(0.1, max(0.0, end - time.monotonic())))
+            except TimeoutError:
+                pass
+        stragglers = sorted({t.node for t in self._not_started()})
+        if not stragglers or self.aborted:
+            return
+        fids = [fault_id(self.experiment_id, i) for i in range(len(self.experiment.spec.faults))]
+        results = await start_experiment(
+            self.nc,
+            stragglers,
+            self.experiment_id,
+            fids,
+            timeout_s=self.dispatch_timeout_s,
+            attempts=self.dispatch_attempts,
+        )
+        for node, (ack, why) in results.items():
+            if ack is None or not ack.accepted:
+                self.abort(f"agent {node} did not start its faults: {why or (ack.reason if ack else None)}", node=node)
+                continue
+            for track in (t for t in self.tracks.values() if t.node == node and t.state == "accepted"):
+                state = ack.fault_states.get(track.fault_id)
+                if state is None:
+                    track.move("failed", "the agent no longer holds it (did it restart before the start?)")
+                    self.abort(f"agent {node} lost {track.fault_id} before its start", node=node)
+                elif state not in TERMINAL_STATES and state != "accepted":
+                    track.move(state)
+                # a fault that already ended: its event or the agent's heartbeats tell how and why
 
     async def _wake_on_abort(self) -> None:
         while not self.aborted:
@@ -445,6 +517,12 @@ class ExperimentRunner:
         else:
             outcome = "completed"
         notes = list(plan.notes)
+        legacy = [n for n in plan.targets if n not in self._awaits_start]
+        if legacy and len(self.experiment.spec.faults) > 0:
+            notes.append(
+                f"agent(s) on {', '.join(legacy)} speak schema 1.1 or older: their faults started on acceptance, "
+                "not together with the others (upgrade them for an all-or-nothing start)"
+            )
         if self.stray_events:
             notes.append(f"{self.stray_events} event(s) not about this experiment's targets were ignored")
         return Report(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proto.codec import DecodeError, decode
-from proto.messages import Heartbeat
+from proto.messages import START_SINCE_MINOR, Heartbeat, schema_minor
 from proto.subjects import ALL_HEARTBEATS
 
 
@@ -29,6 +29,11 @@ class NodeView:
     @property
     def node(self) -> str:
         return self.heartbeat.node
+
+    @property
+    def awaits_start(self) -> bool:
+        """The agent speaks 1.2 or newer: it can hold faults until the experiment's Start."""
+        return schema_minor(self.heartbeat.schema_version) >= START_SINCE_MINOR
 
     def age_s(self, now_monotonic: float | None = None) -> float:
         return (now_monotonic if now_monotonic is not None else time.monotonic()) - self.last_seen_monotonic

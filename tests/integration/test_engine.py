@@ -20,25 +20,32 @@ from controller.experiment import Experiment, parse_experiment
 from controller.fleet import Fleet
 from controller.tracking import PreflightError
 from proto.codec import decode, decode_command, encode
-from proto.messages import Ack, EndedFault, FaultEvent, Heartbeat, Inject, Lease, Revert
-from proto.subjects import ALL_ABORTS, ALL_LEASES, agent_cmd, agent_hb, exp_control, exp_events
+from proto.messages import SCHEMA_VERSION, Ack, EndedFault, FaultEvent, Heartbeat, Inject, Lease, Revert, Start
+from proto.subjects import ALL_ABORTS, ALL_LEASES, ALL_STARTS, agent_cmd, agent_hb, exp_control, exp_events
 from tests.conftest import async_wait_until
 
 pytestmark = pytest.mark.integration
 
 
 class ScriptedAgent:
-    def __init__(self, nc: Any, node: str, capabilities: list[str] | None = None) -> None:
+    def __init__(
+        self, nc: Any, node: str, capabilities: list[str] | None = None, schema: str = SCHEMA_VERSION
+    ) -> None:
         self.nc, self.node = nc, node
+        self.schema = schema  # "1.1": an agent from before the start phase (applies on acceptance)
         self.capabilities = capabilities or ["process-kill", "process-pause"]
         self.instance_id = uuid.uuid4().hex
         self.state = "ready"
         self.silent = False
         self.reject: str | None = None
-        self.hear_broadcasts = True  # False: as if the abort broadcast was lost for this agent
+        self.hear_broadcasts = True  # False: as if the abort and start broadcasts were lost for this agent
+        self.forget_waiting = False  # True: as if it restarted between accepting and the start
         self.drop_events = False  # simulate events lost in flight (core NATS is at-most-once)
         self.ended: list[EndedFault] = []
-        self.held: dict[str, Inject] = {}
+        self.held: dict[str, Inject] = {}  # applied
+        self.waiting: dict[str, Inject] = {}  # accepted with await_start, nothing applied yet
+        self.applied: list[str] = []  # every fault id ever applied, in order
+        self.starts: list[Start] = []  # per-node Start commands received
         self.reverts: list[Revert] = []
         self.leases: list[Lease] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -49,6 +56,7 @@ class ScriptedAgent:
         self._subs.append(await self.nc.subscribe(agent_cmd(self.node), cb=self._on_cmd))
         self._subs.append(await self.nc.subscribe(ALL_LEASES, cb=self._on_lease))
         self._subs.append(await self.nc.subscribe(ALL_ABORTS, cb=self._on_abort))
+        self._subs.append(await self.nc.subscribe(ALL_STARTS, cb=self._on_start))
         self._spawn(self._heartbeats())
         await self._beat()
         return self
@@ -69,6 +77,7 @@ class ScriptedAgent:
     async def _beat(self) -> None:
         self._seq += 1
         hb = Heartbeat(
+            schema_version=self.schema,
             node=self.node,
             instance_id=self.instance_id,
             version="test",
@@ -110,8 +119,39 @@ class ScriptedAgent:
         if self.hear_broadcasts:
             await self._revert(decode(msg.data, Revert))
 
+    async def _on_start(self, msg: Any) -> None:
+        if self.hear_broadcasts and self.schema == SCHEMA_VERSION:
+            await self._start(decode(msg.data, Start))
+
+    async def _start(self, cmd: Start) -> dict[str, Any]:
+        if self.forget_waiting:
+            self.waiting.clear()
+        states: dict[str, Any] = {}
+        for fid, inj in list(self.waiting.items()):
+            if inj.experiment_id == cmd.experiment_id:
+                del self.waiting[fid]
+                await self._apply(inj)
+        # as the real agent: the state of every fault of the experiment it holds or recently ended
+        for fid, inj in self.held.items():
+            if inj.experiment_id == cmd.experiment_id:
+                states[fid] = "active"
+        for e in self.ended:
+            if e.experiment_id == cmd.experiment_id and e.fault_id in (cmd.fault_ids or []):
+                states[e.fault_id] = e.state
+        return states
+
+    async def _apply(self, inj: Inject) -> None:
+        self.held[inj.fault_id] = inj
+        self.applied.append(inj.fault_id)
+        await self._event(inj, inj.fault_id, inj.experiment_id, "active")
+        self._spawn(self._expire(inj))
+
     async def _revert(self, cmd: Revert) -> None:
         self.reverts.append(cmd)
+        for fid, inj in list(self.waiting.items()):
+            if inj.experiment_id == cmd.experiment_id:
+                del self.waiting[fid]
+                await self._event(inj, fid, cmd.experiment_id, "reverted", f"requested: {cmd.reason}; before its start")
         for fid, inj in list(self.held.items()):
             if inj.experiment_id == cmd.experiment_id:
                 del self.held[fid]
@@ -126,11 +166,17 @@ class ScriptedAgent:
             if self.reject:
                 await msg.respond(encode(Ack(in_reply_to=cmd.id, node=self.node, accepted=False, reason=self.reject)))
                 return
-            self.held[cmd.fault_id] = cmd
             ack = Ack(in_reply_to=cmd.id, node=self.node, accepted=True, fault_states={cmd.fault_id: "accepted"})
-            await msg.respond(encode(ack))
-            await self._event(cmd, cmd.fault_id, cmd.experiment_id, "active")
-            self._spawn(self._expire(cmd))
+            if cmd.await_start and self.schema == SCHEMA_VERSION:
+                self.waiting[cmd.fault_id] = cmd
+                await msg.respond(encode(ack))
+            else:  # an older agent ignores await_start: it applies on acceptance
+                await msg.respond(encode(ack))
+                await self._apply(cmd)
+        elif isinstance(cmd, Start):
+            self.starts.append(cmd)
+            states = await self._start(cmd)
+            await msg.respond(encode(Ack(in_reply_to=cmd.id, node=self.node, accepted=True, fault_states=states)))
         else:
             await msg.respond(encode(Ack(in_reply_to=cmd.id, node=self.node, accepted=True)))
             await self._revert(cmd)
@@ -141,7 +187,9 @@ class ScriptedAgent:
             await self._event(inject, inject.fault_id, inject.experiment_id, "expired", "deadline reached")
 
 
-def experiment(duration: str = "1s", kind: str = "process-pause", hb_timeout: str = "1s") -> Experiment:
+def experiment(
+    duration: str = "1s", kind: str = "process-pause", hb_timeout: str = "1s", faults: int = 1
+) -> Experiment:
     fault: dict[str, Any] = {"kind": kind, "match": {"pid": 12345}} if kind != "cpu" else {"kind": "cpu", "load": 10}
     return parse_experiment(
         {
@@ -150,7 +198,7 @@ def experiment(duration: str = "1s", kind: str = "process-pause", hb_timeout: st
             "metadata": {"name": "engine-test"},
             "spec": {
                 "duration": duration,
-                "faults": [fault],
+                "faults": [fault] * faults,
                 "abort": {"heartbeatTimeout": hb_timeout, "leaseTimeout": "3s"},
             },
         }
@@ -295,3 +343,79 @@ async def test_fleet_counts_garbage(nc: Any, fleet: Fleet) -> None:
     await nc.flush()
     await async_wait_until(lambda: fleet.garbage == 1, 5, "the garbage heartbeat to be counted")
     assert fleet.nodes() == {}
+
+
+async def test_start_waits_for_every_target_and_a_refusal_applies_nothing(
+    nc: Any, fleet: Fleet, agents: Any
+) -> None:
+    """n1 accepts, n2 refuses: the run aborts before the start, so n1 never applied its fault."""
+    a = await agents("n1")
+    b = await agents("n2")
+    b.reject = "no process matches the selector"
+    await fleet.wait_for(["n1", "n2"], 5)
+    report = await asyncio.wait_for(ExperimentRunner(nc, fleet, experiment("30s", faults=2)).run(), 15)
+    assert report.outcome == "aborted" and report.abort is not None and report.abort.node == "n2"
+    assert a.applied == [], f"n1 applied {a.applied} although n2 refused"
+    assert a.waiting == {} and a.reverts, "n1's waiting faults were not reverted"
+    n1 = {f.index: f for f in report.faults if f.node == "n1"}
+    assert n1[0].state == "reverted" and "before its start" in (n1[0].reason or ""), n1[0]
+    assert n1[1].state == "not-dispatched", "the second fault is not sent once the first was refused"
+
+
+async def test_every_fault_waits_until_all_are_accepted_then_starts_together(
+    nc: Any, fleet: Fleet, agents: Any
+) -> None:
+    a = await agents("n1")
+    b = await agents("n2")
+    await fleet.wait_for(["n1", "n2"], 5)
+    lines: list[str] = []
+    runner = ExperimentRunner(nc, fleet, experiment("1s", faults=2), progress=lines.append)
+    report = await asyncio.wait_for(runner.run(), 15)
+    assert report.outcome == "completed", report
+    assert sorted(a.applied) == sorted(b.applied) == [f"{runner.experiment_id}.0", f"{runner.experiment_id}.1"]
+    assert a.starts == [] and b.starts == [], "the broadcast reached both: no per-node start was needed"
+    assert runner.start_sent_at is not None
+    for f in report.faults:
+        assert f.acked_at is not None and f.active_at is not None
+        assert f.active_at >= max(g.acked_at or 0 for g in report.faults), "a fault started before all were accepted"
+    assert any("all 2 target(s) accepted; starting" in line for line in lines), lines
+
+
+async def test_lost_start_broadcast_falls_back_to_per_node_start(nc: Any, fleet: Fleet, agents: Any) -> None:
+    a = await agents("n1")
+    b = await agents("n2")
+    b.hear_broadcasts = False
+    await fleet.wait_for(["n1", "n2"], 5)
+    runner = ExperimentRunner(nc, fleet, experiment("1s"), broadcast_wait_s=0.3)
+    report = await asyncio.wait_for(runner.run(), 15)
+    assert report.outcome == "completed", report
+    assert a.starts == [], "n1 heard the broadcast"
+    assert [s.experiment_id for s in b.starts] == [runner.experiment_id], "n2 needed its own start"
+    assert b.applied == [f"{runner.experiment_id}.0"]
+
+
+async def test_a_waiting_fault_lost_before_the_start_aborts(nc: Any, fleet: Fleet, agents: Any) -> None:
+    a = await agents("n1")
+    b = await agents("n2")
+    b.hear_broadcasts = False
+    b.forget_waiting = True
+    await fleet.wait_for(["n1", "n2"], 5)
+    report = await asyncio.wait_for(ExperimentRunner(nc, fleet, experiment("30s"), broadcast_wait_s=0.3).run(), 15)
+    assert report.outcome == "aborted" and report.abort is not None and report.abort.node == "n2"
+    assert "lost" in report.abort.reason, report.abort.reason
+    n2 = next(f for f in report.faults if f.node == "n2")
+    assert n2.state == "failed" and "no longer holds it" in (n2.reason or "")
+    assert a.held == {}, "n1's fault was left behind"
+
+
+async def test_an_older_agent_starts_on_acceptance_and_the_report_says_so(
+    nc: Any, fleet: Fleet, agents: Any
+) -> None:
+    a = await agents("n1", schema="1.1")
+    b = await agents("n2")
+    await fleet.wait_for(["n1", "n2"], 5)
+    runner = ExperimentRunner(nc, fleet, experiment("1s"))
+    report = await asyncio.wait_for(runner.run(), 15)
+    assert report.outcome == "completed", report
+    assert a.applied == b.applied == [f"{runner.experiment_id}.0"]
+    assert any("n1 speak schema 1.1 or older" in note for note in report.notes), report.notes
