@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -429,6 +430,48 @@ async def test_heartbeat_timeout_under_two_intervals_is_refused_and_nothing_sent
     ok = experiment_file(tmp_path, [pause(victims)], duration="5s", abort={"heartbeatTimeout": "2s"})
     r = await asyncio.to_thread(faultline, "run", str(ok), "--nats", nats_url, "--dry-run")
     assert r.returncode == 0, r.stderr
+
+
+def test_a_target_that_refuses_leaves_every_target_untouched(
+    tmp_path: Path, nats_url: str, agent_factory: Callable[..., AgentProcess], victims: Victims
+) -> None:
+    """node-b holds at most one fault, so it refuses the second of two: the run aborts before the
+    start, and neither victim is paused at any moment, on node-a either (both agents see both)."""
+    config = tmp_path / "node-b.json"
+    config.write_text(json.dumps({"safety": {"max_faults": 1}}))
+    a = agent_factory("node-a")
+    b = agent_factory("node-b", extra=["--config", str(config)])
+    (v1,) = victims.start(1, tag="-1")
+    (v2,) = victims.start(1, tag="-2")
+    path = experiment_file(tmp_path, [pause(victims, "-1"), pause(victims, "-2")], duration="30s")
+    stopped: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:  # every 2 ms for the whole run: one stopped sample fails the test
+        while not done.is_set():
+            stopped.update(v.pid for v in (v1, v2) if status(v) == psutil.STATUS_STOPPED)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        r = faultline("run", str(path), "--nats", nats_url, "-o", "json")
+    finally:
+        done.set()
+        watcher.join(5)
+    assert r.returncode == 1, r.stderr
+    report = json.loads(r.stdout)
+    assert report["outcome"] == "aborted" and report["abort"]["node"] == "node-b", report["abort"]
+    assert "maximum of 1 faults" in report["abort"]["reason"]
+    assert stopped == set(), f"paused although a target refused: {sorted(stopped)}"
+    by = {(f["node"], f["index"]): f for f in report["faults"]}
+    assert by[("node-b", 1)]["state"] == "rejected"
+    for key in [("node-a", 0), ("node-a", 1), ("node-b", 0)]:
+        f = by[key]
+        assert f["state"] == "reverted" and "nothing was applied" in f["reason"], f
+        assert f["active_at"] is None and f["measurements"]["hit_pids"] is None, f
+    assert "starting" not in r.stderr, "the start went out although a target refused"
+    assert a.settled_journal() == [] and b.settled_journal() == []
 
 
 def test_heartbeat_loss_aborts_and_reverts(
