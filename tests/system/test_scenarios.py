@@ -519,7 +519,7 @@ def test_replays_and_duplicates(fleet_factory, row):
     wait_paused(victims, 5, "by the first delivery")
     active = wait_until(lambda: obs.events_of("n1", "active"), 5, "the active event")
     assert sorted(active[0].measurements.hit_pids or []) == sorted(p.pid for p in victims)
-    assert len(obs.events_of("n1", "injecting")) == 1, "a duplicate was applied again"
+    assert len(obs.events_of("n1", "active")) == 1, "a duplicate was applied again"
     assert fleet.nodes["n1"].agent.journal() == ["dup.0.json"]
     t0 = time.monotonic()
     assert obs.request("n1", encode(Revert(experiment_id="dup", expires_at=time.time() + 10))).accepted
@@ -531,7 +531,7 @@ def test_replays_and_duplicates(fleet_factory, row):
     again = obs.request("n1", fresh_id)
     assert not again.accepted and "not re-injected" in (again.reason or ""), again
     assert not any(victim_status(p) == psutil.STATUS_STOPPED for p in victims)
-    assert len(obs.events_of("n1", "injecting")) == 1
+    assert len(obs.events_of("n1", "active")) == 1
     row.notes.append("8 deliveries, 1 injection")
     assert_clean(fleet, row)
 

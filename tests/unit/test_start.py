@@ -121,7 +121,7 @@ async def test_a_waiting_fault_touches_nothing_until_its_start(rt: Any) -> None:
         assert s.accepted and s.fault_states == {"e.0": "injecting"}
         await async_wait_until(lambda: rec.state == "active", 2, "the fault to become active after its start")
         assert inj.applied == ["e.0"] and runtime.journal.fault_ids() == ["e.0"]
-        assert events.states("e.0") == ["injecting", "active"]
+        assert events.states("e.0") == ["active"], "a quick injection goes straight to active"
 
         again = await ack(runtime, start())  # the broadcast and a per-node start may both arrive
         assert again.accepted and again.fault_states == {"e.0": "active"}
@@ -207,3 +207,31 @@ async def test_a_start_of_an_unknown_experiment_is_answered_with_no_states(rt: A
     runtime, _, _ = rt
     a = await ack(runtime, start("nobody", fault_ids=["nobody.0"]))
     assert a.accepted and a.fault_states == {}
+
+
+async def test_an_injection_that_takes_a_while_says_injecting_first(tmp_path: Path) -> None:
+    settings = AgentSettings(state_dir=tmp_path, identity={"node": "n1"})
+    env = AgentEnv(node="n1", state_dir=tmp_path, instance_id="t", protected_pids=dict)
+
+    class Slow(Counting):
+        async def plan(self, spec: Any, ctx: FaultContext) -> Plan:
+            await asyncio.sleep(0.5)  # longer than INJECTING_EVENT_AFTER_S
+            return await super().plan(spec, ctx)
+
+    runtime = AgentRuntime(settings, injectors={"process-pause": Slow(env)})
+    runtime.capabilities = ["process-pause"]
+    events = Events()
+
+    async def capture(subject: str, payload: bytes) -> None:
+        events.append(decode(payload, FaultEvent))
+
+    runtime.connected = True
+    runtime.publish = capture  # type: ignore[method-assign]
+    try:
+        assert (await ack(runtime, inject())).accepted
+        assert (await ack(runtime, start())).accepted
+        rec = runtime.faults["e.0"]
+        await async_wait_until(lambda: rec.state == "active", 3, "the slow fault to become active")
+        assert events.states("e.0") == ["injecting", "active"]
+    finally:
+        await settle(runtime)
