@@ -99,7 +99,6 @@ class CommandHandler:
             self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
         ) -> FaultContext: ...
 
-
     async def handle_command(self, data: bytes) -> bytes:
         """Decode and act on one command; returns the encoded Ack. Never raises."""
         try:

@@ -1,8 +1,11 @@
 """The agent runtime: one asyncio program per node, instantiable many times.
 
 It owns the NATS connection, the journal, the fault records and every
-background task (heartbeats, watchdog, one lifecycle task per fault). There
-are no module globals: tests and benchmarks run many runtimes in one process.
+background task (heartbeats, one lifecycle task per fault). There are no
+module globals: tests and benchmarks run many runtimes in one process.
+The parts live in mixins: commands (agent/commands.py), journal recovery
+(recovery.py), each fault's lifecycle (lifecycle.py), the watchdog
+(watchdog.py) and the broadcasts every agent hears (broadcasts.py).
 
 Safety paths (see DESIGN.md): each fault has a deadline timer; a watchdog
 reverts an experiment's faults when its lease lapses and everything when NATS
@@ -29,41 +32,33 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from agent.broadcasts import Broadcasts
 from agent.commands import CommandHandler
 from agent.config import AgentSettings
 from agent.faults import load_injectors
-from agent.faults.base import AgentEnv, FaultContext, Injector
-from agent.faults_table import FaultRecord, merge
+from agent.faults.base import AgentEnv, Injector
+from agent.faults_table import FaultRecord
 from agent.journal import Journal
+from agent.lifecycle import Lifecycle
 from agent.nodeload import LoadSampler
 from agent.protect import protected_pids
 from agent.recovery import Recovery
+from agent.watchdog import Watchdog
 from proto import __version__, subjects
-from proto.codec import DecodeError, decode, encode
+from proto.codec import encode
 from proto.messages import (
     AgentState,
     EndedFault,
     FaultEvent,
     FaultState,
-    Halt,
     Heartbeat,
-    Lease,
-    Measurements,
-    Revert,
-    Start,
     new_id,
 )
 
 log = logging.getLogger("faultline.agent")
 
-MAX_REMEMBERED = 4096
 ENDED_IN_HEARTBEATS_S = 120.0
-REVERT_ATTEMPTS = 3
-JOURNAL_CLEANUP_DELAY_S = 0.5
 JOURNAL_SETTLE_S = 2.0  # a stop waits this long at most for journal bookkeeping in flight
-REVERT_BACKOFF_S = 1.0
-WATCHDOG_SLACK_S = 0.005
-INJECTING_EVENT_AFTER_S = 0.2  # an injection still going after this long says so ("injecting")
 
 
 def release_startup_memory() -> None:
@@ -81,7 +76,7 @@ def release_startup_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc only; elsewhere a no-op
 
 
-class AgentRuntime(CommandHandler, Recovery):
+class AgentRuntime(CommandHandler, Recovery, Lifecycle, Watchdog, Broadcasts):
     def __init__(
         self,
         settings: AgentSettings,
@@ -248,218 +243,6 @@ class AgentRuntime(CommandHandler, Recovery):
             ended=[e for e in self.recent_ended if e.at > ended_since],
         )
 
-    # --- fault lifecycle ---------------------------------------------------
-
-    def make_context(
-        self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
-    ) -> FaultContext:
-        def emit(state: FaultState, m: Measurements, reason: str | None) -> None:
-            rec = self.faults.get(fault_id)
-            if rec is not None:
-                rec.measurements = merge(rec.measurements, m)
-                self.event(rec, state, reason)
-
-        return FaultContext(
-            fault_id=fault_id,
-            experiment_id=experiment_id,
-            deadline=deadline,
-            pods=pods,
-            env=self.env,
-            emit=emit,
-            recovered=recovered,
-        )
-
-    def launch(self, rec: FaultRecord) -> None:
-        """Start an accepted fault's lifecycle: at once, on its Start, or (ended while it
-        waited for its Start) only to report the end, applying nothing. Idempotent."""
-        rec.on_end = None
-        if rec.task is not None:
-            return
-        if not rec.ended.is_set():
-            rec.set_state("injecting")
-            # the agent's own deadline timer (invariant 1); the watchdog double-checks
-            rec.timer = asyncio.get_running_loop().call_at(
-                rec.deadline_mono, rec.request_end, "deadline reached", "expired"
-            )
-        else:
-            rec.end_reason = f"{rec.end_reason or 'ended'} before its start: nothing was applied"
-        rec.task = self.spawn(self.lifecycle(rec), name=f"fault:{rec.fault_id}")
-
-    async def lifecycle(self, rec: FaultRecord) -> None:
-        inj, ctx, spec = rec.injector, rec.ctx, rec.cmd.spec
-        timing = self.settings.timing
-        failure: str | None = None
-        try:
-            if not rec.ended.is_set():
-                rec.set_state("injecting")
-                t0 = time.monotonic()
-                # "injecting" is news only when the injection takes a while (a memory ramp, a slow
-                # netlink call): one that is done sooner goes straight to "active", with apply_s.
-                # At a thousand nodes that is a thousand fewer events for the controller to read.
-                slow = asyncio.get_running_loop().call_later(INJECTING_EVENT_AFTER_S, self._still_injecting, rec)
-                try:
-                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for costs a task per call
-                    async with asyncio.timeout(timing.revert_timeout_s):
-                        plan = await inj.plan(spec, ctx)
-                    rec.plan = plan
-                    try:
-                        await asyncio.to_thread(self.journal.write, rec.journal_entry(plan))  # journal before act
-                    except OSError as exc:
-                        raise RuntimeError(f"journal write failed, not acting: {exc}") from exc
-                    if not rec.ended.is_set():
-                        async with asyncio.timeout(timing.revert_timeout_s):
-                            m = await inj.apply(spec, plan, ctx)
-                        rec.measurements = merge(rec.measurements, m).model_copy(
-                            update={"apply_s": round(time.monotonic() - t0, 4)}
-                        )
-                        if not rec.ended.is_set():
-                            rec.set_state("active")
-                            await self.send_event(rec, "active")
-                finally:
-                    slow.cancel()
-        except TimeoutError:
-            failure = f"inject timed out after {timing.revert_timeout_s}s"
-        except Exception as exc:
-            failure = str(exc) or type(exc).__name__
-            if not isinstance(exc, self._expected_failures()):
-                log.exception("fault %s failed to inject", rec.fault_id)
-        if failure is not None:
-            log.warning("fault %s failed: %s", rec.fault_id, failure)
-            rec.request_end(failure, "failed")
-        await rec.ended.wait()
-        await self._revert(rec)
-
-    def _still_injecting(self, rec: FaultRecord) -> None:
-        self.spawn(self._report_injecting(rec), name="injecting-event")
-
-    async def _report_injecting(self, rec: FaultRecord) -> None:
-        # checked and published in one step: an "active" sent meanwhile is never followed by this
-        if rec.state == "injecting" and not rec.ended.is_set():
-            await self.send_event(rec, "injecting")
-
-    @staticmethod
-    def _expected_failures() -> tuple[type[BaseException], ...]:
-        from agent.faults.base import Rejected
-
-        return (Rejected,)
-
-    async def _revert(self, rec: FaultRecord) -> None:
-        rec.set_state("reverting")
-        error: str | None = None
-        t0 = time.monotonic()
-        if rec.plan is not None:
-            error = await self._revert_with_retries(rec)
-        rec.measurements = rec.measurements.model_copy(update={"revert_s": round(time.monotonic() - t0, 4)})
-        state: FaultState = "failed" if error else rec.end_state
-        reason = rec.end_reason or "reverted"
-        if error:
-            reason = f"{reason}; revert failed: {error}"
-        try:
-            rec.injector.release(rec.ctx)  # whatever check() set aside for it, also when it never got a plan
-        except Exception:  # an injector's bookkeeping must not stop the end of a fault
-            log.exception("release of %s failed", rec.fault_id)
-        rec.set_state(state)
-        self.faults.pop(rec.fault_id, None)
-        if not self._holds(rec.experiment_id):
-            self.lease_seen.pop(rec.experiment_id, None)  # an agent lives for months: no per-experiment residue
-        self.remember(self.ended, rec.fault_id, state)
-        self.record_end(rec.fault_id, rec.experiment_id, rec.kind, state, reason)
-        # The event first: the system is already back. Dropping the journal entry is
-        # bookkeeping, and a crash before it only repeats an idempotent revert at start.
-        await self.send_event(rec, state, reason)
-        log.info("fault %s %s: %s", rec.fault_id, state, reason)
-        # a failed revert keeps its journal entry: the next start retries it
-        self._queue_cleanup(rec.fault_id, state, rec.cmd.expires_at, not error)
-        rec.finished.set()
-
-    def _queue_cleanup(self, fault_id: str, state: str, expires_at: float, remove: bool) -> None:
-        """Journal bookkeeping after a revert, batched and a moment later: when a halt or an
-        abort ends many faults at once, their reports go out first and the files follow in
-        one worker-thread call. Until then the entry stays: a crash in that moment only
-        repeats an idempotent revert at start."""
-        self._cleanup.append((fault_id, state, expires_at, remove))
-        if self.stopping:
-            self._start_cleanup()
-        elif self._cleanup_timer is None:
-            # a timer, not a sleeping task: an abort ending a fault pays for no task
-            self._cleanup_timer = asyncio.get_running_loop().call_later(JOURNAL_CLEANUP_DELAY_S, self._start_cleanup)
-
-    def _start_cleanup(self) -> None:
-        self._cleanup_timer = None
-        if self._cleanup:
-            task = self.spawn(self.flush_cleanup(), name="journal-cleanup")
-            self._cleanups.add(task)
-            task.add_done_callback(self._cleanups.discard)
-
-    async def settle_journal(self, timeout_s: float) -> None:
-        """Finish the journal bookkeeping queued or in flight. A stop waits for it: its tasks are
-        cancelled afterwards, and a cancelled worker-thread call that has not started never runs
-        (entries of reverted faults would be left for the next start to revert again)."""
-        if self._cleanup_timer is not None:
-            self._cleanup_timer.cancel()
-            self._cleanup_timer = None
-        if self._cleanups:
-            await asyncio.wait(set(self._cleanups), timeout=timeout_s)
-        await self.flush_cleanup()
-
-    async def flush_cleanup(self) -> None:
-        batch, self._cleanup = self._cleanup, []
-        if not batch:
-            return
-        try:
-            await asyncio.to_thread(self.journal.finish_many, batch)
-        except OSError as exc:
-            log.error("journal bookkeeping failed (%s); the next start reverts those faults again", exc)
-
-    async def _revert_with_retries(self, rec: FaultRecord) -> str | None:
-        """Revert, retried with backoff: a transient failure (netlink busy, a stressor slow to die)
-        must not leave the fault in place until the next start. One attempt while stopping,
-        to stay inside the stop bound; the journal keeps what still failed."""
-        assert rec.plan is not None
-        attempts = 1 if self.stopping else REVERT_ATTEMPTS
-        error: str | None = None
-        for attempt in range(1, attempts + 1):
-            try:
-                async with asyncio.timeout(self.settings.timing.revert_timeout_s):
-                    m = await rec.injector.revert(rec.plan, rec.ctx)
-                rec.measurements = merge(rec.measurements, m)
-                return None
-            except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                final = attempt == attempts
-                log.error(
-                    "fault %s: REVERT FAILED (attempt %d of %d): %s%s",
-                    rec.fault_id,
-                    attempt,
-                    attempts,
-                    error,
-                    " (journal entry kept; retried at next start)" if final else "",
-                )
-                if not final:
-                    await asyncio.sleep(REVERT_BACKOFF_S * 2 ** (attempt - 1))
-        return error
-
-    def record_end(self, fault_id: str, experiment_id: str, kind: str, state: FaultState, reason: str | None) -> None:
-        self.recent_ended.append(
-            EndedFault(
-                fault_id=fault_id, experiment_id=experiment_id, kind=kind, state=state, reason=reason, at=time.time()
-            )
-        )
-
-    def remember(self, table: OrderedDict[str, Any], key: str, value: Any) -> None:
-        table[key] = value
-        table.move_to_end(key)
-        while len(table) > MAX_REMEMBERED:
-            table.popitem(last=False)
-
-    def end_all(self, reason: str, experiment_id: str | None = None) -> list[FaultRecord]:
-        hit = []
-        for rec in list(self.faults.values()):
-            if experiment_id is None or rec.experiment_id == experiment_id:
-                rec.request_end(reason)
-                hit.append(rec)
-        return hit
-
     # --- NATS ----------------------------------------------------------------
 
     async def connect(self) -> bool:
@@ -556,83 +339,6 @@ class AgentRuntime(CommandHandler, Recovery):
         if msg.reply:
             await self.publish(msg.reply, payload)
 
-    async def _on_halt(self, msg: Msg) -> None:
-        try:
-            halt = decode(msg.data, Halt)
-        except DecodeError as exc:
-            self.rejected_count += 1
-            log.warning("ignored malformed halt: %s", exc)
-            return
-        self.halt_seq += 1
-        hit = self.end_all(f"halt: {halt.reason} (by {halt.issued_by})")
-        for rec in hit:
-            self.remember(self.ended_experiments, rec.experiment_id, "halted")
-        log.warning("HALT from %s: %s; reverting %d fault(s)", halt.issued_by, halt.reason, len(hit))
-        self.spawn(self._report_halted(hit), name="halt-heartbeat")
-
-    async def _report_halted(self, hit: list[FaultRecord]) -> None:
-        """A heartbeat as soon as the halt's reverts are done: `faultline halt` confirms from it,
-        not a heartbeat interval later."""
-        if hit:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.timing.revert_timeout_s):
-                    await asyncio.gather(*(r.finished.wait() for r in hit))
-        if not self.stopping:
-            await self.publish(subjects.agent_hb(self.node), encode(self.heartbeat()))
-
-    def _holds(self, experiment_id: str) -> bool:
-        return any(r.experiment_id == experiment_id for r in self.faults.values())
-
-    async def _on_abort(self, msg: Msg) -> None:
-        """A broadcast Revert of one experiment (the controller's fast path; per-node Reverts follow)."""
-        exp = subjects.experiment_from_subject(msg.subject)
-        if exp is None:
-            return
-        if not self._holds(exp):
-            # nothing held (yet): a late or retried Inject of this experiment must not apply it
-            self.remember(self.ended_experiments, exp, "was aborted")
-            return
-        try:
-            cmd = decode(msg.data, Revert)
-        except DecodeError as exc:
-            self.rejected_count += 1
-            log.warning("ignored malformed abort on %s: %s", msg.subject, exc)
-            return
-        if cmd.experiment_id == exp:
-            self._revert_command(cmd)
-
-    def _waits_for_start(self, experiment_id: str) -> bool:
-        return any(r.experiment_id == experiment_id and r.waiting for r in self.faults.values())
-
-    async def _on_start(self, msg: Msg) -> None:
-        """A broadcast Start of one experiment (the controller's fast path; per-node Starts follow)."""
-        exp = subjects.experiment_from_subject(msg.subject)
-        if exp is None or not self._waits_for_start(exp):
-            return  # not ours, or already started: skip the decode
-        try:
-            cmd = decode(msg.data, Start)
-        except DecodeError as exc:
-            self.rejected_count += 1
-            log.warning("ignored malformed start on %s: %s", msg.subject, exc)
-            return
-        if cmd.experiment_id == exp:
-            ack = self._start_command(cmd)
-            if not ack.accepted:
-                log.warning("start of %s not carried out: %s", exp, ack.reason)
-
-    async def _on_lease(self, msg: Msg) -> None:
-        exp = subjects.experiment_from_subject(msg.subject)
-        if exp is None or not self._holds(exp):
-            return  # not ours: skip the decode
-        try:
-            lease = decode(msg.data, Lease)
-        except DecodeError as exc:
-            self.rejected_count += 1
-            log.warning("ignored malformed lease on %s: %s", msg.subject, exc)
-            return
-        if lease.experiment_id == exp:
-            self.lease_seen[exp] = time.monotonic()
-
     # --- loops ---------------------------------------------------------------
 
     async def heartbeat_loop(self) -> None:
@@ -643,71 +349,6 @@ class AgentRuntime(CommandHandler, Recovery):
                 await self.publish(subjects.agent_hb(self.node), encode(self.heartbeat()))
             # a little jitter spreads a fleet's heartbeats over time
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))
-
-    def check_leases(self) -> None:
-        now = time.monotonic()
-        lost_for = now - self.nats_lost_since if self.nats_lost_since is not None else 0.0
-        if lost_for > self.settings.timing.nats_lost_timeout_s and self.faults:
-            self.end_all(f"NATS unreachable for {lost_for:.1f}s")
-        for rec in list(self.faults.values()):
-            if rec.ended.is_set():
-                continue
-            if time.time() >= rec.cmd.expires_at:
-                rec.request_end("deadline reached", "expired")
-                continue
-            last = max(self.lease_seen.get(rec.experiment_id, 0.0), rec.accepted_mono)
-            silent = now - last
-            if silent > rec.cmd.lease_timeout_s:
-                rec.request_end(f"lease lapsed: no lease for {silent:.1f}s (timeout {rec.cmd.lease_timeout_s:g}s)")
-                self.remember(self.ended_experiments, rec.experiment_id, "lease lapsed")
-
-    def next_check_in(self) -> float:
-        """Seconds until a lease could lapse, NATS-lost could fire or a deadline passes,
-        at most watchdog_interval_s: the watchdog wakes when something can be due, not
-        on a fixed tick (a lease renewed meanwhile only moves the next wake later)."""
-        timing = self.settings.timing
-        now = time.monotonic()
-        due = now + timing.watchdog_interval_s
-        if self.faults:
-            if self.nats_lost_since is not None:
-                due = min(due, self.nats_lost_since + timing.nats_lost_timeout_s)
-            for rec in self.faults.values():
-                if not rec.ended.is_set():
-                    last = max(self.lease_seen.get(rec.experiment_id, 0.0), rec.accepted_mono)
-                    due = min(due, last + rec.cmd.lease_timeout_s, rec.deadline_mono)
-        return max(0.0, due - now) + WATCHDOG_SLACK_S  # a lapse is "silent > timeout": look just after
-
-    def poke_watchdog(self, due: float) -> None:
-        """Something is due at monotonic time ``due`` (a fault's lease or deadline, NATS loss):
-        make sure the watchdog looks then, or earlier."""
-        if due < self._watchdog_next:
-            self._arm_watchdog(max(0.0, due - time.monotonic()) + WATCHDOG_SLACK_S)
-
-    def _arm_watchdog(self, delay: float) -> None:
-        # A timer, not a task: re-arming it when a fault is accepted costs a timer handle, not
-        # a task wake-up, and an agent holding nothing has no timer at all.
-        if self._watchdog_timer is not None:
-            self._watchdog_timer.cancel()
-        self._watchdog_next = time.monotonic() + delay
-        self._watchdog_timer = asyncio.get_running_loop().call_later(delay, self._watchdog_tick)
-
-    def _watchdog_tick(self) -> None:
-        """Check leases, NATS loss and deadlines, then sleep until the next thing can be due
-        (at most watchdog_interval_s) while faults are held; with none held, until poked."""
-        self._watchdog_timer = None
-        self._watchdog_next = math.inf
-        try:
-            self.check_leases()
-        except Exception:  # the watchdog must outlive any bug in one check
-            log.exception("watchdog check failed; checking again in %gs", self.settings.timing.watchdog_interval_s)
-        if self.faults and not self._watchdog_closed:
-            self._arm_watchdog(self.next_check_in())
-
-    def stop_watchdog(self) -> None:
-        self._watchdog_closed = True
-        if self._watchdog_timer is not None:
-            self._watchdog_timer.cancel()
-            self._watchdog_timer = None
 
     # --- main ----------------------------------------------------------------
 

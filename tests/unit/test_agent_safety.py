@@ -72,7 +72,7 @@ def inject(fid: str = "e.0") -> bytes:
 
 
 async def test_a_failed_revert_is_retried_until_it_succeeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("agent.runtime.REVERT_BACKOFF_S", 0.01)
+    monkeypatch.setattr("agent.lifecycle.REVERT_BACKOFF_S", 0.01)
     rt, inj = runtime(tmp_path, lambda env: FlakyRevert(env, failures=2))
     assert decode(await rt.handle_command(inject()), Ack).accepted
     rec = rt.faults["e.0"]
@@ -86,7 +86,7 @@ async def test_a_failed_revert_is_retried_until_it_succeeds(tmp_path: Path, monk
 async def test_a_revert_that_keeps_failing_keeps_its_journal_entry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("agent.runtime.REVERT_BACKOFF_S", 0.01)
+    monkeypatch.setattr("agent.lifecycle.REVERT_BACKOFF_S", 0.01)
     rt, inj = runtime(tmp_path, lambda env: FlakyRevert(env, failures=99))
     assert decode(await rt.handle_command(inject()), Ack).accepted
     rec = rt.faults["e.0"]

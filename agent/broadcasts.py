@@ -1,0 +1,119 @@
+"""Broadcasts every agent hears: halt, an experiment's abort, start and lease.
+
+Each is obeyed from the agent's own state, without any controller: an agent
+that holds nothing of an experiment skips its messages without decoding them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from nats.aio.msg import Msg
+
+from agent.config import AgentSettings
+from agent.faults_table import FaultRecord
+from proto import subjects
+from proto.codec import DecodeError, decode, encode
+from proto.messages import Ack, AgentState, Halt, Heartbeat, Lease, Revert, Start
+
+log = logging.getLogger("faultline.agent")
+
+
+class Broadcasts:
+    # provided by AgentRuntime
+    settings: AgentSettings
+    node: str
+    ended_experiments: OrderedDict[str, str]
+    lease_seen: dict[str, float]
+    rejected_count: int
+    halt_seq: int
+    stopping: bool
+
+    if TYPE_CHECKING:
+        # Declared for the type checker only (see CommandHandler).
+        def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]: ...
+        def remember(self, table: OrderedDict[str, Any], key: str, value: Any) -> None: ...
+        def end_all(self, reason: str, experiment_id: str | None = None) -> list[FaultRecord]: ...
+        def _holds(self, experiment_id: str) -> bool: ...
+        def _waits_for_start(self, experiment_id: str) -> bool: ...
+        def _revert_command(self, cmd: Revert) -> Ack: ...
+        def _start_command(self, cmd: Start) -> Ack: ...
+        def heartbeat(self, state: AgentState = "ready") -> Heartbeat: ...
+        async def publish(self, subject: str, payload: bytes) -> None: ...
+
+    async def _on_halt(self, msg: Msg) -> None:
+        try:
+            halt = decode(msg.data, Halt)
+        except DecodeError as exc:
+            self.rejected_count += 1
+            log.warning("ignored malformed halt: %s", exc)
+            return
+        self.halt_seq += 1
+        hit = self.end_all(f"halt: {halt.reason} (by {halt.issued_by})")
+        for rec in hit:
+            self.remember(self.ended_experiments, rec.experiment_id, "halted")
+        log.warning("HALT from %s: %s; reverting %d fault(s)", halt.issued_by, halt.reason, len(hit))
+        self.spawn(self._report_halted(hit), name="halt-heartbeat")
+
+    async def _report_halted(self, hit: list[FaultRecord]) -> None:
+        """A heartbeat as soon as the halt's reverts are done: `faultline halt` confirms from it,
+        not a heartbeat interval later."""
+        if hit:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.timing.revert_timeout_s):
+                    await asyncio.gather(*(r.finished.wait() for r in hit))
+        if not self.stopping:
+            await self.publish(subjects.agent_hb(self.node), encode(self.heartbeat()))
+
+    async def _on_abort(self, msg: Msg) -> None:
+        """A broadcast Revert of one experiment (the controller's fast path; per-node Reverts follow)."""
+        exp = subjects.experiment_from_subject(msg.subject)
+        if exp is None:
+            return
+        if not self._holds(exp):
+            # nothing held (yet): a late or retried Inject of this experiment must not apply it
+            self.remember(self.ended_experiments, exp, "was aborted")
+            return
+        try:
+            cmd = decode(msg.data, Revert)
+        except DecodeError as exc:
+            self.rejected_count += 1
+            log.warning("ignored malformed abort on %s: %s", msg.subject, exc)
+            return
+        if cmd.experiment_id == exp:
+            self._revert_command(cmd)
+
+    async def _on_start(self, msg: Msg) -> None:
+        """A broadcast Start of one experiment (the controller's fast path; per-node Starts follow)."""
+        exp = subjects.experiment_from_subject(msg.subject)
+        if exp is None or not self._waits_for_start(exp):
+            return  # not ours, or already started: skip the decode
+        try:
+            cmd = decode(msg.data, Start)
+        except DecodeError as exc:
+            self.rejected_count += 1
+            log.warning("ignored malformed start on %s: %s", msg.subject, exc)
+            return
+        if cmd.experiment_id == exp:
+            ack = self._start_command(cmd)
+            if not ack.accepted:
+                log.warning("start of %s not carried out: %s", exp, ack.reason)
+
+    async def _on_lease(self, msg: Msg) -> None:
+        exp = subjects.experiment_from_subject(msg.subject)
+        if exp is None or not self._holds(exp):
+            return  # not ours: skip the decode
+        try:
+            lease = decode(msg.data, Lease)
+        except DecodeError as exc:
+            self.rejected_count += 1
+            log.warning("ignored malformed lease on %s: %s", msg.subject, exc)
+            return
+        if lease.experiment_id == exp:
+            self.lease_seen[exp] = time.monotonic()

@@ -1,0 +1,268 @@
+"""Each fault's lifecycle in the agent: launch, plan, journal, apply, revert, report.
+
+One owned task per fault, from its launch (at acceptance, or at its Start for
+an Inject that waits) to its terminal event. Every end path (deadline,
+revert, lease lapse, halt, stop) goes through the same revert, so a failed
+apply is still reverted (invariant 5); the journal entry is written before
+the apply (invariant 4) and dropped in batches after the revert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from agent.config import AgentSettings
+from agent.faults.base import AgentEnv, FaultContext
+from agent.faults_table import FaultRecord, merge
+from agent.journal import Journal
+from proto.messages import EndedFault, FaultState, Measurements
+
+log = logging.getLogger("faultline.agent")
+
+MAX_REMEMBERED = 4096
+REVERT_ATTEMPTS = 3
+REVERT_BACKOFF_S = 1.0
+JOURNAL_CLEANUP_DELAY_S = 0.5
+INJECTING_EVENT_AFTER_S = 0.2  # an injection still going after this long says so ("injecting")
+
+
+class Lifecycle:
+    # provided by AgentRuntime
+    settings: AgentSettings
+    journal: Journal
+    env: AgentEnv
+    faults: dict[str, FaultRecord]
+    ended: OrderedDict[str, str]
+    lease_seen: dict[str, float]
+    recent_ended: deque[EndedFault]
+    stopping: bool
+    _cleanup: list[tuple[str, str, float, bool]]
+    _cleanup_timer: asyncio.TimerHandle | None
+    _cleanups: set[asyncio.Task[None]]
+
+    if TYPE_CHECKING:
+        # Declared for the type checker only (see CommandHandler).
+        def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]: ...
+        def event(self, rec: FaultRecord, state: FaultState, reason: str | None = None) -> None: ...
+        async def send_event(self, rec: FaultRecord, state: FaultState, reason: str | None = None) -> None: ...
+
+    def make_context(
+        self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
+    ) -> FaultContext:
+        def emit(state: FaultState, m: Measurements, reason: str | None) -> None:
+            rec = self.faults.get(fault_id)
+            if rec is not None:
+                rec.measurements = merge(rec.measurements, m)
+                self.event(rec, state, reason)
+
+        return FaultContext(
+            fault_id=fault_id,
+            experiment_id=experiment_id,
+            deadline=deadline,
+            pods=pods,
+            env=self.env,
+            emit=emit,
+            recovered=recovered,
+        )
+
+    def launch(self, rec: FaultRecord) -> None:
+        """Start an accepted fault's lifecycle: at once, on its Start, or (ended while it
+        waited for its Start) only to report the end, applying nothing. Idempotent."""
+        rec.on_end = None
+        if rec.task is not None:
+            return
+        if not rec.ended.is_set():
+            rec.set_state("injecting")
+            # the agent's own deadline timer (invariant 1); the watchdog double-checks
+            rec.timer = asyncio.get_running_loop().call_at(
+                rec.deadline_mono, rec.request_end, "deadline reached", "expired"
+            )
+        else:
+            rec.end_reason = f"{rec.end_reason or 'ended'} before its start: nothing was applied"
+        rec.task = self.spawn(self.lifecycle(rec), name=f"fault:{rec.fault_id}")
+
+    async def lifecycle(self, rec: FaultRecord) -> None:
+        inj, ctx, spec = rec.injector, rec.ctx, rec.cmd.spec
+        timing = self.settings.timing
+        failure: str | None = None
+        try:
+            if not rec.ended.is_set():
+                rec.set_state("injecting")
+                t0 = time.monotonic()
+                # "injecting" is news only when the injection takes a while (a memory ramp, a slow
+                # netlink call): one that is done sooner goes straight to "active", with apply_s.
+                # At a thousand nodes that is a thousand fewer events for the controller to read.
+                slow = asyncio.get_running_loop().call_later(INJECTING_EVENT_AFTER_S, self._still_injecting, rec)
+                try:
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for costs a task per call
+                    async with asyncio.timeout(timing.revert_timeout_s):
+                        plan = await inj.plan(spec, ctx)
+                    rec.plan = plan
+                    try:
+                        await asyncio.to_thread(self.journal.write, rec.journal_entry(plan))  # journal before act
+                    except OSError as exc:
+                        raise RuntimeError(f"journal write failed, not acting: {exc}") from exc
+                    if not rec.ended.is_set():
+                        async with asyncio.timeout(timing.revert_timeout_s):
+                            m = await inj.apply(spec, plan, ctx)
+                        rec.measurements = merge(rec.measurements, m).model_copy(
+                            update={"apply_s": round(time.monotonic() - t0, 4)}
+                        )
+                        if not rec.ended.is_set():
+                            rec.set_state("active")
+                            await self.send_event(rec, "active")
+                finally:
+                    slow.cancel()
+        except TimeoutError:
+            failure = f"inject timed out after {timing.revert_timeout_s}s"
+        except Exception as exc:
+            failure = str(exc) or type(exc).__name__
+            if not isinstance(exc, self._expected_failures()):
+                log.exception("fault %s failed to inject", rec.fault_id)
+        if failure is not None:
+            log.warning("fault %s failed: %s", rec.fault_id, failure)
+            rec.request_end(failure, "failed")
+        await rec.ended.wait()
+        await self._revert(rec)
+
+    def _still_injecting(self, rec: FaultRecord) -> None:
+        self.spawn(self._report_injecting(rec), name="injecting-event")
+
+    async def _report_injecting(self, rec: FaultRecord) -> None:
+        # checked and published in one step: an "active" sent meanwhile is never followed by this
+        if rec.state == "injecting" and not rec.ended.is_set():
+            await self.send_event(rec, "injecting")
+
+    @staticmethod
+    def _expected_failures() -> tuple[type[BaseException], ...]:
+        from agent.faults.base import Rejected
+
+        return (Rejected,)
+
+    async def _revert(self, rec: FaultRecord) -> None:
+        rec.set_state("reverting")
+        error: str | None = None
+        t0 = time.monotonic()
+        if rec.plan is not None:
+            error = await self._revert_with_retries(rec)
+        rec.measurements = rec.measurements.model_copy(update={"revert_s": round(time.monotonic() - t0, 4)})
+        state: FaultState = "failed" if error else rec.end_state
+        reason = rec.end_reason or "reverted"
+        if error:
+            reason = f"{reason}; revert failed: {error}"
+        try:
+            rec.injector.release(rec.ctx)  # whatever check() set aside for it, also when it never got a plan
+        except Exception:  # an injector's bookkeeping must not stop the end of a fault
+            log.exception("release of %s failed", rec.fault_id)
+        rec.set_state(state)
+        self.faults.pop(rec.fault_id, None)
+        if not self._holds(rec.experiment_id):
+            self.lease_seen.pop(rec.experiment_id, None)  # an agent lives for months: no per-experiment residue
+        self.remember(self.ended, rec.fault_id, state)
+        self.record_end(rec.fault_id, rec.experiment_id, rec.kind, state, reason)
+        # The event first: the system is already back. Dropping the journal entry is
+        # bookkeeping, and a crash before it only repeats an idempotent revert at start.
+        await self.send_event(rec, state, reason)
+        log.info("fault %s %s: %s", rec.fault_id, state, reason)
+        # a failed revert keeps its journal entry: the next start retries it
+        self._queue_cleanup(rec.fault_id, state, rec.cmd.expires_at, not error)
+        rec.finished.set()
+
+    def _queue_cleanup(self, fault_id: str, state: str, expires_at: float, remove: bool) -> None:
+        """Journal bookkeeping after a revert, batched and a moment later: when a halt or an
+        abort ends many faults at once, their reports go out first and the files follow in
+        one worker-thread call. Until then the entry stays: a crash in that moment only
+        repeats an idempotent revert at start."""
+        self._cleanup.append((fault_id, state, expires_at, remove))
+        if self.stopping:
+            self._start_cleanup()
+        elif self._cleanup_timer is None:
+            # a timer, not a sleeping task: an abort ending a fault pays for no task
+            self._cleanup_timer = asyncio.get_running_loop().call_later(JOURNAL_CLEANUP_DELAY_S, self._start_cleanup)
+
+    def _start_cleanup(self) -> None:
+        self._cleanup_timer = None
+        if self._cleanup:
+            task = self.spawn(self.flush_cleanup(), name="journal-cleanup")
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
+
+    async def settle_journal(self, timeout_s: float) -> None:
+        """Finish the journal bookkeeping queued or in flight. A stop waits for it: its tasks are
+        cancelled afterwards, and a cancelled worker-thread call that has not started never runs
+        (entries of reverted faults would be left for the next start to revert again)."""
+        if self._cleanup_timer is not None:
+            self._cleanup_timer.cancel()
+            self._cleanup_timer = None
+        if self._cleanups:
+            await asyncio.wait(set(self._cleanups), timeout=timeout_s)
+        await self.flush_cleanup()
+
+    async def flush_cleanup(self) -> None:
+        batch, self._cleanup = self._cleanup, []
+        if not batch:
+            return
+        try:
+            await asyncio.to_thread(self.journal.finish_many, batch)
+        except OSError as exc:
+            log.error("journal bookkeeping failed (%s); the next start reverts those faults again", exc)
+
+    async def _revert_with_retries(self, rec: FaultRecord) -> str | None:
+        """Revert, retried with backoff: a transient failure (netlink busy, a stressor slow to die)
+        must not leave the fault in place until the next start. One attempt while stopping,
+        to stay inside the stop bound; the journal keeps what still failed."""
+        assert rec.plan is not None
+        attempts = 1 if self.stopping else REVERT_ATTEMPTS
+        error: str | None = None
+        for attempt in range(1, attempts + 1):
+            try:
+                async with asyncio.timeout(self.settings.timing.revert_timeout_s):
+                    m = await rec.injector.revert(rec.plan, rec.ctx)
+                rec.measurements = merge(rec.measurements, m)
+                return None
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                final = attempt == attempts
+                log.error(
+                    "fault %s: REVERT FAILED (attempt %d of %d): %s%s",
+                    rec.fault_id,
+                    attempt,
+                    attempts,
+                    error,
+                    " (journal entry kept; retried at next start)" if final else "",
+                )
+                if not final:
+                    await asyncio.sleep(REVERT_BACKOFF_S * 2 ** (attempt - 1))
+        return error
+
+    def record_end(self, fault_id: str, experiment_id: str, kind: str, state: FaultState, reason: str | None) -> None:
+        self.recent_ended.append(
+            EndedFault(
+                fault_id=fault_id, experiment_id=experiment_id, kind=kind, state=state, reason=reason, at=time.time()
+            )
+        )
+
+    def remember(self, table: OrderedDict[str, Any], key: str, value: Any) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > MAX_REMEMBERED:
+            table.popitem(last=False)
+
+    def end_all(self, reason: str, experiment_id: str | None = None) -> list[FaultRecord]:
+        hit = []
+        for rec in list(self.faults.values()):
+            if experiment_id is None or rec.experiment_id == experiment_id:
+                rec.request_end(reason)
+                hit.append(rec)
+        return hit
+
+    def _holds(self, experiment_id: str) -> bool:
+        return any(r.experiment_id == experiment_id for r in self.faults.values())
+
+    def _waits_for_start(self, experiment_id: str) -> bool:
+        return any(r.experiment_id == experiment_id and r.waiting for r in self.faults.values())
