@@ -13,7 +13,8 @@ Two phases make the start all-or-nothing: a target that refuses or does not
 answer aborts the run before any fault is applied anywhere, and the faults
 start together (one broadcast) instead of one after another in dispatch
 order. Agents older than schema 1.2 cannot wait; their faults start on
-acceptance, and the report says so.
+acceptance, and the report says so. The start lives in controller/starting.py,
+the end and the final revert in controller/ending.py.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from controller.dispatch import broadcast_revert, broadcast_start, request_acks, revert_experiment, start_experiment
+from controller.ending import Ending
 from controller.experiment import Experiment, fault_id, new_experiment_id
 from controller.fleet import Fleet
 from controller.report import AbortInfo, Outcome, Report
+from controller.starting import Starting
 from controller.targeting import TargetingError, select_nodes
 from controller.tracking import (
-    PRE_ACK,
     Plan,
     PreflightError,
     Track,
@@ -39,14 +40,14 @@ from controller.tracking import (
     heartbeat_timeout_refusal,
 )
 from proto.codec import DecodeError, decode, encode, peek_id
-from proto.messages import TERMINAL_STATES, Ack, FaultEvent, Inject, Lease, PodRef, Revert
+from proto.messages import TERMINAL_STATES, Ack, FaultEvent, Lease, PodRef, Revert
 from proto.subjects import exp_control, exp_events, exp_lease, safe_token
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 
-class ExperimentRunner:
+class ExperimentRunner(Starting, Ending):
     def __init__(
         self,
         nc: Any,
@@ -199,135 +200,6 @@ class ExperimentRunner:
 
         task.add_done_callback(done)
 
-    async def _dispatch_all(self, targets: list[str]) -> None:
-        dispatch: asyncio.Future[Any] = asyncio.ensure_future(self._dispatch_faults(targets, time.time()))
-        waker: asyncio.Future[Any] = asyncio.ensure_future(self._wake_on_abort())
-        try:
-            await asyncio.wait({dispatch, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waker.cancel()
-            if not dispatch.done():
-                dispatch.cancel()  # aborted mid-dispatch: send no more; the revert and the lease cover the rest
-            await asyncio.gather(dispatch, waker, return_exceptions=True)
-
-    async def _dispatch_faults(self, targets: list[str], t0: float) -> None:
-        """Fault by fault, to every target at once (one batch of requests per fault); then the start."""
-        for i, f in enumerate(self.experiment.spec.faults):
-            if self.aborted:
-                return
-            fid = fault_id(self.experiment_id, i)
-            expires_at = t0 + self.experiment.fault_duration_s(i)
-            shared: dict[bool, bytes] = {}  # node-level faults: one command, encoded once, for every node
-            payloads: dict[str, bytes] = {}
-            for node in targets:
-                track = self.tracks[(node, fid)]
-                wait = node in self._awaits_start
-                if track.pods is None:
-                    if wait not in shared:
-                        shared[wait] = self._inject_command(f, fid, expires_at, None, wait)
-                    payloads[node] = shared[wait]
-                else:
-                    payloads[node] = self._inject_command(f, fid, expires_at, track.pods, wait)
-                track.expires_at = expires_at
-                track.dispatched_at = time.time()
-                track.move("dispatched", at=track.dispatched_at)
-            results = await request_acks(
-                self.nc, payloads, timeout_s=self.dispatch_timeout_s, attempts=self.dispatch_attempts
-            )
-            for node, (ack, why) in results.items():
-                self._on_ack(self.tracks[(node, fid)], ack, why)
-        if not self.aborted:
-            await self._start(targets)
-
-    def _inject_command(
-        self, f: Any, fid: str, expires_at: float, pods: list[PodRef] | None, await_start: bool
-    ) -> bytes:
-        return encode(
-            Inject(
-                experiment_id=self.experiment_id,
-                fault_id=fid,
-                spec=f,
-                expires_at=expires_at,
-                lease_timeout_s=self.experiment.spec.abort.lease_timeout_s,
-                pods=pods,
-                await_start=await_start,
-            )
-        )
-
-    def _not_started(self) -> list[Track]:
-        """Faults accepted to wait for the start that no event or Ack has shown starting yet."""
-        return [
-            t for t in self.tracks.values() if t.node in self._awaits_start and t.accepted and t.state == "accepted"
-        ]
-
-    async def _start(self, targets: list[str]) -> None:
-        """Every target accepted every fault: start them all at once. The broadcast first; then,
-        for any node not seen starting within broadcast_wait_s, a Start of its own with its Ack."""
-        if not self._awaits_start:
-            return
-        legacy = [n for n in targets if n not in self._awaits_start]
-        self.progress(
-            f"{self._t()} all {len(targets)} target(s) accepted; starting"
-            + (f" ({len(legacy)} older agent(s) started on acceptance)" if legacy else "")
-        )
-        self.start_sent_at = time.time()
-        why = await broadcast_start(self.nc, self.experiment_id)
-        if why is not None:
-            log.warning("%s; starting node by node", why)
-        end = time.monotonic() + self.broadcast_wait_s
-        while self._not_started() and not self.aborted and time.monotonic() < end:
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), min(0.1, max(0.0, end - time.monotonic())))
-            except TimeoutError:
-                pass
-        stragglers = sorted({t.node for t in self._not_started()})
-        if not stragglers or self.aborted:
-            return
-        fids = [fault_id(self.experiment_id, i) for i in range(len(self.experiment.spec.faults))]
-        results = await start_experiment(
-            self.nc,
-            stragglers,
-            self.experiment_id,
-            fids,
-            timeout_s=self.dispatch_timeout_s,
-            attempts=self.dispatch_attempts,
-        )
-        for node, (ack, why) in results.items():
-            if ack is None or not ack.accepted:
-                self.abort(f"agent {node} did not start its faults: {why or (ack.reason if ack else None)}", node=node)
-                continue
-            for track in (t for t in self.tracks.values() if t.node == node and t.state == "accepted"):
-                state = ack.fault_states.get(track.fault_id)
-                if state is None:
-                    track.move("failed", "the agent no longer holds it (did it restart before the start?)")
-                    self.abort(f"agent {node} lost {track.fault_id} before its start", node=node)
-                elif state not in TERMINAL_STATES and state != "accepted":
-                    track.move(state)
-                # a fault that already ended: its event or the agent's heartbeats tell how and why
-
-    async def _wake_on_abort(self) -> None:
-        while not self.aborted:
-            self._wake.clear()
-            await self._wake.wait()
-
-    def _on_ack(self, track: Track, ack: Ack | None, why: str | None) -> None:
-        if ack is None:
-            track.move("no-reply", why)
-            self.abort(f"agent {track.node} did not acknowledge {track.fault_id}: {why}", node=track.node)
-            return
-        track.acked_at = time.time()
-        track.accepted = ack.accepted
-        if not ack.accepted:
-            track.ack_reason = ack.reason
-            track.move("rejected", ack.reason)
-            self.abort(f"agent {track.node} rejected {track.fault_id} ({track.kind}): {ack.reason}", node=track.node)
-            return
-        state = ack.fault_states.get(track.fault_id, "accepted")
-        if track.state in PRE_ACK:
-            track.move(state)
-        self.progress(f"{self._t()} {track.node} {track.fault_id} ({track.kind}): acknowledged")
-
     async def _on_event(self, msg: Any) -> None:
         try:
             ev = decode(msg.data, FaultEvent)
@@ -433,79 +305,6 @@ class ExperimentRunner:
                     self.abort(f"agent {node} restarted (instance {base[:8]} -> {hb.instance_id[:8]})", node=node)
                     return
             await asyncio.sleep(period_s)
-
-    async def _wait_for_end(self) -> None:
-        deadline = max((t.expires_at or 0.0) for t in self.tracks.values()) + self.end_grace_s
-        while not self.aborted:
-            self._reconcile_from_heartbeats()
-            if all(t.terminal for t in self.tracks.values()):
-                return
-            remaining = deadline - time.time()
-            if remaining <= 0:
-                late = [f"{t.node} {t.fault_id}" for t in self.tracks.values() if not t.terminal]
-                self.problems.append(
-                    f"no end event within {self.end_grace_s:g}s after the deadline from: {', '.join(late)}"
-                )
-                return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), min(remaining, 1.0))
-            except TimeoutError:
-                pass
-
-    async def _finish(self, targets: list[str]) -> None:
-        self._finishing = True
-        reason = f"abort: {self.abort_info.reason}" if self.abort_info else "experiment ended"
-        if self.aborted:
-            self.progress(f"{self._t()} reverting on {', '.join(targets)}")
-        # Fast path: one broadcast reaches every agent at NATS fan-out speed. Then, for any node
-        # whose faults have not all been seen to end, the per-node request with its Ack.
-        why = await broadcast_revert(self.nc, self.experiment_id, reason)
-        if why is not None:
-            log.warning("%s; reverting node by node", why)
-        end_fast = time.monotonic() + self.broadcast_wait_s
-        while time.monotonic() < end_fast:
-            self._reconcile_from_heartbeats()
-            if not any(t.held_by_agent for t in self.tracks.values()):
-                break
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), min(0.1, max(0.0, end_fast - time.monotonic())))
-            except TimeoutError:
-                pass
-        stragglers = sorted({t.node for t in self.tracks.values() if not t.terminal} | set(self._unheard(targets)))
-        results = await revert_experiment(self.nc, stragglers, self.experiment_id, reason) if stragglers else {}
-        unreached = [n for n, (ack, _why) in results.items() if ack is None]
-        for n in unreached:
-            held = [t.fault_id for t in self.tracks.values() if t.node == n and t.held_by_agent]
-            if held:
-                self.problems.append(
-                    f"agent {n} did not acknowledge the revert ({results[n][1]}); its faults "
-                    f"{', '.join(held)} end by lease lapse within "
-                    f"{self.experiment.spec.abort.lease_timeout_s:g}s or at their deadline"
-                )
-        pending = [t for t in self.tracks.values() if t.held_by_agent and t.node not in unreached]
-        end = time.monotonic() + self.revert_wait_s
-        while pending and time.monotonic() < end:
-            self._reconcile_from_heartbeats()
-            pending = [t for t in pending if not t.terminal]
-            if not pending:
-                break
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), min(0.5, end - time.monotonic()))
-            except TimeoutError:
-                pass
-            pending = [t for t in pending if not t.terminal]
-        if pending:
-            self.problems.append(
-                f"no reverted event within {self.revert_wait_s:g}s for: "
-                + ", ".join(f"{t.node} {t.fault_id}" for t in pending)
-            )
-
-    def _unheard(self, targets: list[str]) -> list[str]:
-        """Targets with a fault whose dispatch never got an answer: they get the per-node revert too."""
-        return [n for n in targets if any(t.node == n and t.accepted is None for t in self.tracks.values())]
 
     def _report(self, plan: Plan) -> Report:
         tracks = sorted(self.tracks.values(), key=lambda t: (t.node, t.index))
