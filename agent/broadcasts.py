@@ -20,7 +20,7 @@ from agent.config import AgentSettings
 from agent.faults_table import FaultRecord
 from proto import subjects
 from proto.codec import DecodeError, decode, encode
-from proto.messages import Ack, AgentState, Halt, Heartbeat, Lease, Revert, Start
+from proto.messages import Ack, AgentState, FaultState, Halt, Heartbeat, Lease, Revert, Start
 
 log = logging.getLogger("faultline.agent")
 
@@ -42,7 +42,7 @@ class Broadcasts:
         def end_all(self, reason: str, experiment_id: str | None = None) -> list[FaultRecord]: ...
         def _holds(self, experiment_id: str) -> bool: ...
         def _waits_for_start(self, experiment_id: str) -> bool: ...
-        def _revert_command(self, cmd: Revert) -> Ack: ...
+        def revert_matching(self, cmd: Revert) -> dict[str, FaultState]: ...
         def _start_command(self, cmd: Start) -> Ack: ...
         def heartbeat(self, state: AgentState = "ready") -> Heartbeat: ...
         async def publish(self, subject: str, payload: bytes) -> None: ...
@@ -87,7 +87,7 @@ class Broadcasts:
             log.warning("ignored malformed abort on %s: %s", msg.subject, exc)
             return
         if cmd.experiment_id == exp:
-            self._revert_command(cmd)
+            self.revert_matching(cmd)  # a broadcast has no one to answer
 
     async def _on_start(self, msg: Msg) -> None:
         """A broadcast Start of one experiment (the controller's fast path; per-node Starts follow)."""

@@ -234,6 +234,10 @@ class CommandHandler:
         return accepted(cmd.id, self.node, states)
 
     def _revert_command(self, cmd: Revert) -> Ack:
+        return accepted(cmd.id, self.node, self.revert_matching(cmd))
+
+    def revert_matching(self, cmd: Revert) -> dict[str, FaultState]:
+        """End the faults the Revert names (every one of its experiment by default); their states."""
         states: dict[str, FaultState] = {}
         for rec in list(self.faults.values()):
             if rec.experiment_id != cmd.experiment_id:
@@ -248,4 +252,4 @@ class CommandHandler:
         if cmd.fault_ids is None:
             # an experiment reverted as a whole never takes new faults from a late or replayed Inject
             self.remember(self.ended_experiments, cmd.experiment_id, "was reverted")
-        return accepted(cmd.id, self.node, states)
+        return states

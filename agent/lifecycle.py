@@ -40,6 +40,7 @@ class Lifecycle:
     ended: OrderedDict[str, str]
     lease_seen: dict[str, float]
     recent_ended: deque[EndedFault]
+    _ended_raw: list[tuple[str, str, str, FaultState, str | None, float]]
     stopping: bool
     _cleanup: list[tuple[str, str, float, bool]]
     _cleanup_timer: asyncio.TimerHandle | None
@@ -241,11 +242,18 @@ class Lifecycle:
         return error
 
     def record_end(self, fault_id: str, experiment_id: str, kind: str, state: FaultState, reason: str | None) -> None:
-        self.recent_ended.append(
-            EndedFault(
-                fault_id=fault_id, experiment_id=experiment_id, kind=kind, state=state, reason=reason, at=time.time()
+        # kept raw; the next heartbeat builds the model (an abort ends a thousand faults at once,
+        # and their reports go out first)
+        self._ended_raw.append((fault_id, experiment_id, kind, state, reason, time.time()))
+
+    def ended_faults(self, since: float) -> list[EndedFault]:
+        """Faults that ended after ``since`` (Unix seconds), newest last, for heartbeats."""
+        for fault_id, experiment_id, kind, state, reason, at in self._ended_raw:
+            self.recent_ended.append(
+                EndedFault(fault_id=fault_id, experiment_id=experiment_id, kind=kind, state=state, reason=reason, at=at)
             )
-        )
+        self._ended_raw.clear()
+        return [e for e in self.recent_ended if e.at > since]
 
     def remember(self, table: OrderedDict[str, Any], key: str, value: Any) -> None:
         table[key] = value

@@ -113,6 +113,7 @@ class AgentRuntime(CommandHandler, Recovery, Lifecycle, Watchdog, Broadcasts):
         self.lease_seen: dict[str, float] = {}
         self.recovered: list[str] = []
         self.recent_ended: deque[EndedFault] = deque(maxlen=200)
+        self._ended_raw: list[tuple[str, str, str, FaultState, str | None, float]] = []
         self.rejected_count = 0
         self.halt_seq = 0  # bumped by every halt; an Inject that awaited across one is refused
         self.nc: NATS | None = None
@@ -240,7 +241,7 @@ class AgentRuntime(CommandHandler, Recovery, Lifecycle, Watchdog, Broadcasts):
             load=self._load.sample(),
             faults=[r.view() for r in self.faults.values()],
             recovered=self.recovered[-50:],
-            ended=[e for e in self.recent_ended if e.at > ended_since],
+            ended=self.ended_faults(ended_since),
         )
 
     # --- NATS ----------------------------------------------------------------
