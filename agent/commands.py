@@ -1,4 +1,4 @@
-"""Command handling: validate, journal, acknowledge. Never raises.
+"""Command handling: validate, record, acknowledge; start and revert. Never raises.
 
 handle_command(bytes) -> the encoded Ack is the whole contract, so the fuzz
 tests drive it in-process with no NATS at all. Every refusal is an Ack with
@@ -12,12 +12,10 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from agent.faults.base import Injector, Rejected
 from agent.faults_table import FaultRecord
-from agent.journal import Journal
 from proto.codec import DecodeError, decode_command, encode, peek_id
 from proto.faults import required_capabilities
 from proto.messages import Ack, FaultEvent, FaultState, Inject, PodRef, Revert, Start
@@ -75,7 +73,6 @@ class CommandHandler:
     # provided by AgentRuntime
     settings: AgentSettings
     node: str
-    journal: Journal
     injectors: dict[str, Injector]
     unsupported: dict[str, str]
     capabilities: list[str]
@@ -90,11 +87,11 @@ class CommandHandler:
     if TYPE_CHECKING:
         # Declared for the type checker only: at run time the mixin defines
         # none of these, so AgentRuntime's own methods are the only ones in the MRO.
-        def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]: ...
         def remember(self, table: OrderedDict[str, Any], key: str, value: Any) -> None: ...
         def publish_event(self, ev: FaultEvent) -> None: ...
         def poke_watchdog(self, due: float) -> None: ...
         def launch(self, rec: FaultRecord) -> None: ...
+        def arm_deadline(self, rec: FaultRecord) -> None: ...
         def make_context(
             self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
         ) -> FaultContext: ...
@@ -194,6 +191,7 @@ class CommandHandler:
             deadline_mono=time.monotonic() + (cmd.expires_at - now),
         )
         self.faults[fid] = rec
+        self.arm_deadline(rec)
         if cmd.await_start:
             # nothing runs until its Start; an end asked for before then (revert, halt, lease
             # lapse, deadline, stop) launches the lifecycle, which applies nothing and reports it
@@ -222,11 +220,18 @@ class CommandHandler:
             return self._reject(cmd.id, f"expired: expires_at passed {now - cmd.expires_at:.1f}s ago")
         states: dict[str, FaultState] = {}
         wanted = set(cmd.fault_ids) if cmd.fault_ids is not None else None
+        gone = self.ended_experiments.get(cmd.experiment_id)
         for rec in list(self.faults.values()):
             if rec.experiment_id != cmd.experiment_id or (wanted is not None and rec.fault_id not in wanted):
                 continue
             if rec.waiting:
-                self.launch(rec)
+                # what the watchdog has not swept yet is ended here, never started
+                if now >= rec.cmd.expires_at:
+                    rec.request_end("deadline reached", "expired")
+                elif gone is not None:
+                    rec.request_end(f"experiment {cmd.experiment_id} {gone}")
+                else:
+                    self.launch(rec)
             states[rec.fault_id] = rec.state
         for fid in cmd.fault_ids or []:
             if fid not in states and fid in self.ended:

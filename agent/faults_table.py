@@ -1,14 +1,12 @@
-"""The agent's in-memory view of the faults it holds, and each one's lifecycle.
+"""The agent's in-memory view of the faults it holds: one FaultRecord per fault id.
 
-One FaultRecord per fault id. Its lifecycle runs in one owned task:
-plan -> journal -> apply -> wait for an end (deadline, revert, lease lapse,
-halt, stop) -> revert -> journal removal -> terminal event. Every end path
-goes through the same revert, so a failed apply is still reverted
-(invariant 5) and nothing depends on which path came first.
-
+A record carries the Inject as accepted, the fault's state and measurements,
+its deadline timer and the task that runs its lifecycle (agent/lifecycle.py:
+plan -> journal -> apply -> wait for an end -> revert -> terminal event).
 A fault accepted with ``await_start`` has no task until its Start: it is a
-record and nothing else. Ending it before then launches the same lifecycle,
-which finds the end already asked for, applies nothing and reports the end.
+record and its deadline timer, nothing else. Ending it before then launches
+the same lifecycle, which finds the end already asked for, applies nothing
+and reports the end.
 """
 
 from __future__ import annotations

@@ -71,6 +71,13 @@ class Lifecycle:
             recovered=recovered,
         )
 
+    def arm_deadline(self, rec: FaultRecord) -> None:
+        """The fault's own deadline timer (invariant 1), from its acceptance on, waiting or not;
+        the watchdog double-checks."""
+        rec.timer = asyncio.get_running_loop().call_at(
+            rec.deadline_mono, rec.request_end, "deadline reached", "expired"
+        )
+
     def launch(self, rec: FaultRecord) -> None:
         """Start an accepted fault's lifecycle: at once, on its Start, or (ended while it
         waited for its Start) only to report the end, applying nothing. Idempotent."""
@@ -79,12 +86,11 @@ class Lifecycle:
             return
         if not rec.ended.is_set():
             rec.set_state("injecting")
-            # the agent's own deadline timer (invariant 1); the watchdog double-checks
-            rec.timer = asyncio.get_running_loop().call_at(
-                rec.deadline_mono, rec.request_end, "deadline reached", "expired"
-            )
         else:
             rec.end_reason = f"{rec.end_reason or 'ended'} before its start: nothing was applied"
+            if rec.end_state == "expired":
+                # it never ran: for the experiment that is a fault that failed, not one that expired
+                rec.end_state = "failed"
         rec.task = self.spawn(self.lifecycle(rec), name=f"fault:{rec.fault_id}")
 
     async def lifecycle(self, rec: FaultRecord) -> None:

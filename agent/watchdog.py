@@ -77,7 +77,7 @@ class Watchdog:
     def poke_watchdog(self, due: float) -> None:
         """Something is due at monotonic time ``due`` (a fault's lease or deadline, NATS loss):
         make sure the watchdog looks then, or earlier."""
-        if due < self._watchdog_next:
+        if due < self._watchdog_next and not self._watchdog_closed:
             self._arm_watchdog(max(0.0, due - time.monotonic()) + WATCHDOG_SLACK_S)
 
     def _arm_watchdog(self, delay: float) -> None:
@@ -93,12 +93,14 @@ class Watchdog:
         (at most watchdog_interval_s) while faults are held; with none held, until poked."""
         self._watchdog_timer = None
         self._watchdog_next = math.inf
+        delay = self.settings.timing.watchdog_interval_s
         try:
             self.check_leases()
+            delay = self.next_check_in()
         except Exception:  # the watchdog must outlive any bug in one check
-            log.exception("watchdog check failed; checking again in %gs", self.settings.timing.watchdog_interval_s)
+            log.exception("watchdog check failed; checking again in %gs", delay)
         if self.faults and not self._watchdog_closed:
-            self._arm_watchdog(self.next_check_in())
+            self._arm_watchdog(delay)
 
     def stop_watchdog(self) -> None:
         self._watchdog_closed = True

@@ -38,6 +38,7 @@ class Ending:
     abort_info: AbortInfo | None
     problems: list[str]
     _finishing: bool
+    start_unsure: set[str]
 
     if TYPE_CHECKING:
         # Declared for the type checker only: ExperimentRunner defines them.
@@ -116,5 +117,10 @@ class Ending:
             )
 
     def _unheard(self, targets: list[str]) -> list[str]:
-        """Targets with a fault whose dispatch never got an answer: they get the per-node revert too."""
-        return [n for n in targets if any(t.node == n and t.accepted is None for t in self.tracks.values())]
+        """Targets with a fault whose dispatch never got an answer, or whose start went wrong:
+        they get the per-node revert too."""
+        return [
+            n
+            for n in targets
+            if n in self.start_unsure or any(t.node == n and t.accepted is None for t in self.tracks.values())
+        ]

@@ -9,11 +9,12 @@ final Revert (always, idempotent) -> report. Any abort (heartbeat loss, an
 agent leaving or restarting, a rejection, Ctrl-C, `faultline abort`) reverts
 on every target.
 
-Two phases make the start all-or-nothing: a target that refuses or does not
-answer aborts the run before any fault is applied anywhere, and the faults
+Two phases make the start all-or-nothing: a target that refuses an Inject or
+does not answer it aborts the run before any fault is applied anywhere, and the faults
 start together (one broadcast) instead of one after another in dispatch
-order. Agents older than schema 1.2 cannot wait; their faults start on
-acceptance, and the report says so. The start lives in controller/starting.py,
+order; once the Start is out, a node whose start goes wrong aborts the run
+like any other failure. Agents older than schema 1.2 cannot wait; their faults
+start on acceptance, and the report says so. The start lives in controller/starting.py,
 the end and the final revert in controller/ending.py.
 """
 
@@ -86,6 +87,7 @@ class ExperimentRunner(Starting, Ending):
         self._baseline: dict[str, str] = {}
         self._awaits_start: set[str] = set()  # targets that hold their faults until the Start
         self.start_sent_at: float | None = None
+        self.start_unsure: set[str] = set()  # a start refused, unanswered or lost there
         self._plan: Plan | None = None
         self._finishing = False
 

@@ -4,9 +4,11 @@ Every fault goes to every target as an Inject that waits (one batch of
 requests per fault, bounded and retried). Only when every target has accepted
 every fault does one Start go out: a broadcast, then, for any node not seen
 starting within broadcast_wait_s, a Start of its own whose Ack names each
-fault's state. A refusal or a silent target aborts the run before anything is
-applied anywhere. Agents older than schema 1.2 get Injects that start on
-acceptance.
+fault's state. A refusal or a silent target during dispatch aborts the run
+before anything is applied anywhere (agents older than schema 1.2 excepted:
+they get Injects that start on acceptance). Once the Start is out, a node that
+refuses or does not answer its own Start aborts the run like any other
+failure, and the final revert reaches it by name.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from controller.dispatch import broadcast_start, request_acks, start_experiment
 from controller.experiment import Experiment, fault_id
 from controller.tracking import PRE_ACK, Track
 from proto.codec import encode
-from proto.messages import TERMINAL_STATES, Ack, Inject, PodRef
+from proto.messages import START_SINCE_MINOR, TERMINAL_STATES, Ack, Inject, PodRef, schema_minor
 
 log = logging.getLogger("controller.engine")
 
@@ -39,6 +41,7 @@ class Starting:
     _wake: asyncio.Event
     _awaits_start: set[str]
     start_sent_at: float | None
+    start_unsure: set[str]
 
     if TYPE_CHECKING:
         # Declared for the type checker only: ExperimentRunner defines them.
@@ -143,11 +146,13 @@ class Starting:
         )
         for node, (ack, why) in results.items():
             if ack is None or not ack.accepted:
+                self.start_unsure.add(node)  # it gets the final per-node revert, whatever it holds
                 self.abort(f"agent {node} did not start its faults: {why or (ack.reason if ack else None)}", node=node)
                 continue
             for track in (t for t in self.tracks.values() if t.node == node and t.state == "accepted"):
                 state = ack.fault_states.get(track.fault_id)
                 if state is None:
+                    self.start_unsure.add(node)
                     track.move("failed", "the agent no longer holds it (did it restart before the start?)")
                     self.abort(f"agent {node} lost {track.fault_id} before its start", node=node)
                 elif state not in TERMINAL_STATES and state != "accepted":
@@ -175,3 +180,10 @@ class Starting:
         if track.state in PRE_ACK:
             track.move(state)
         self.progress(f"{self._t()} {track.node} {track.fault_id} ({track.kind}): acknowledged")
+        if track.node in self._awaits_start and schema_minor(ack.schema_version) < START_SINCE_MINOR:
+            # read leniently, the Inject's await_start was ignored: this fault is already applied
+            self.abort(
+                f"agent {track.node} answered in schema {ack.schema_version}, which cannot wait for the start: "
+                f"it applied {track.fault_id} at once (was it downgraded during the run?)",
+                node=track.node,
+            )

@@ -28,9 +28,7 @@ pytestmark = pytest.mark.integration
 
 
 class ScriptedAgent:
-    def __init__(
-        self, nc: Any, node: str, capabilities: list[str] | None = None, schema: str = SCHEMA_VERSION
-    ) -> None:
+    def __init__(self, nc: Any, node: str, capabilities: list[str] | None = None, schema: str = SCHEMA_VERSION) -> None:
         self.nc, self.node = nc, node
         self.schema = schema  # "1.1": an agent from before the start phase (applies on acceptance)
         self.capabilities = capabilities or ["process-kill", "process-pause"]
@@ -40,6 +38,8 @@ class ScriptedAgent:
         self.reject: str | None = None
         self.hear_broadcasts = True  # False: as if the abort and start broadcasts were lost for this agent
         self.forget_waiting = False  # True: as if it restarted between accepting and the start
+        self.refuse_start: str | None = None  # a reason: per-node Starts are refused with it
+        self.ack_schema = schema  # "1.1" while heartbeats say 1.2: as if downgraded mid-run
         self.drop_events = False  # simulate events lost in flight (core NATS is at-most-once)
         self.ended: list[EndedFault] = []
         self.held: dict[str, Inject] = {}  # applied
@@ -166,8 +166,14 @@ class ScriptedAgent:
             if self.reject:
                 await msg.respond(encode(Ack(in_reply_to=cmd.id, node=self.node, accepted=False, reason=self.reject)))
                 return
-            ack = Ack(in_reply_to=cmd.id, node=self.node, accepted=True, fault_states={cmd.fault_id: "accepted"})
-            if cmd.await_start and self.schema == SCHEMA_VERSION:
+            ack = Ack(
+                schema_version=self.ack_schema,
+                in_reply_to=cmd.id,
+                node=self.node,
+                accepted=True,
+                fault_states={cmd.fault_id: "accepted"},
+            )
+            if cmd.await_start and self.ack_schema == SCHEMA_VERSION:
                 self.waiting[cmd.fault_id] = cmd
                 await msg.respond(encode(ack))
             else:  # an older agent ignores await_start: it applies on acceptance
@@ -175,6 +181,11 @@ class ScriptedAgent:
                 await self._apply(cmd)
         elif isinstance(cmd, Start):
             self.starts.append(cmd)
+            if self.refuse_start:
+                await msg.respond(
+                    encode(Ack(in_reply_to=cmd.id, node=self.node, accepted=False, reason=self.refuse_start))
+                )
+                return
             states = await self._start(cmd)
             await msg.respond(encode(Ack(in_reply_to=cmd.id, node=self.node, accepted=True, fault_states=states)))
         else:
@@ -345,9 +356,7 @@ async def test_fleet_counts_garbage(nc: Any, fleet: Fleet) -> None:
     assert fleet.nodes() == {}
 
 
-async def test_start_waits_for_every_target_and_a_refusal_applies_nothing(
-    nc: Any, fleet: Fleet, agents: Any
-) -> None:
+async def test_start_waits_for_every_target_and_a_refusal_applies_nothing(nc: Any, fleet: Fleet, agents: Any) -> None:
     """n1 accepts, n2 refuses: the run aborts before the start, so n1 never applied its fault."""
     a = await agents("n1")
     b = await agents("n2")
@@ -408,9 +417,7 @@ async def test_a_waiting_fault_lost_before_the_start_aborts(nc: Any, fleet: Flee
     assert a.held == {}, "n1's fault was left behind"
 
 
-async def test_an_older_agent_starts_on_acceptance_and_the_report_says_so(
-    nc: Any, fleet: Fleet, agents: Any
-) -> None:
+async def test_an_older_agent_starts_on_acceptance_and_the_report_says_so(nc: Any, fleet: Fleet, agents: Any) -> None:
     a = await agents("n1", schema="1.1")
     b = await agents("n2")
     await fleet.wait_for(["n1", "n2"], 5)
@@ -419,3 +426,28 @@ async def test_an_older_agent_starts_on_acceptance_and_the_report_says_so(
     assert report.outcome == "completed", report
     assert a.applied == b.applied == [f"{runner.experiment_id}.0"]
     assert any("n1 speak schema 1.1 or older" in note for note in report.notes), report.notes
+
+
+async def test_a_refused_start_aborts_and_the_final_revert_names_the_node(nc: Any, fleet: Fleet, agents: Any) -> None:
+    a = await agents("n1")
+    b = await agents("n2")
+    b.hear_broadcasts = False
+    b.refuse_start = "agent is stopping"
+    await fleet.wait_for(["n1", "n2"], 5)
+    report = await asyncio.wait_for(ExperimentRunner(nc, fleet, experiment("30s"), broadcast_wait_s=0.3).run(), 15)
+    assert report.outcome == "aborted" and report.abort is not None and report.abort.node == "n2"
+    assert "did not start its faults: agent is stopping" in report.abort.reason
+    assert a.held == {} and b.waiting == {}, "a fault was left behind"
+    assert b.reverts and b.reverts[-1].experiment_id == report.experiment_id, "n2 got no per-node revert"
+
+
+async def test_an_agent_answering_in_an_older_schema_mid_run_aborts(nc: Any, fleet: Fleet, agents: Any) -> None:
+    a = await agents("n1")
+    b = await agents("n2")
+    b.ack_schema = "1.1"  # its heartbeats said 1.2; its answer says it applies on acceptance
+    await fleet.wait_for(["n1", "n2"], 5)
+    report = await asyncio.wait_for(ExperimentRunner(nc, fleet, experiment("30s")).run(), 15)
+    assert report.outcome == "aborted" and report.abort is not None and report.abort.node == "n2"
+    assert "cannot wait for the start" in report.abort.reason
+    assert a.applied == [], "n1 started although n2 could not take part in the start"
+    assert b.held == {} and a.waiting == {}

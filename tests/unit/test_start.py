@@ -18,8 +18,9 @@ import pytest
 from agent.config import AgentSettings
 from agent.faults.base import AgentEnv, FaultContext, Injector, Plan
 from agent.runtime import AgentRuntime
+from proto import subjects
 from proto.codec import decode, encode
-from proto.messages import Ack, FaultEvent, Inject, Measurements, Revert, Start
+from proto.messages import Ack, FaultEvent, Halt, Inject, Measurements, Revert, Start
 from proto.subjects import exp_start
 from tests.conftest import async_wait_until
 
@@ -68,7 +69,8 @@ def rt(tmp_path: Path) -> tuple[AgentRuntime, Counting, Events]:
     events = Events()
 
     async def capture(subject: str, payload: bytes) -> None:
-        events.append(decode(payload, FaultEvent))
+        if not subject.endswith(".hb"):  # heartbeats (after a halt) are not events
+            events.append(decode(payload, FaultEvent))
 
     runtime.connected = True  # events go to capture(), not to a NATS connection
     runtime.publish = capture  # type: ignore[method-assign]
@@ -166,16 +168,27 @@ async def test_a_waiting_fault_that_ends_reports_it_and_applied_nothing(rt: Any,
             cmd = Revert(experiment_id="e", reason="operator", expires_at=time.time() + 10)
             assert (await ack(runtime, encode(cmd))).accepted
         elif end == "halt":
-            runtime.end_all("halt: test (by pytest)")
+
+            class HaltMsg:
+                subject = subjects.HALT
+                data = encode(Halt(reason="test", issued_by="pytest"))
+
+            await runtime._on_halt(HaltMsg())  # type: ignore[arg-type]
         elif end == "stop":
             runtime.stopping = True
             runtime.end_all("agent stopping (SIGTERM)")
         await asyncio.wait_for(rec.finished.wait(), 3)
         runtime.stopping = False  # (a stopping agent refuses every command; the checks below are about the fault)
-        expected = {"lease": "lease lapsed", "deadline": "deadline reached", "revert": "requested: operator"}
+        expected = {
+            "lease": "lease lapsed",
+            "deadline": "deadline reached",
+            "revert": "requested: operator",
+            "halt": "halt: test (by pytest)",
+        }
         assert rec.end_reason is not None and rec.end_reason.startswith(expected.get(end, rec.end_reason[:4]))
         assert rec.end_reason.endswith("before its start: nothing was applied"), rec.end_reason
-        assert rec.state == ("expired" if end == "deadline" else "reverted")
+        # a fault whose deadline passed before its start never ran: failed, not expired
+        assert rec.state == ("failed" if end == "deadline" else "reverted")
         assert inj.planned == [] and inj.applied == [] and inj.reverted == []
         assert events.states("e.0") == [rec.state], "one event: the end"
         assert "e.0" not in runtime.faults and runtime.ended["e.0"] == rec.state
@@ -235,3 +248,55 @@ async def test_an_injection_that_takes_a_while_says_injecting_first(tmp_path: Pa
         assert events.states("e.0") == ["injecting", "active"]
     finally:
         await settle(runtime)
+
+
+async def test_a_revert_right_after_the_start_applies_nothing(rt: Any) -> None:
+    runtime, inj, _ = rt
+    try:
+        assert (await ack(runtime, inject())).accepted
+        assert (await ack(runtime, start())).accepted  # launched: its task has not run yet
+        cmd = Revert(experiment_id="e", reason="changed my mind", expires_at=time.time() + 10)
+        assert (await ack(runtime, encode(cmd))).accepted  # in the same tick
+        rec = runtime.faults.get("e.0")
+        if rec is not None:
+            await asyncio.wait_for(rec.finished.wait(), 3)
+        assert inj.planned == [] and inj.applied == [], "applied although reverted before it ran"
+        assert runtime.ended["e.0"] == "reverted"
+    finally:
+        await settle(runtime)
+
+
+async def test_a_start_after_the_deadline_or_after_the_experiment_ended_starts_nothing(rt: Any) -> None:
+    runtime, inj, events = rt
+    try:
+        assert (await ack(runtime, inject("e.0", expires_in_s=0.2))).accepted
+        assert (await ack(runtime, inject("e.1"))).accepted
+        rec0 = runtime.faults["e.0"]
+        assert rec0.timer is not None, "a waiting fault has its own deadline timer"
+        rec0.timer.cancel()  # as if the loop were late: the start comes before the timer fires
+        runtime.stop_watchdog()
+        await asyncio.sleep(0.3)
+        runtime.remember(runtime.ended_experiments, "e", "lease lapsed")  # a sibling's lease lapsed
+        s = await ack(runtime, start())
+        assert s.accepted
+        await async_wait_until(lambda: not runtime.faults, 3, "both faults to end")
+        assert inj.planned == [] and inj.applied == []
+        assert runtime.ended["e.0"] == "failed" and runtime.ended["e.1"] == "reverted"
+        reasons = {e.fault_id: e.reason or "" for e in events}
+        assert reasons["e.0"].startswith("deadline reached before its start"), reasons
+        assert reasons["e.1"].startswith("experiment e lease lapsed before its start"), reasons
+    finally:
+        await settle(runtime)
+
+
+async def test_a_stop_ends_waiting_faults_and_leaves_no_watchdog(rt: Any) -> None:
+    runtime, inj, events = rt
+    assert (await ack(runtime, inject("e.0"))).accepted
+    assert (await ack(runtime, inject("e.1", exp="other"))).accepted
+    assert runtime._watchdog_timer is not None
+    await asyncio.wait_for(runtime.shutdown(), 10)
+    assert runtime.faults == {} and inj.applied == []
+    assert sorted(e.fault_id for e in events if e.state == "reverted") == ["e.0", "e.1"]
+    assert runtime._watchdog_timer is None
+    runtime.poke_watchdog(0.0)  # a late poke (a disconnect callback) does not re-arm it
+    assert runtime._watchdog_timer is None
