@@ -375,3 +375,27 @@ def test_a_stop_fits_in_stop_timeout_s_with_every_step_at_its_bound(tmp_path: Pa
     worst = 1.0 + rt.revert_budget_at_stop() + rt_mod.JOURNAL_SETTLE_S + drain + drain + 1.0 + 2.0
     assert worst <= settings.timing.stop_timeout_s, worst
     assert rt.revert_budget_at_stop() >= settings.timing.revert_timeout_s, "a single revert attempt must fit"
+
+
+async def test_within_bounds_an_await_as_asyncio_timeout_does() -> None:
+    from agent.lifecycle import within
+
+    async def value() -> int:
+        await asyncio.sleep(0)
+        return 7
+
+    assert await within(value(), 1.0) == 7
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="not done within 0.05s"):
+        await within(asyncio.sleep(10), 0.05)
+    assert time.monotonic() - t0 < 1.0
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+    async def outer() -> None:  # someone else's cancellation is never turned into a TimeoutError
+        await within(asyncio.sleep(10), 5.0)
+
+    task = asyncio.create_task(outer())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
