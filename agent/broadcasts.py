@@ -12,7 +12,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nats.aio.msg import Msg
 
@@ -23,6 +23,7 @@ from proto.codec import DecodeError, decode, encode
 from proto.messages import Ack, AgentState, FaultState, Halt, Heartbeat, Lease, Revert, Start
 
 log = logging.getLogger("faultline.agent")
+B = TypeVar("B", Revert, Start, Lease)
 
 
 class Broadcasts:
@@ -71,6 +72,16 @@ class Broadcasts:
         if not self.stopping:
             await self.publish(subjects.agent_hb(self.node), encode(self.heartbeat()))
 
+    def _read(self, msg: Msg, model: type[B], exp: str) -> B | None:
+        """The broadcast's message, if it decodes and names the experiment of its subject."""
+        try:
+            cmd = decode(msg.data, model)
+        except DecodeError as exc:
+            self.rejected_count += 1
+            log.warning("ignored malformed %s on %s: %s", model.__name__.lower(), msg.subject, exc)
+            return None
+        return cmd if cmd.experiment_id == exp else None
+
     async def _on_abort(self, msg: Msg) -> None:
         """A broadcast Revert of one experiment (the controller's fast path; per-node Reverts follow)."""
         exp = subjects.experiment_from_subject(msg.subject)
@@ -80,13 +91,8 @@ class Broadcasts:
             # nothing held (yet): a late or retried Inject of this experiment must not apply it
             self.remember(self.ended_experiments, exp, "was aborted")
             return
-        try:
-            cmd = decode(msg.data, Revert)
-        except DecodeError as exc:
-            self.rejected_count += 1
-            log.warning("ignored malformed abort on %s: %s", msg.subject, exc)
-            return
-        if cmd.experiment_id == exp:
+        cmd = self._read(msg, Revert, exp)
+        if cmd is not None:
             self.revert_matching(cmd)  # a broadcast has no one to answer
 
     async def _on_start(self, msg: Msg) -> None:
@@ -94,13 +100,8 @@ class Broadcasts:
         exp = subjects.experiment_from_subject(msg.subject)
         if exp is None or not self._waits_for_start(exp):
             return  # not ours, or already started: skip the decode
-        try:
-            cmd = decode(msg.data, Start)
-        except DecodeError as exc:
-            self.rejected_count += 1
-            log.warning("ignored malformed start on %s: %s", msg.subject, exc)
-            return
-        if cmd.experiment_id == exp:
+        cmd = self._read(msg, Start, exp)
+        if cmd is not None:
             ack = self._start_command(cmd)
             if not ack.accepted:
                 log.warning("start of %s not carried out: %s", exp, ack.reason)
@@ -109,11 +110,5 @@ class Broadcasts:
         exp = subjects.experiment_from_subject(msg.subject)
         if exp is None or not self._holds(exp):
             return  # not ours: skip the decode
-        try:
-            lease = decode(msg.data, Lease)
-        except DecodeError as exc:
-            self.rejected_count += 1
-            log.warning("ignored malformed lease on %s: %s", msg.subject, exc)
-            return
-        if lease.experiment_id == exp:
+        if self._read(msg, Lease, exp) is not None:
             self.lease_seen[exp] = time.monotonic()

@@ -167,6 +167,15 @@ async def revert_experiment(
     return await request_acks(nc, dict.fromkeys(nodes, payload), timeout_s=timeout_s, attempts=attempts)
 
 
+async def _broadcast(nc: Any, subject: str, payload: bytes, timeout_s: float) -> str | None:
+    try:
+        await nc.publish(subject, payload)
+        await nc.flush(timeout=timeout_s)
+    except (nats.errors.Error, TimeoutError, OSError) as exc:
+        return f"broadcast failed: {str(exc) or type(exc).__name__}"
+    return None
+
+
 async def broadcast_revert(nc: Any, experiment_id: str, reason: str, *, timeout_s: float = 2.0) -> str | None:
     """One publish that every agent holding faults of the experiment acts on. Returns why it failed, or None.
 
@@ -175,12 +184,7 @@ async def broadcast_revert(nc: Any, experiment_id: str, reason: str, *, timeout_
     for any node whose faults they have not seen end.
     """
     cmd = Revert(experiment_id=experiment_id, reason=reason[:500], expires_at=time.time() + 60.0)
-    try:
-        await nc.publish(exp_abort(experiment_id), encode(cmd))
-        await nc.flush(timeout=timeout_s)
-    except (nats.errors.Error, TimeoutError, OSError) as exc:
-        return f"broadcast failed: {str(exc) or type(exc).__name__}"
-    return None
+    return await _broadcast(nc, exp_abort(experiment_id), encode(cmd), timeout_s)
 
 
 async def broadcast_start(nc: Any, experiment_id: str, *, timeout_s: float = 2.0) -> str | None:
@@ -190,12 +194,7 @@ async def broadcast_start(nc: Any, experiment_id: str, *, timeout_s: float = 2.0
     requests (start_experiment) for any node not seen starting.
     """
     cmd = Start(experiment_id=experiment_id, expires_at=time.time() + 60.0)
-    try:
-        await nc.publish(exp_start(experiment_id), encode(cmd))
-        await nc.flush(timeout=timeout_s)
-    except (nats.errors.Error, TimeoutError, OSError) as exc:
-        return f"broadcast failed: {str(exc) or type(exc).__name__}"
-    return None
+    return await _broadcast(nc, exp_start(experiment_id), encode(cmd), timeout_s)
 
 
 async def start_experiment(

@@ -11,40 +11,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from controller.dispatch import broadcast_revert, revert_experiment
-from controller.experiment import Experiment
+from controller.phase import Phase
 from controller.report import AbortInfo
-from controller.tracking import Track
 
 log = logging.getLogger("controller.engine")
 
 
-class Ending:
-    # provided by ExperimentRunner
-    nc: Any
-    experiment: Experiment
-    experiment_id: str
-    tracks: dict[tuple[str, str], Track]
-    progress: Callable[[str], None]
-    dispatch_timeout_s: float
-    dispatch_attempts: int
-    broadcast_wait_s: float
-    _wake: asyncio.Event
+class Ending(Phase):
+    # provided by ExperimentRunner (and see Phase)
     end_grace_s: float
     revert_wait_s: float
     abort_info: AbortInfo | None
     problems: list[str]
     _finishing: bool
-    start_unsure: set[str]
 
     if TYPE_CHECKING:
-        # Declared for the type checker only: ExperimentRunner defines them.
-        @property
-        def aborted(self) -> bool: ...
-        def _t(self) -> str: ...
+        # Declared for the type checker only: ExperimentRunner defines it.
         def _reconcile_from_heartbeats(self) -> None: ...
 
     async def _wait_for_end(self) -> None:

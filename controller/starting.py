@@ -16,11 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from controller.dispatch import broadcast_start, request_acks, start_experiment
-from controller.experiment import Experiment, fault_id
+from controller.experiment import fault_id
+from controller.phase import Phase
 from controller.tracking import PRE_ACK, Track
 from proto.codec import encode
 from proto.messages import START_SINCE_MINOR, TERMINAL_STATES, Ack, Inject, PodRef, schema_minor
@@ -28,27 +28,10 @@ from proto.messages import START_SINCE_MINOR, TERMINAL_STATES, Ack, Inject, PodR
 log = logging.getLogger("controller.engine")
 
 
-class Starting:
-    # provided by ExperimentRunner
-    nc: Any
-    experiment: Experiment
-    experiment_id: str
-    tracks: dict[tuple[str, str], Track]
-    progress: Callable[[str], None]
-    dispatch_timeout_s: float
-    dispatch_attempts: int
-    broadcast_wait_s: float
-    _wake: asyncio.Event
+class Starting(Phase):
+    # provided by ExperimentRunner (and see Phase)
     _awaits_start: set[str]
     start_sent_at: float | None
-    start_unsure: set[str]
-
-    if TYPE_CHECKING:
-        # Declared for the type checker only: ExperimentRunner defines them.
-        def abort(self, reason: str, node: str | None = None) -> None: ...
-        @property
-        def aborted(self) -> bool: ...
-        def _t(self) -> str: ...
 
     async def _dispatch_all(self, targets: list[str]) -> None:
         dispatch: asyncio.Future[Any] = asyncio.ensure_future(self._dispatch_faults(targets, time.time()))
