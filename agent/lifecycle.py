@@ -128,8 +128,7 @@ class Lifecycle:
         timing = self.settings.timing
         failure: str | None = None
         try:
-            if not rec.ended.is_set():
-                rec.set_state("injecting")
+            if not rec.ended.is_set():  # launch() has set "injecting"
                 t0 = time.monotonic()
                 # "injecting" is news only when the injection takes a while (a memory ramp, a slow
                 # netlink call): one that is done sooner goes straight to "active", with apply_s.
