@@ -36,11 +36,12 @@ The floor, in the same run: raw nats-py, one publisher and N subscriber
 connections in this process, one publish, until every subscriber got it
 (median). It is measured before the agents start (the clean floor, the one the
 ratio uses) and again in every round while the N agents are running (the
-same fan-out, now sharing the process with the agents). Two raw lower bounds
-are printed beside it, no faultline code and no decoding in either: a
-request-reply fan-out (N subjects, N replies: the same messages dispatch
-sends) and a broadcast with N acks (one publish, every subscriber answers to
-one reply subject).
+same fan-out, now sharing the process with the agents). Raw lower bounds are
+printed beside it, no faultline code and no decoding in any: N requests and N
+replies shaped as dispatch sends them (back to back, one inbox subscription), a
+broadcast with N acks (one publish, every subscriber answers to one reply
+subject), and, once per round, the same N requests through the running agents'
+own connections (class Transport): the bound dispatch can reach in this process.
 """
 
 from __future__ import annotations
@@ -157,6 +158,9 @@ class Floor:
         self.done = asyncio.Event()
         self.acks = 0
         self.all_acked = asyncio.Event()
+        self.replies = 0
+        self.all_replied = asyncio.Event()
+        self.inbox = ""
 
     async def open(self, url: str) -> None:
         for i in range(0, self.n, START_BATCH):
@@ -180,7 +184,15 @@ class Floor:
             await nc.subscribe(f"bench.floor.{self.token}", cb=on_msg)
             await nc.subscribe(f"bench.rr.{self.token}.{i}", cb=echo)
             await nc.subscribe(f"bench.bc.{self.token}", cb=echo)
+
+        async def on_reply(msg: Any) -> None:
+            self.replies += 1
+            if self.replies == self.n:
+                self.all_replied.set()
+
         await self.pub.subscribe(f"bench.acks.{self.token}", cb=on_ack)
+        self.inbox = self.pub.new_inbox()
+        await self.pub.subscribe(f"{self.inbox}.*", cb=on_reply)
         await asyncio.gather(self.pub.flush(timeout=10), *(nc.flush(timeout=10) for nc in self.subs))
 
     async def close(self) -> None:
@@ -196,10 +208,13 @@ class Floor:
         return time.perf_counter() - t0
 
     async def request_reply(self) -> float:
+        """N requests shaped as request_acks sends them: back to back, one inbox subscription."""
+        self.replies = 0
+        self.all_replied.clear()
         t0 = time.perf_counter()
-        await asyncio.gather(
-            *(self.pub.request(f"bench.rr.{self.token}.{i}", PAYLOAD, timeout=WAIT_S) for i in range(self.n))
-        )
+        for i in range(self.n):
+            await self.pub.publish(f"bench.rr.{self.token}.{i}", PAYLOAD, reply=f"{self.inbox}.{i}")
+        await asyncio.wait_for(self.all_replied.wait(), WAIT_S)
         return time.perf_counter() - t0
 
     async def broadcast_acks(self) -> float:
@@ -264,6 +279,52 @@ async def start_agents(
         if missing:
             raise RuntimeError(f"agents did not come up: {missing[:5]}")
     return runtimes, tasks
+
+
+class Transport:
+    """The dispatch's transport alone, through the agents' own connections while they run.
+
+    Every agent's connection gets one more subscription that answers a fixed reply without
+    reading the request; the controller connection sends N requests shaped as
+    ``request_acks`` sends them (back to back, one inbox subscription, reply subject per node)
+    and counts the replies without decoding them. Same process, same resident agents, same
+    connections as dispatch, none of faultline's work: the lower bound dispatch can reach
+    with nats-py in this harness."""
+
+    REPLY = b"x" * 220  # about an Ack's size
+
+    def __init__(self, ctl: Any, runtimes: list[AgentRuntime]) -> None:
+        self.ctl = ctl
+        self.runtimes = runtimes
+        self.token = uuid.uuid4().hex[:8]
+        self.got = 0
+        self.done = asyncio.Event()
+        self.inbox = ""
+
+    async def open(self) -> None:
+        async def echo(msg: Any) -> None:
+            await msg.respond(self.REPLY)
+
+        async def on_reply(msg: Any) -> None:
+            self.got += 1
+            if self.got == len(self.runtimes):
+                self.done.set()
+
+        for i, rt in enumerate(self.runtimes):
+            assert rt.nc is not None
+            await rt.nc.subscribe(f"bench.transport.{self.token}.{i}", cb=echo)
+        self.inbox = self.ctl.new_inbox()
+        await self.ctl.subscribe(f"{self.inbox}.*", cb=on_reply)
+        await asyncio.gather(self.ctl.flush(timeout=10), *(rt.nc.flush(timeout=10) for rt in self.runtimes if rt.nc))
+
+    async def round_trip(self) -> float:
+        self.got = 0
+        self.done.clear()
+        t0 = time.perf_counter()
+        for i in range(len(self.runtimes)):
+            await self.ctl.publish(f"bench.transport.{self.token}.{i}", PAYLOAD, reply=f"{self.inbox}.{i}")
+        await asyncio.wait_for(self.done.wait(), WAIT_S)
+        return time.perf_counter() - t0
 
 
 async def stop_agents(runtimes: list[AgentRuntime], tasks: list[asyncio.Task[int]]) -> None:
@@ -414,15 +475,20 @@ async def bench_size(url: str, n: int, rounds: int, tmp_root: Path | None, keep_
             # process, a small heap) does not have. Reference counting still frees everything.
             gc.disable()
         nodes = [rt.node for rt in runtimes]
+        transport = Transport(ctl, runtimes)
+        await transport.open()
         await one_round(ctl, nodes, lease_timeout_s=120.0)  # warm-up, not counted
+        await transport.round_trip()
         measured: list[Times] = []
         legacy: list[Times] = []
         fan_busy: list[float] = []
+        bound: list[float] = []
         for _ in range(rounds):
             # rounds start settled: agents drop journal entries in a batch 0.5 s after a revert,
             # which would otherwise land inside the next round's dispatch window
             await asyncio.sleep(SETTLE_S)
             fan_busy.append(await base.fan_out())
+            bound.append(await transport.round_trip())
             measured.append(await one_round(ctl, nodes, lease_timeout_s=120.0))
             await asyncio.sleep(SETTLE_S)
             legacy.append(await one_round(ctl, nodes, lease_timeout_s=120.0, await_start=False))
@@ -445,6 +511,7 @@ async def bench_size(url: str, n: int, rounds: int, tmp_root: Path | None, keep_
         "a99": pct([t.abort for t in measured], 99),
         "floor50": statistics.median(fan),
         "busy50": statistics.median(fan_busy),
+        "t50": statistics.median(bound),
         "rr50": statistics.median(rr),
         "bc50": statistics.median(bc),
         "l50": pct([t.dispatch for t in legacy], 50),
@@ -516,19 +583,25 @@ def print_table(rows: list[dict[str, float]]) -> None:
     print("diagnostics (p50, ms):")
     print()
     print(
-        "| N | floor with the N agents running | raw broadcast + N acks | raw request-reply fan-out "
+        "| N | floor with the N agents running | raw broadcast + N acks | raw requests + N replies "
+        "| the same through the agents' connections, while they run | dispatch ÷ that "
         "| dispatch→all-active, end to end | faults started on acceptance (agents < 1.2): dispatch→all-acked "
         "/ →all-active | agents start (s) |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         f = r["floor50"]
         print(
             f"| {int(r['n'])} | {ms(r['busy50'])} ({r['busy50'] / f:.1f}×) | {ms(r['bc50'])} ({r['bc50'] / f:.1f}×) "
-            f"| {ms(r['rr50'])} ({r['rr50'] / f:.1f}×) | {ms(r['e50'])} "
+            f"| {ms(r['rr50'])} ({r['rr50'] / f:.1f}×) | {ms(r['t50'])} ({r['t50'] / f:.1f}×) "
+            f"| {r['d50'] / r['t50']:.2f} | {ms(r['e50'])} "
             f"| {ms(r['l50'])} ({r['l50'] / f:.1f}×) / {ms(r['le50'])} | {r['start_s']:.1f} |"
         )
-    print("\n(×: multiples of the clean floor)")
+    print(
+        "\n(×: multiples of the clean floor. Raw: no faultline code, no decoding. Requests: shaped as "
+        "request_acks sends them. Through the agents' connections: one more subscription on each running "
+        "agent's own connection answers a fixed reply unread; the lower bound for dispatch in this process.)"
+    )
 
 
 async def main_async(url: str, sizes: list[int], rounds: list[int], tmp_root: Path | None, keep_gc: bool) -> None:
