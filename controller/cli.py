@@ -27,7 +27,7 @@ from controller.experiment import ExperimentError, json_schema_text, load_experi
 from controller.fleet import Fleet
 from controller.fleet_commands import cmd_abort, cmd_agents, cmd_halt
 from controller.halting import HALT_WAIT_HELP
-from controller.local import LocalEnvironment, LocalModeError
+from controller.local import LocalEnvironment, LocalModeError, recovery_lines
 from controller.report import exit_code, render_text, to_json
 from controller.targeting import TargetingError
 from controller.tracking import PreflightError
@@ -103,6 +103,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
         try:
             async with LocalEnvironment() as env:
                 assert env.fleet is not None
+                for line in recovery_lines(env.recovered, env.state_dir):
+                    _err(line)  # also under --quiet: it is about this machine, not progress
                 spec_t = exp.spec.targets
                 if spec_t.nodes or spec_t.labels or spec_t.mode != "all":
                     say(f"note: spec.targets replaced by the local node {env.node} (local mode)")

@@ -21,6 +21,7 @@ from typing import Any
 from controller.dispatch import close, connect
 from controller.fleet import Fleet, FleetTimeout
 from controller.natsserver import NatsServer
+from proto.messages import EndedFault
 from proto.subjects import safe_token
 
 AGENT_READY_TIMEOUT_S = 20.0
@@ -45,6 +46,24 @@ def local_state_dir() -> Path:
 
 def local_node_name() -> str:
     return safe_token(socket.gethostname() or "local")
+
+
+def is_recovery(ended: EndedFault) -> bool:
+    """An end the agent's journal recovery reported at start (agent/recovery.py's reasons)."""
+    reason = ended.reason or ""
+    return reason.startswith(("recovered from journal", "recovery revert failed"))
+
+
+def recovery_lines(recovered: list[EndedFault], state_dir: Path) -> list[str]:
+    """What to tell the user about faults an earlier local run left behind; none, no lines."""
+    if not recovered:
+        return []
+    lines = [f"the local agent found {len(recovered)} fault(s) an earlier run left in its journal ({state_dir}):"]
+    for e in recovered:
+        lines.append(f"  {e.fault_id} ({e.kind}, experiment {e.experiment_id}): {e.state}: {e.reason}")
+    if any(e.state == "failed" for e in recovered):
+        lines.append("  a failed revert keeps its journal entry: the agent retries it at its next start")
+    return lines
 
 
 def _pdeathsig_term() -> None:
@@ -77,6 +96,8 @@ class LocalEnvironment:
         self.fleet: Fleet | None = None
         self.agent: asyncio.subprocess.Process | None = None
         self.agent_exit_code: int | None = None
+        self.recovered: list[EndedFault] = []
+        """Faults an earlier run left in the local journal, which the agent reverted as it started."""
 
     @property
     def agent_log(self) -> Path:
@@ -146,6 +167,9 @@ class LocalEnvironment:
         if ready.done():
             try:
                 ready.result()
+                view = self.fleet.get(self.node)
+                if view is not None:
+                    self.recovered = [e for e in view.heartbeat.ended if is_recovery(e)]
                 return
             except FleetTimeout as exc:
                 raise LocalModeError(f"local agent did not become ready: {exc}\n{self.agent_log_tail()}") from None

@@ -300,6 +300,47 @@ def test_run_without_nats_uses_local_agent(tmp_path: Path, victims: Victims) -> 
     assert status(victim) != psutil.STATUS_STOPPED
 
 
+def test_local_dry_run_reports_what_an_earlier_run_left_in_the_journal(tmp_path: Path, victims: Victims) -> None:
+    """A crashed local run left a paused victim and its journal entry. The next local run's agent
+    reverts it as it starts (as every agent start does), and the user is told, even in a dry run."""
+    from agent.faults.process import ProcessPlan, Target
+    from agent.journal import Journal, JournalEntry
+    from proto.faults import ProcessPauseSpec
+
+    (victim,) = victims.start(1)
+    victim.suspend()  # what the crashed run's pause did
+    state = tmp_path / "state"
+    spec = ProcessPauseSpec.model_validate({"kind": "process-pause", "match": {"cmdline": f"{victims.token}$"}})
+    plan = ProcessPlan(
+        kind="process-pause",
+        targets=[Target(pid=victim.pid, create_time=victim.create_time(), name=victim.name())],
+        matched_pids=[victim.pid],
+        signal=int(signal.SIGSTOP),
+        applied_at=time.time() - 5,
+    )
+    entry = JournalEntry(
+        fault_id="crashed-run.0",
+        experiment_id="crashed-run",
+        spec=spec,
+        expires_at=time.time() + 600,
+        lease_timeout_s=5,
+        plan=plan.model_dump(mode="json"),
+    )
+    Journal(state).write(entry)
+    path = experiment_file(tmp_path, [pause(victims)], duration="1s")
+    r = faultline("run", str(path), "--dry-run", "--quiet", env=cli_env(FAULTLINE_STATE_DIR=str(state)))
+    assert r.returncode == 0, r.stderr
+    assert "nothing was sent" in r.stdout, r.stdout
+    assert "1 fault(s) an earlier run left in its journal" in r.stderr, r.stderr
+    assert "crashed-run.0 (process-pause, experiment crashed-run): reverted" in r.stderr, r.stderr
+    assert status(victim) != psutil.STATUS_STOPPED
+    assert not list((state / "journal").glob("*.json"))
+    # the next run has nothing to report
+    again = faultline("run", str(path), "--dry-run", env=cli_env(FAULTLINE_STATE_DIR=str(state)))
+    assert again.returncode == 0, again.stderr
+    assert "earlier run" not in again.stderr, again.stderr
+
+
 def test_local_run_prints_an_abort_command_that_works_as_printed(
     tmp_path: Path, victims: Victims, running: Callable[..., Running]
 ) -> None:
