@@ -41,7 +41,9 @@ printed beside it, no faultline code and no decoding in any: N requests and N
 replies shaped as dispatch sends them (back to back, one inbox subscription), a
 broadcast with N acks (one publish, every subscriber answers to one reply
 subject), and, once per round, the same N requests through the running agents'
-own connections (class Transport): the bound dispatch can reach in this process.
+own connections (class Transport): the bound dispatch can reach in this process,
+alone and with the wire work the protocol requires (decode the Inject, encode
+the Ack, decode the Ack; no record, timer or check).
 """
 
 from __future__ import annotations
@@ -282,14 +284,20 @@ async def start_agents(
 
 
 class Transport:
-    """The dispatch's transport alone, through the agents' own connections while they run.
+    """The dispatch's transport, through the agents' own connections while they run.
 
-    Every agent's connection gets one more subscription that answers a fixed reply without
-    reading the request; the controller connection sends N requests shaped as
-    ``request_acks`` sends them (back to back, one inbox subscription, reply subject per node)
-    and counts the replies without decoding them. Same process, same resident agents, same
-    connections as dispatch, none of faultline's work: the lower bound dispatch can reach
-    with nats-py in this harness."""
+    Every agent's connection gets two more subscriptions; the controller connection sends
+    N requests shaped as ``request_acks`` sends them (back to back, one inbox subscription,
+    a reply subject per node). Same process, same resident agents, same connections as
+    dispatch:
+    - ``round_trip(wire=False)``: each agent answers a fixed reply without reading the
+      request, and the controller counts replies unread. None of faultline's work: the
+      lower bound dispatch can reach with nats-py in this harness.
+    - ``round_trip(wire=True)``, given the encoded Inject: each agent decodes and validates
+      it and answers an encoded Ack; the controller decodes and validates every Ack. The
+      wire work the protocol requires (every message a validated pydantic model), and
+      nothing else: no record, timer or check.
+    """
 
     REPLY = b"x" * 220  # about an Ack's size
 
@@ -298,6 +306,7 @@ class Transport:
         self.runtimes = runtimes
         self.token = uuid.uuid4().hex[:8]
         self.got = 0
+        self.decode = False
         self.done = asyncio.Event()
         self.inbox = ""
 
@@ -305,7 +314,17 @@ class Transport:
         async def echo(msg: Any) -> None:
             await msg.respond(self.REPLY)
 
+        def wire_answer(node: str) -> Any:
+            async def answer(msg: Any) -> None:
+                cmd = decode_command(msg.data)
+                ack = Ack(in_reply_to=cmd.id, node=node, accepted=True, fault_states={cmd.fault_id: "accepted"})
+                await msg.respond(encode(ack))
+
+            return answer
+
         async def on_reply(msg: Any) -> None:
+            if self.decode:
+                decode(msg.data, Ack)
             self.got += 1
             if self.got == len(self.runtimes):
                 self.done.set()
@@ -313,16 +332,21 @@ class Transport:
         for i, rt in enumerate(self.runtimes):
             assert rt.nc is not None
             await rt.nc.subscribe(f"bench.transport.{self.token}.{i}", cb=echo)
+            await rt.nc.subscribe(f"bench.wire.{self.token}.{i}", cb=wire_answer(rt.node))
         self.inbox = self.ctl.new_inbox()
         await self.ctl.subscribe(f"{self.inbox}.*", cb=on_reply)
         await asyncio.gather(self.ctl.flush(timeout=10), *(rt.nc.flush(timeout=10) for rt in self.runtimes if rt.nc))
 
-    async def round_trip(self) -> float:
+    async def round_trip(self, inject: bytes | None = None) -> float:
+        """No ``inject``: the transport alone. An encoded Inject: with the wire work."""
         self.got = 0
+        self.decode = inject is not None
         self.done.clear()
+        prefix = f"bench.wire.{self.token}" if inject is not None else f"bench.transport.{self.token}"
+        payload = inject if inject is not None else PAYLOAD
         t0 = time.perf_counter()
         for i in range(len(self.runtimes)):
-            await self.ctl.publish(f"bench.transport.{self.token}.{i}", PAYLOAD, reply=f"{self.inbox}.{i}")
+            await self.ctl.publish(f"{prefix}.{i}", payload, reply=f"{self.inbox}.{i}")
         await asyncio.wait_for(self.done.wait(), WAIT_S)
         return time.perf_counter() - t0
 
@@ -375,6 +399,21 @@ class Times:
 
     def __init__(self, dispatch: float, start: float, end_to_end: float, abort: float) -> None:
         self.dispatch, self.start, self.end_to_end, self.abort = dispatch, start, end_to_end, abort
+
+
+def wire_inject() -> bytes:
+    """An encoded Inject as dispatch sends it, for Transport's wire round (nothing records it)."""
+    exp = "w" + uuid.uuid4().hex[:16]
+    spec = ProcessPauseSpec(match=ProcessMatch(name="bench-noop"))
+    inject = Inject(
+        experiment_id=exp,
+        fault_id=fault_id(exp, 0),
+        spec=spec,
+        expires_at=time.time() + 120.0,
+        lease_timeout_s=120.0,
+        await_start=True,
+    )
+    return encode(inject)
 
 
 async def one_round(ctl: Any, nodes: list[str], lease_timeout_s: float, await_start: bool = True) -> Times:
@@ -479,16 +518,19 @@ async def bench_size(url: str, n: int, rounds: int, tmp_root: Path | None, keep_
         await transport.open()
         await one_round(ctl, nodes, lease_timeout_s=120.0)  # warm-up, not counted
         await transport.round_trip()
+        await transport.round_trip(wire_inject())
         measured: list[Times] = []
         legacy: list[Times] = []
         fan_busy: list[float] = []
         bound: list[float] = []
+        wire: list[float] = []
         for _ in range(rounds):
             # rounds start settled: agents drop journal entries in a batch 0.5 s after a revert,
             # which would otherwise land inside the next round's dispatch window
             await asyncio.sleep(SETTLE_S)
             fan_busy.append(await base.fan_out())
             bound.append(await transport.round_trip())
+            wire.append(await transport.round_trip(wire_inject()))
             measured.append(await one_round(ctl, nodes, lease_timeout_s=120.0))
             await asyncio.sleep(SETTLE_S)
             legacy.append(await one_round(ctl, nodes, lease_timeout_s=120.0, await_start=False))
@@ -512,6 +554,7 @@ async def bench_size(url: str, n: int, rounds: int, tmp_root: Path | None, keep_
         "floor50": statistics.median(fan),
         "busy50": statistics.median(fan_busy),
         "t50": statistics.median(bound),
+        "w50": statistics.median(wire),
         "rr50": statistics.median(rr),
         "bc50": statistics.median(bc),
         "l50": pct([t.dispatch for t in legacy], 50),
@@ -584,23 +627,26 @@ def print_table(rows: list[dict[str, float]]) -> None:
     print()
     print(
         "| N | floor with the N agents running | raw broadcast + N acks | raw requests + N replies "
-        "| the same through the agents' connections, while they run | dispatch ÷ that "
+        "| the same through the agents' connections, while they run | + the wire work | dispatch ÷ transport "
         "| dispatch→all-active, end to end | faults started on acceptance (agents < 1.2): dispatch→all-acked "
         "/ →all-active | agents start (s) |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         f = r["floor50"]
         print(
             f"| {int(r['n'])} | {ms(r['busy50'])} ({r['busy50'] / f:.1f}×) | {ms(r['bc50'])} ({r['bc50'] / f:.1f}×) "
             f"| {ms(r['rr50'])} ({r['rr50'] / f:.1f}×) | {ms(r['t50'])} ({r['t50'] / f:.1f}×) "
+            f"| {ms(r['w50'])} ({r['w50'] / f:.1f}×) "
             f"| {r['d50'] / r['t50']:.2f} | {ms(r['e50'])} "
             f"| {ms(r['l50'])} ({r['l50'] / f:.1f}×) / {ms(r['le50'])} | {r['start_s']:.1f} |"
         )
     print(
         "\n(×: multiples of the clean floor. Raw: no faultline code, no decoding. Requests: shaped as "
         "request_acks sends them. Through the agents' connections: one more subscription on each running "
-        "agent's own connection answers a fixed reply unread; the lower bound for dispatch in this process.)"
+        "agent's own connection answers a fixed reply unread; the lower bound for dispatch in this process. "
+        "+ the wire work: the same, but each agent decodes the Inject and answers an encoded Ack, and the "
+        "controller decodes every Ack: what the protocol requires, with no record, timer or check.)"
     )
 
 
