@@ -249,7 +249,9 @@ async def test_normal_run_completes_with_lease_and_final_revert(nc: Any, fleet: 
     assert report.targets == ["n1", "n2"]
     assert [f.state for f in report.faults] == ["expired", "expired"]
     assert a.leases and all(le.experiment_id == runner.experiment_id for le in a.leases)
-    assert [r.reason for r in b.reverts] == ["experiment ended"]  # the final, idempotent revert
+    # the final, idempotent revert: a broadcast, so run() may return before n2's connection delivers it
+    await async_wait_until(lambda: b.reverts, 3, "n2 to receive the final revert broadcast")
+    assert [r.reason for r in b.reverts] == ["experiment ended"]
     assert any("active" in line for line in lines)
 
 
