@@ -22,7 +22,8 @@ from pydantic import ValidationError
 
 from agent import lean  # noqa: F401  (first: nats-py and pydantic imported without importlib.metadata)
 from agent.config import AgentSettings
-from agent.runtime import AgentRuntime, release_startup_memory
+from agent.lean import release_startup_memory
+from agent.runtime import AgentRuntime
 from proto import __version__
 
 log = logging.getLogger("faultline.agent")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import gc
 import logging
 import math
 import os
@@ -43,6 +41,7 @@ from agent.lifecycle import Lifecycle
 from agent.nodeload import LoadSampler
 from agent.protect import protected_pids
 from agent.recovery import Recovery
+from agent.stopping import Stopping
 from agent.watchdog import Watchdog
 from proto import __version__, subjects
 from proto.codec import encode
@@ -54,29 +53,14 @@ from proto.messages import (
     Heartbeat,
     new_id,
 )
+from proto.statelock import StateDirBusy, StateLock
 
 log = logging.getLogger("faultline.agent")
 
 ENDED_IN_HEARTBEATS_S = 120.0
-JOURNAL_SETTLE_S = 2.0  # a stop waits this long at most for journal bookkeeping in flight
 
 
-def release_startup_memory() -> None:
-    """Hand start-up garbage (imports, schema builds, the probe) back to the OS.
-
-    An agent runs on every node for months; what its start-up left on the
-    heap would otherwise count against the node for as long. What survives
-    (modules, models, schemas, the connection) lives as long as the process,
-    so it is frozen out of the cyclic collector's passes: a collection then
-    walks only what the agent made since, and never pauses the loop long.
-    """
-    gc.collect()
-    gc.freeze()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc only; elsewhere a no-op
-
-
-class AgentRuntime(CommandHandler, Recovery, Lifecycle, Watchdog, Broadcasts):
+class AgentRuntime(CommandHandler, Recovery, Lifecycle, Watchdog, Broadcasts, Stopping):
     def __init__(
         self,
         settings: AgentSettings,
@@ -91,6 +75,7 @@ class AgentRuntime(CommandHandler, Recovery, Lifecycle, Watchdog, Broadcasts):
         self.instance_id = new_id()
         self.started_at = time.time()
         self.journal = Journal(settings.state_dir)
+        self.state_lock = StateLock(settings.state_dir)
         self.env = AgentEnv(
             node=self.node,
             state_dir=settings.state_dir,
@@ -354,54 +339,32 @@ class AgentRuntime(CommandHandler, Recovery, Lifecycle, Watchdog, Broadcasts):
     # --- main ----------------------------------------------------------------
 
     async def run(self) -> int:
-        await self.probe()
-        await self.recover()
-        if not await self.connect():
+        """The agent's life; returns the exit code (2: another agent holds the state directory)."""
+        try:
+            # before the journal: an agent still stopping on this directory keeps its faults
+            await self.state_lock.acquire(self.settings.timing.stop_timeout_s + 5.0, on_wait=self._lock_busy)
+        except StateDirBusy as exc:
+            log.error("%s", exc)
+            return 2
+        try:
+            await self.probe()
+            await self.recover()
+            if not await self.connect():
+                return 0
+            await self.subscribe()
+            self._flush_pending()
+            self.spawn(self.heartbeat_loop(), name="heartbeat")
+            log.info("faultline-agent ready node=%s pid=%d instance=%s", self.node, os.getpid(), self.instance_id)
+            self.ready_event.set()
+            await self.stop_event.wait()
+            await self.shutdown()
             return 0
-        await self.subscribe()
-        self._flush_pending()
-        self.spawn(self.heartbeat_loop(), name="heartbeat")
-        log.info("faultline-agent ready node=%s pid=%d instance=%s", self.node, os.getpid(), self.instance_id)
-        self.ready_event.set()
-        await self.stop_event.wait()
-        await self.shutdown()
-        return 0
+        finally:
+            self.state_lock.release()
 
-    def revert_budget_at_stop(self) -> float:
-        """What timing.stop_timeout_s leaves for the reverts once every other step of a stop has
-        had its own bound: unsubscribe 1 s, journal settle, last heartbeat, drain, close 1 s,
-        tasks 2 s. The whole stop then stays within stop_timeout_s."""
-        drain = self.settings.nats.drain_timeout_s
-        others = 1.0 + JOURNAL_SETTLE_S + 2 * drain + 1.0 + 2.0
-        return max(1.0, self.settings.timing.stop_timeout_s - others)
-
-    async def shutdown(self) -> None:
-        """One path: stop taking commands, revert everything, say goodbye, drain."""
-        self.stopping = True
-        for sub in self._subs[:1]:  # the command subscription: no new work
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(sub.unsubscribe(), 1.0)
-        hit = self.end_all("agent stopping (SIGTERM)")
-        if hit:
-            done = asyncio.gather(*(r.finished.wait() for r in hit))
-            try:
-                await asyncio.wait_for(done, self.revert_budget_at_stop())
-            except TimeoutError:
-                log.error("stop: %d fault(s) did not revert in time; the journal keeps them", len(self.faults))
-        await self.settle_journal(JOURNAL_SETTLE_S)  # settled before the last heartbeat
-        if self.nc is not None and self.connected:
-            hb = encode(self.heartbeat("leaving"))
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.publish(subjects.agent_hb(self.node), hb))
-                await asyncio.wait_for(self.nc.flush(), self.settings.nats.drain_timeout_s)
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.nc.drain(), self.settings.nats.drain_timeout_s)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.nc.close(), 1.0)
-        self.stop_watchdog()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=2.0)
-        log.info("faultline-agent stopped node=%s", self.node)
+    def _lock_busy(self, holder: str) -> None:
+        log.warning(
+            "state directory %s is held by another faultline-agent (%s); waiting for it to stop",
+            self.settings.state_dir,
+            holder,
+        )

@@ -24,7 +24,7 @@ Inject that starts on acceptance (what agents older than schema 1.2 do, and
 what every dispatch did before the start phase): each agent's journal write
 and apply then run in this one process between other agents' Acks.
 
-Once every agent is up, ``agent.runtime.release_startup_memory()`` runs once
+Once every agent is up, ``agent.lean.release_startup_memory()`` runs once
 (as in every real agent process when it is ready), and the cyclic garbage
 collector is switched off for the rounds (``--gc`` keeps it on): this one
 process holds the heaps of N agents, so each collection walks N agents'
@@ -69,8 +69,9 @@ import uvloop
 
 from agent.config import AgentSettings, IdentitySettings, NatsSettings, TimingSettings
 from agent.faults.base import AgentEnv, Capability, FaultContext, Injector, Plan
+from agent.lean import release_startup_memory
 from agent.nodeload import LoadSampler
-from agent.runtime import AgentRuntime, release_startup_memory
+from agent.runtime import AgentRuntime
 from controller.dispatch import (
     broadcast_revert,
     broadcast_start,

@@ -21,7 +21,8 @@ from typing import Any
 from controller.dispatch import close, connect
 from controller.fleet import Fleet, FleetTimeout
 from controller.natsserver import NatsServer
-from proto.messages import EndedFault
+from proto.messages import EndedFault, Heartbeat
+from proto.statelock import StateLock
 from proto.subjects import safe_token
 
 AGENT_READY_TIMEOUT_S = 20.0
@@ -48,10 +49,11 @@ def local_node_name() -> str:
     return safe_token(socket.gethostname() or "local")
 
 
-def is_recovery(ended: EndedFault) -> bool:
-    """An end the agent's journal recovery reported at start (agent/recovery.py's reasons)."""
-    reason = ended.reason or ""
-    return reason.startswith(("recovered from journal", "recovery revert failed"))
+def recovered_faults(hb: Heartbeat) -> list[EndedFault]:
+    """The ends the agent's journal recovery reported at start: the faults its heartbeat lists
+    as recovered, with their outcome (a recovered fault ended at once, so it is among the ended)."""
+    ids = set(hb.recovered)
+    return [e for e in hb.ended if e.fault_id in ids]
 
 
 def recovery_lines(recovered: list[EndedFault], state_dir: Path) -> list[str]:
@@ -63,7 +65,24 @@ def recovery_lines(recovered: list[EndedFault], state_dir: Path) -> list[str]:
         lines.append(f"  {e.fault_id} ({e.kind}, experiment {e.experiment_id}): {e.state}: {e.reason}")
     if any(e.state == "failed" for e in recovered):
         lines.append("  a failed revert keeps its journal entry: the agent retries it at its next start")
+    lines.append(f"  (the agent's log: {state_dir / 'agent.log'})")
     return lines
+
+
+def check_state_dir_free(state_dir: Path) -> None:
+    """Refuse a second local run on the same state directory while the first one's agent runs:
+    its agent would wait for the lock instead of coming up (proto/statelock.py)."""
+    lock = StateLock(state_dir)
+    try:
+        free = lock.try_acquire()
+    except OSError as exc:
+        raise LocalModeError(f"cannot use the local state directory {state_dir}: {exc}") from None
+    lock.release()
+    if not free:
+        raise LocalModeError(
+            f"another local faultline run is using {state_dir} (its agent, {lock.holder()}); "
+            "wait for it to end, or give this run its own directory with FAULTLINE_STATE_DIR"
+        )
 
 
 def _pdeathsig_term() -> None:
@@ -123,11 +142,12 @@ class LocalEnvironment:
         await self.stop()
 
     async def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        check_state_dir_free(self.state_dir)  # before anything starts
         self.url = await asyncio.to_thread(self.server.start)
         self.nc = await connect(self.url, name="faultline-local")
         self.fleet = Fleet(self.nc)
         await self.fleet.start()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         argv = [
             sys.executable,
             "-m",
@@ -169,7 +189,7 @@ class LocalEnvironment:
                 ready.result()
                 view = self.fleet.get(self.node)
                 if view is not None:
-                    self.recovered = [e for e in view.heartbeat.ended if is_recovery(e)]
+                    self.recovered = recovered_faults(view.heartbeat)
                 return
             except FleetTimeout as exc:
                 raise LocalModeError(f"local agent did not become ready: {exc}\n{self.agent_log_tail()}") from None

@@ -13,7 +13,7 @@ import pytest
 from proto import subjects
 from proto.codec import decode, encode
 from proto.messages import Ack, Halt, Inject, Lease, Revert
-from tests.conftest import async_wait_until, status
+from tests.conftest import AgentProcess, async_wait_until, status
 
 pytestmark = pytest.mark.integration
 
@@ -157,6 +157,32 @@ async def test_crash_recovery_resumes_paused_victim(nc, agent_factory, victims, 
     assert hb
     ev = await async_wait_until(lambda: events.events("exp1.0", "reverted"), 5, "a recovery event")
     assert ev[0].measurements.recovered_from_journal
+
+
+async def test_a_second_agent_on_the_same_state_dir_waits_and_touches_nothing(
+    nc, nats_url, agent_factory, victims, tmp_path
+):
+    """A DaemonSet rolled out with surge: the new agent starts while the old one still holds a
+    fault. It must not "recover" the old agent's live journal; it waits until the old one stops."""
+    first = agent_factory("node-a")
+    (proc,) = victims.start(1)
+    assert (await send(nc, "node-a", pause(victims.token))).accepted
+    await async_wait_until(lambda: status(proc) == "stopped", 5, "victim paused")
+    second = AgentProcess(nats_url, "node-a", first.state_dir, tmp_path / "agent-second.log", [])
+    second.start()
+    try:
+        await async_wait_until(
+            lambda: "held by another faultline-agent" in second.log(), 10, "the second agent to wait for the lock"
+        )
+        assert second.proc is not None and second.proc.poll() is None
+        assert status(proc) == "stopped", "the second agent touched the first one's fault"
+        assert first.journal() == ["exp1.0.json"]
+        assert await asyncio.to_thread(first.stop) == 0  # it reverts its own fault on the way out
+        assert status(proc) != "stopped"
+        await asyncio.to_thread(second.wait_ready, 15.0)
+        assert "journal recovery: nothing to do" in second.log(), second.log()
+    finally:
+        await asyncio.to_thread(second.stop)
 
 
 async def test_sigterm_reverts_says_leaving_and_exits(nc, agent_factory, victims, events, heartbeats):

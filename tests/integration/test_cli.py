@@ -309,6 +309,7 @@ def test_local_dry_run_reports_what_an_earlier_run_left_in_the_journal(tmp_path:
 
     (victim,) = victims.start(1)
     victim.suspend()  # what the crashed run's pause did
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 5, "the victim to be stopped")
     state = tmp_path / "state"
     spec = ProcessPauseSpec.model_validate({"kind": "process-pause", "match": {"cmdline": f"{victims.token}$"}})
     plan = ProcessPlan(
@@ -339,6 +340,24 @@ def test_local_dry_run_reports_what_an_earlier_run_left_in_the_journal(tmp_path:
     again = faultline("run", str(path), "--dry-run", env=cli_env(FAULTLINE_STATE_DIR=str(state)))
     assert again.returncode == 0, again.stderr
     assert "earlier run" not in again.stderr, again.stderr
+
+
+def test_a_second_local_run_on_the_same_state_dir_is_refused(
+    tmp_path: Path, victims: Victims, running: Callable[..., Running]
+) -> None:
+    """Its agent would otherwise wait on the first one's state directory (one agent per journal)."""
+    (victim,) = victims.start(1)
+    state = tmp_path / "state"
+    path = experiment_file(tmp_path, [pause(victims)], duration="60s")
+    first = running("run", str(path), env=cli_env(FAULTLINE_STATE_DIR=str(state)))
+    first.experiment_id()
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the first run to pause the victim")
+    t0 = time.monotonic()
+    r = faultline("run", str(path), "--dry-run", env=cli_env(FAULTLINE_STATE_DIR=str(state)))
+    assert r.returncode == 2, r.stderr
+    assert "another local faultline run is using" in r.stderr and "FAULTLINE_STATE_DIR" in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 10, "refused at once, not after the agent's wait"
+    assert status(victim) == psutil.STATUS_STOPPED, "the first run's fault must stand"
 
 
 def test_local_run_prints_an_abort_command_that_works_as_printed(

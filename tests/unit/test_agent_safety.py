@@ -366,13 +366,13 @@ async def test_a_stop_during_a_nats_handshake_gives_up_and_closes_the_socket(tmp
 
 
 def test_a_stop_fits_in_stop_timeout_s_with_every_step_at_its_bound(tmp_path: Path) -> None:
-    from agent import runtime as rt_mod
+    from agent import stopping as stopping_mod
 
     settings = AgentSettings(state_dir=tmp_path, identity={"node": "safety"})
     rt = AgentRuntime(settings, injectors={})
     drain = settings.nats.drain_timeout_s
     # the steps of shutdown(), each at its bound: unsubscribe, reverts, settle, heartbeat, drain, close, tasks
-    worst = 1.0 + rt.revert_budget_at_stop() + rt_mod.JOURNAL_SETTLE_S + drain + drain + 1.0 + 2.0
+    worst = 1.0 + rt.revert_budget_at_stop() + stopping_mod.JOURNAL_SETTLE_S + drain + drain + 1.0 + 2.0
     assert worst <= settings.timing.stop_timeout_s, worst
     assert rt.revert_budget_at_stop() >= settings.timing.revert_timeout_s, "a single revert attempt must fit"
 
