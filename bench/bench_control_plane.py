@@ -43,7 +43,9 @@ broadcast with N acks (one publish, every subscriber answers to one reply
 subject), and, once per round, the same N requests through the running agents'
 own connections (class Transport): the bound dispatch can reach in this process,
 alone and with the wire work the protocol requires (decode the Inject, encode
-the Ack, decode the Ack; no record, timer or check).
+the Ack, decode the Ack; no record, timer or check). The abort gets the same
+two bounds: one broadcast, every agent publishes one event (fixed, or decoding
+the Revert and encoding a FaultEvent), until every event arrived.
 """
 
 from __future__ import annotations
@@ -64,13 +66,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import nats
 import uvloop
+from raw_bounds import WAIT_S, Floor, Transport, close_all, message_costs, quiet_connect, wire_inject
+from sim_agents import start_agents, stop_agents
 
-from agent.config import AgentSettings, IdentitySettings, NatsSettings, TimingSettings
-from agent.faults.base import AgentEnv, Capability, FaultContext, Injector, Plan
 from agent.lean import release_startup_memory
-from agent.nodeload import LoadSampler
 from agent.runtime import AgentRuntime
 from controller.dispatch import (
     broadcast_revert,
@@ -81,39 +81,14 @@ from controller.dispatch import (
 )
 from controller.experiment import fault_id
 from controller.natsserver import NatsServer
-from proto.codec import DecodeError, decode, decode_command, encode
+from proto.codec import DecodeError, decode, encode
 from proto.faults import ProcessMatch, ProcessPauseSpec
-from proto.messages import Ack, FaultEvent, Inject, Measurements, Revert
+from proto.messages import FaultEvent, Inject
 from proto.subjects import exp_events
 
 SHM = Path("/dev/shm")
-START_BATCH = 100
 BROADCAST_WAIT_S = 1.0  # as ExperimentRunner's broadcast_wait_s (for the start and the abort)
 SETTLE_S = 1.0  # pause between rounds (see bench_size)
-WAIT_S = 60.0  # bound on any single wait in a round
-
-
-class NoopPlan(Plan):
-    noop: bool = True
-
-
-class NoopInjector(Injector):
-    """Accepts every process-pause and touches nothing: measures the control plane alone."""
-
-    kind = "process-pause"
-    plan_model = NoopPlan
-
-    def probe(self) -> list[Capability]:
-        return [Capability(self.kind, True)]
-
-    async def plan(self, spec: Any, ctx: FaultContext) -> Plan:
-        return NoopPlan()
-
-    async def apply(self, spec: Any, plan: Plan, ctx: FaultContext) -> Measurements:
-        return Measurements()
-
-    async def revert(self, plan: Plan, ctx: FaultContext) -> Measurements:
-        return Measurements()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -129,237 +104,6 @@ def raise_fd_limit(need: int) -> None:
     if want < need:
         raise SystemExit(f"file-descriptor hard limit {hard} < {need} needed; run with a higher ulimit -Hn")
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
-async def quiet_connect(url: str) -> Any:
-    async def quiet(exc: Exception) -> None:
-        logging.getLogger("bench").debug("nats: %s", exc)
-
-    return await nats.connect(url, connect_timeout=5, allow_reconnect=False, error_cb=quiet)
-
-
-async def close_all(conns: list[Any]) -> None:
-    async def one(nc: Any) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.close(), 5.0)
-
-    await asyncio.gather(*(one(nc) for nc in conns))
-
-
-# --- the floor ---------------------------------------------------------------
-
-
-class Floor:
-    """N raw nats-py subscriber connections and one publisher, kept open for the whole size."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.subs: list[Any] = []
-        self.pub: Any = None
-        self.token = uuid.uuid4().hex[:8]
-        self.got = 0
-        self.done = asyncio.Event()
-        self.acks = 0
-        self.all_acked = asyncio.Event()
-        self.replies = 0
-        self.all_replied = asyncio.Event()
-        self.inbox = ""
-
-    async def open(self, url: str) -> None:
-        for i in range(0, self.n, START_BATCH):
-            self.subs += await asyncio.gather(*(quiet_connect(url) for _ in range(i, min(self.n, i + START_BATCH))))
-        self.pub = await quiet_connect(url)
-
-        async def on_msg(msg: Any) -> None:
-            self.got += 1
-            if self.got == self.n:
-                self.done.set()
-
-        async def echo(msg: Any) -> None:
-            await msg.respond(b"ok")
-
-        async def on_ack(msg: Any) -> None:
-            self.acks += 1
-            if self.acks == self.n:
-                self.all_acked.set()
-
-        for i, nc in enumerate(self.subs):
-            await nc.subscribe(f"bench.floor.{self.token}", cb=on_msg)
-            await nc.subscribe(f"bench.rr.{self.token}.{i}", cb=echo)
-            await nc.subscribe(f"bench.bc.{self.token}", cb=echo)
-
-        async def on_reply(msg: Any) -> None:
-            self.replies += 1
-            if self.replies == self.n:
-                self.all_replied.set()
-
-        await self.pub.subscribe(f"bench.acks.{self.token}", cb=on_ack)
-        self.inbox = self.pub.new_inbox()
-        await self.pub.subscribe(f"{self.inbox}.*", cb=on_reply)
-        await asyncio.gather(self.pub.flush(timeout=10), *(nc.flush(timeout=10) for nc in self.subs))
-
-    async def close(self) -> None:
-        await close_all([*self.subs, self.pub] if self.pub is not None else self.subs)
-
-    async def fan_out(self) -> float:
-        """One publish until every subscriber got it (seconds)."""
-        self.got = 0
-        self.done.clear()
-        t0 = time.perf_counter()
-        await self.pub.publish(f"bench.floor.{self.token}", PAYLOAD)
-        await asyncio.wait_for(self.done.wait(), WAIT_S)
-        return time.perf_counter() - t0
-
-    async def request_reply(self) -> float:
-        """N requests shaped as request_acks sends them: back to back, one inbox subscription."""
-        self.replies = 0
-        self.all_replied.clear()
-        t0 = time.perf_counter()
-        for i in range(self.n):
-            await self.pub.publish(f"bench.rr.{self.token}.{i}", PAYLOAD, reply=f"{self.inbox}.{i}")
-        await asyncio.wait_for(self.all_replied.wait(), WAIT_S)
-        return time.perf_counter() - t0
-
-    async def broadcast_acks(self) -> float:
-        self.acks = 0
-        self.all_acked.clear()
-        t0 = time.perf_counter()
-        await self.pub.publish(f"bench.bc.{self.token}", PAYLOAD, reply=f"bench.acks.{self.token}")
-        await asyncio.wait_for(self.all_acked.wait(), WAIT_S)
-        return time.perf_counter() - t0
-
-    async def baselines(self, rounds: int) -> tuple[list[float], list[float], list[float]]:
-        """(fan-out, raw request-reply, raw broadcast-and-ack) times, seconds; one warm-up round.
-        The fan-out is the ratio's denominator: three samples per round, it moves a lot."""
-        fan: list[float] = []
-        rr: list[float] = []
-        bc: list[float] = []
-        for _ in range(rounds + 1):
-            fan += [await self.fan_out() for _ in range(3)]
-            rr.append(await self.request_reply())
-            bc.append(await self.broadcast_acks())
-        return fan[3:], rr[1:], bc[1:]
-
-
-PAYLOAD = b"x" * 400  # about an Inject's size
-
-
-# --- the agents --------------------------------------------------------------
-
-
-def agent_settings(url: str, node: str, state_root: Path) -> AgentSettings:
-    return AgentSettings(
-        identity=IdentitySettings(node=node),
-        nats=NatsSettings(urls=[url]),
-        timing=TimingSettings(heartbeat_interval_s=1.0),
-        state_dir=state_root / node,
-    )
-
-
-# One node, many simulated agents: they share one psutil sampler (a real agent has its own).
-SHARED_LOAD = LoadSampler()
-
-
-def make_runtime(url: str, node: str, state_root: Path) -> AgentRuntime:
-    settings = agent_settings(url, node, state_root)
-    env = AgentEnv(node=node, state_dir=settings.state_dir, instance_id="bench", protected_pids=dict)
-    return AgentRuntime(settings, injectors={"process-pause": NoopInjector(env)}, load_sampler=SHARED_LOAD)
-
-
-async def start_agents(
-    ctl: Any, url: str, n: int, state_root: Path
-) -> tuple[list[AgentRuntime], list[asyncio.Task[int]]]:
-    """Start n runtimes in batches; each is proven subscribed by a harmless Revert answered."""
-    runtimes: list[AgentRuntime] = []
-    tasks: list[asyncio.Task[int]] = []
-    for i in range(0, n, START_BATCH):
-        batch = [make_runtime(url, f"bench-{j:04d}", state_root) for j in range(i, min(n, i + START_BATCH))]
-        runtimes += batch
-        tasks += [asyncio.create_task(rt.run(), name=f"agent:{rt.node}") for rt in batch]
-        probe = Revert(experiment_id="bench-warmup", reason="bench readiness probe", expires_at=time.time() + 60)
-        acks = await request_acks(ctl, {rt.node: encode(probe) for rt in batch}, timeout_s=10.0, attempts=30)
-        missing = [(node, why) for node, (ack, why) in acks.items() if ack is None]
-        if missing:
-            raise RuntimeError(f"agents did not come up: {missing[:5]}")
-    return runtimes, tasks
-
-
-class Transport:
-    """The dispatch's transport, through the agents' own connections while they run.
-
-    Every agent's connection gets two more subscriptions; the controller connection sends
-    N requests shaped as ``request_acks`` sends them (back to back, one inbox subscription,
-    a reply subject per node). Same process, same resident agents, same connections as
-    dispatch:
-    - ``round_trip(wire=False)``: each agent answers a fixed reply without reading the
-      request, and the controller counts replies unread. None of faultline's work: the
-      lower bound dispatch can reach with nats-py in this harness.
-    - ``round_trip(wire=True)``, given the encoded Inject: each agent decodes and validates
-      it and answers an encoded Ack; the controller decodes and validates every Ack. The
-      wire work the protocol requires (every message a validated pydantic model), and
-      nothing else: no record, timer or check.
-    """
-
-    REPLY = b"x" * 220  # about an Ack's size
-
-    def __init__(self, ctl: Any, runtimes: list[AgentRuntime]) -> None:
-        self.ctl = ctl
-        self.runtimes = runtimes
-        self.token = uuid.uuid4().hex[:8]
-        self.got = 0
-        self.decode = False
-        self.done = asyncio.Event()
-        self.inbox = ""
-
-    async def open(self) -> None:
-        async def echo(msg: Any) -> None:
-            await msg.respond(self.REPLY)
-
-        def wire_answer(node: str) -> Any:
-            async def answer(msg: Any) -> None:
-                cmd = decode_command(msg.data)
-                ack = Ack(in_reply_to=cmd.id, node=node, accepted=True, fault_states={cmd.fault_id: "accepted"})
-                await msg.respond(encode(ack))
-
-            return answer
-
-        async def on_reply(msg: Any) -> None:
-            if self.decode:
-                decode(msg.data, Ack)
-            self.got += 1
-            if self.got == len(self.runtimes):
-                self.done.set()
-
-        for i, rt in enumerate(self.runtimes):
-            assert rt.nc is not None
-            await rt.nc.subscribe(f"bench.transport.{self.token}.{i}", cb=echo)
-            await rt.nc.subscribe(f"bench.wire.{self.token}.{i}", cb=wire_answer(rt.node))
-        self.inbox = self.ctl.new_inbox()
-        await self.ctl.subscribe(f"{self.inbox}.*", cb=on_reply)
-        await asyncio.gather(self.ctl.flush(timeout=10), *(rt.nc.flush(timeout=10) for rt in self.runtimes if rt.nc))
-
-    async def round_trip(self, inject: bytes | None = None) -> float:
-        """No ``inject``: the transport alone. An encoded Inject: with the wire work."""
-        self.got = 0
-        self.decode = inject is not None
-        self.done.clear()
-        prefix = f"bench.wire.{self.token}" if inject is not None else f"bench.transport.{self.token}"
-        payload = inject if inject is not None else PAYLOAD
-        t0 = time.perf_counter()
-        for i in range(len(self.runtimes)):
-            await self.ctl.publish(f"{prefix}.{i}", payload, reply=f"{self.inbox}.{i}")
-        await asyncio.wait_for(self.done.wait(), WAIT_S)
-        return time.perf_counter() - t0
-
-
-async def stop_agents(runtimes: list[AgentRuntime], tasks: list[asyncio.Task[int]]) -> None:
-    for rt in runtimes:
-        rt.request_stop()
-    _, pending = await asyncio.wait(tasks, timeout=60.0)
-    for t in pending:
-        t.cancel()
-    if pending:
-        print(f"  warning: {len(pending)} agent(s) did not stop within 60s")
 
 
 class Round:
@@ -400,21 +144,6 @@ class Times:
 
     def __init__(self, dispatch: float, start: float, end_to_end: float, abort: float) -> None:
         self.dispatch, self.start, self.end_to_end, self.abort = dispatch, start, end_to_end, abort
-
-
-def wire_inject() -> bytes:
-    """An encoded Inject as dispatch sends it, for Transport's wire round (nothing records it)."""
-    exp = "w" + uuid.uuid4().hex[:16]
-    spec = ProcessPauseSpec(match=ProcessMatch(name="bench-noop"))
-    inject = Inject(
-        experiment_id=exp,
-        fault_id=fault_id(exp, 0),
-        spec=spec,
-        expires_at=time.time() + 120.0,
-        lease_timeout_s=120.0,
-        await_start=True,
-    )
-    return encode(inject)
 
 
 async def one_round(ctl: Any, nodes: list[str], lease_timeout_s: float, await_start: bool = True) -> Times:
@@ -520,11 +249,14 @@ async def bench_size(url: str, n: int, rounds: int, tmp_root: Path | None, keep_
         await one_round(ctl, nodes, lease_timeout_s=120.0)  # warm-up, not counted
         await transport.round_trip()
         await transport.round_trip(wire_inject())
+        await transport.abort_trip(wire=True)
         measured: list[Times] = []
         legacy: list[Times] = []
         fan_busy: list[float] = []
         bound: list[float] = []
         wire: list[float] = []
+        abort_bound: list[float] = []
+        abort_wire: list[float] = []
         for _ in range(rounds):
             # rounds start settled: agents drop journal entries in a batch 0.5 s after a revert,
             # which would otherwise land inside the next round's dispatch window
@@ -532,6 +264,8 @@ async def bench_size(url: str, n: int, rounds: int, tmp_root: Path | None, keep_
             fan_busy.append(await base.fan_out())
             bound.append(await transport.round_trip())
             wire.append(await transport.round_trip(wire_inject()))
+            abort_bound.append(await transport.abort_trip(wire=False))
+            abort_wire.append(await transport.abort_trip(wire=True))
             measured.append(await one_round(ctl, nodes, lease_timeout_s=120.0))
             await asyncio.sleep(SETTLE_S)
             legacy.append(await one_round(ctl, nodes, lease_timeout_s=120.0, await_start=False))
@@ -556,49 +290,13 @@ async def bench_size(url: str, n: int, rounds: int, tmp_root: Path | None, keep_
         "busy50": statistics.median(fan_busy),
         "t50": statistics.median(bound),
         "w50": statistics.median(wire),
+        "ab50": statistics.median(abort_bound),
+        "aw50": statistics.median(abort_wire),
         "rr50": statistics.median(rr),
         "bc50": statistics.median(bc),
         "l50": pct([t.dispatch for t in legacy], 50),
         "le50": pct([t.end_to_end for t in legacy], 50),
     }
-
-
-def message_costs(reps: int = 20000) -> list[tuple[str, float]]:
-    """Per-message CPU of the wire work every dispatch does per agent, microseconds (median of 5 runs)."""
-    inject = encode(
-        Inject(
-            experiment_id="bcost",
-            fault_id=fault_id("bcost", 0),
-            spec=ProcessPauseSpec(match=ProcessMatch(name="bench-noop")),
-            expires_at=time.time() + 120.0,
-            lease_timeout_s=120.0,
-        )
-    )
-    cmd = decode_command(inject)
-    ack_bytes = encode(
-        Ack(in_reply_to=cmd.id, node="bench-0000", accepted=True, fault_states={cmd.fault_id: "accepted"})
-    )
-
-    def build_ack() -> bytes:
-        return encode(
-            Ack(in_reply_to=cmd.id, node="bench-0000", accepted=True, fault_states={cmd.fault_id: "accepted"})
-        )
-
-    steps = [
-        ("agent: decode and validate the Inject", lambda: decode_command(inject)),
-        ("agent: build and encode the Ack", build_ack),
-        ("controller: decode and validate the Ack", lambda: decode(ack_bytes, Ack)),
-    ]
-    out = []
-    for name, fn in steps:
-        runs = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(reps // 5):
-                fn()
-            runs.append((time.perf_counter() - t0) / (reps // 5))
-        out.append((name, statistics.median(runs) * 1e6))
-    return out
 
 
 def ms(s: float) -> str:
@@ -648,6 +346,19 @@ def print_table(rows: list[dict[str, float]]) -> None:
         "agent's own connection answers a fixed reply unread; the lower bound for dispatch in this process. "
         "+ the wire work: the same, but each agent decodes the Inject and answers an encoded Ack, and the "
         "controller decodes every Ack: what the protocol requires, with no record, timer or check.)"
+    )
+    print()
+    print("abort's bounds, through the agents' connections while they run (p50, ms):")
+    print()
+    print(
+        "| N | abort→all-reverted | one broadcast, every agent publishes a fixed event | + the wire work | abort ÷ bound |"
+    )
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {int(r['n'])} | {ms(r['a50'])} | {ms(r['ab50'])} | {ms(r['aw50'])} | {r['a50'] / r['ab50']:.2f} |")
+    print(
+        "\n(+ the wire work: each agent decodes the Revert and publishes an encoded FaultEvent, the controller "
+        "decodes every event; no fault is looked up, reverted or reported by the runtime.)"
     )
 
 
