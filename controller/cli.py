@@ -32,6 +32,7 @@ from controller.report import exit_code, render_text, to_json
 from controller.targeting import TargetingError
 from controller.tracking import PreflightError
 from proto import __version__
+from proto.messages import EndedFault
 from proto.natsurl import DEFAULT_NATS_URL, NatsUrlError, configured, default_target
 
 EPILOG = """\
@@ -108,7 +109,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 spec_t = exp.spec.targets
                 if spec_t.nodes or spec_t.labels or spec_t.mode != "all":
                     say(f"note: spec.targets replaced by the local node {env.node} (local mode)")
-                return await _run_experiment(args, exp, env.nc, env.fleet, [env.node], say, env.url)
+                return await _run_experiment(
+                    args, exp, env.nc, env.fleet, [env.node], say, env.url, recovered=env.recovered
+                )
         except LocalModeError as exc:
             return _refused(args, "local-mode", f"faultline: {exc}")
     try:
@@ -126,8 +129,16 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _run_experiment(
-    args: argparse.Namespace, exp: Any, nc: Any, fleet: Fleet, override: list[str] | None, say: Any, url: str
+    args: argparse.Namespace,
+    exp: Any,
+    nc: Any,
+    fleet: Fleet,
+    override: list[str] | None,
+    say: Any,
+    url: str,
+    recovered: list[EndedFault] | None = None,
 ) -> int:
+    """``recovered``: in local mode, what the local agent's start-up reverted (goes into --dry-run's JSON)."""
     runner = ExperimentRunner(nc, fleet, exp, nodes_override=override, progress=say)
     try:
         plan = await runner.plan()
@@ -144,6 +155,8 @@ async def _run_experiment(
             "pods": {n: [p.model_dump() for p in ps] for n, ps in plan.pods.items()},
             "notes": plan.notes,
         }
+        if recovered is not None:
+            data["local_recovery"] = [e.model_dump(mode="json") for e in recovered]
         if args.output == "json":
             _out(json.dumps(data, indent=2))
         else:

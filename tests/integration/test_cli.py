@@ -329,16 +329,18 @@ def test_local_dry_run_reports_what_an_earlier_run_left_in_the_journal(tmp_path:
     )
     Journal(state).write(entry)
     path = experiment_file(tmp_path, [pause(victims)], duration="1s")
-    r = faultline("run", str(path), "--dry-run", "--quiet", env=cli_env(FAULTLINE_STATE_DIR=str(state)))
+    r = faultline("run", str(path), "--dry-run", "--quiet", "-o", "json", env=cli_env(FAULTLINE_STATE_DIR=str(state)))
     assert r.returncode == 0, r.stderr
-    assert "nothing was sent" in r.stdout, r.stdout
     assert "1 fault(s) an earlier run left in its journal" in r.stderr, r.stderr
     assert "crashed-run.0 (process-pause, experiment crashed-run): reverted" in r.stderr, r.stderr
+    (rec,) = json.loads(r.stdout)["local_recovery"]
+    assert rec["fault_id"] == "crashed-run.0" and rec["state"] == "reverted", rec
     assert status(victim) != psutil.STATUS_STOPPED
     assert not list((state / "journal").glob("*.json"))
     # the next run has nothing to report
     again = faultline("run", str(path), "--dry-run", env=cli_env(FAULTLINE_STATE_DIR=str(state)))
     assert again.returncode == 0, again.stderr
+    assert "nothing was sent" in again.stdout, again.stdout
     assert "earlier run" not in again.stderr, again.stderr
 
 
