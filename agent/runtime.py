@@ -342,7 +342,9 @@ class AgentRuntime(CommandHandler, Recovery, Lifecycle, Watchdog, Broadcasts, St
         """The agent's life; returns the exit code (2: another agent holds the state directory)."""
         try:
             # before the journal: an agent still stopping on this directory keeps its faults
-            await self.state_lock.acquire(self.settings.timing.stop_timeout_s + 5.0, on_wait=self._lock_busy)
+            wait_s = self.settings.timing.stop_timeout_s + 5.0
+            if not await self.state_lock.acquire(wait_s, self._lock_busy, give_up=self.stop_event.is_set):
+                return 0  # stopped while waiting: nothing held, nothing to revert
         except StateDirBusy as exc:
             log.error("%s", exc)
             return 2

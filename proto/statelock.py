@@ -69,12 +69,20 @@ class StateLock:
             return "unknown"
         return f"pid {text}" if text.isdigit() else "unknown"
 
-    async def acquire(self, wait_s: float, on_wait: Callable[[str], None] | None = None) -> None:
+    async def acquire(
+        self,
+        wait_s: float,
+        on_wait: Callable[[str], None] | None = None,
+        give_up: Callable[[], bool] | None = None,
+    ) -> bool:
         """Take the lock, waiting up to ``wait_s`` for its holder to let go; StateDirBusy after.
-        ``on_wait(holder)`` is called once, when the first attempt finds it held."""
+        ``on_wait(holder)`` is called once, when the first attempt finds it held. Returns False,
+        not holding it, as soon as ``give_up()`` is true while waiting (a stop asked for)."""
         deadline = time.monotonic() + wait_s
         told = False
         while not self.try_acquire():
+            if give_up is not None and give_up():
+                return False
             if not told and on_wait is not None:
                 on_wait(self.holder())
                 told = True
@@ -84,6 +92,7 @@ class StateLock:
                     "one agent per state directory (give this one its own --state-dir)"
                 )
             await asyncio.sleep(POLL_S)
+        return True
 
     def release(self) -> None:
         """Let go (closing the descriptor drops the flock). The file stays: removing it would let

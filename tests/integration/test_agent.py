@@ -177,6 +177,19 @@ async def test_a_second_agent_on_the_same_state_dir_waits_and_touches_nothing(
         assert second.proc is not None and second.proc.poll() is None
         assert status(proc) == "stopped", "the second agent touched the first one's fault"
         assert first.journal() == ["exp1.0.json"]
+        # a waiting agent told to stop holds nothing: it leaves at once, touching nothing
+        third = AgentProcess(nats_url, "node-a", first.state_dir, tmp_path / "agent-third.log", [])
+        third.start()
+        try:
+            await async_wait_until(
+                lambda: "held by another faultline-agent" in third.log(), 10, "the third agent to wait for the lock"
+            )
+            t0 = time.monotonic()
+            assert await asyncio.to_thread(third.stop, 5.0) == 0
+            assert time.monotonic() - t0 < 3, "a waiting agent took long to stop"
+        finally:
+            await asyncio.to_thread(third.stop)
+        assert status(proc) == "stopped"
         assert await asyncio.to_thread(first.stop) == 0  # it reverts its own fault on the way out
         assert status(proc) != "stopped"
         await asyncio.to_thread(second.wait_ready, 15.0)

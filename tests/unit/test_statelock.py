@@ -53,6 +53,21 @@ async def test_acquire_gives_up_after_its_wait_with_a_reason(tmp_path: Path) -> 
         first.release()
 
 
+async def test_acquire_gives_up_at_once_when_told_to(tmp_path: Path) -> None:
+    """An agent waiting for the lock that gets SIGTERM holds nothing: it leaves without waiting on."""
+    first, second = StateLock(tmp_path), StateLock(tmp_path)
+    stop = asyncio.Event()
+    assert first.try_acquire()
+    try:
+        asyncio.get_running_loop().call_later(0.2, stop.set)
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(second.acquire(30.0, give_up=stop.is_set), 5.0) is False
+        assert time.monotonic() - t0 < 2.0 and not second.held
+    finally:
+        first.release()
+        second.release()
+
+
 def test_local_mode_refuses_a_state_directory_in_use(tmp_path: Path) -> None:
     check_state_dir_free(tmp_path)  # free: nothing left held
     held = StateLock(tmp_path)
