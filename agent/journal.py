@@ -54,6 +54,9 @@ class Journal:
             raise ValueError(f"unsafe fault id {fault_id!r}")
         return self.dir / f"{fault_id}.json"
 
+    def entry_name(self, fault_id: str) -> str:
+        return self._path(fault_id).name
+
     def write(self, entry: JournalEntry) -> None:
         path = self._path(entry.fault_id)
         tmp = path.with_suffix(".json.tmp")
@@ -79,24 +82,42 @@ class Journal:
         finally:
             os.close(fd)
 
-    def load(self) -> tuple[list[JournalEntry], list[str]]:
-        """All entries, oldest first, and one problem line per corrupt file moved aside."""
+    def load(self) -> tuple[list[JournalEntry], list[tuple[str, str]]]:
+        """All entries, oldest first, and the unreadable ones as (file name, reason).
+
+        A corrupt entry is moved aside to ``*.corrupt`` (it is never parsed again, and never
+        dropped); those set aside at an earlier start are listed again, every time, until an
+        operator has dealt with what they guarded and removed them."""
         entries: list[JournalEntry] = []
-        problems: list[str] = []
+        unreadable: list[tuple[str, str]] = []
         for tmp in self.dir.glob("*.json.tmp"):
             # a write that never reached its rename: the act it guarded never happened
             with contextlib.suppress(OSError):
                 tmp.unlink()
+        for path in sorted(self.dir.glob("*.corrupt")):
+            unreadable.append((path.name, "unreadable, set aside at an earlier start"))
         for path in sorted(self.dir.glob("*.json")):
             try:
                 entries.append(JournalEntry.model_validate_json(path.read_bytes()))
             except (ValidationError, ValueError, OSError) as exc:
-                aside = path.with_suffix(".corrupt")
-                with contextlib.suppress(OSError):
+                aside = self._aside(path)
+                try:
                     os.replace(path, aside)
-                problems.append(f"journal entry {path.name} unreadable, moved to {aside.name}: {str(exc)[:200]}")
+                except OSError as move_exc:
+                    aside = path
+                    log.error("could not move %s aside: %s", path.name, move_exc)
+                unreadable.append((aside.name, f"unreadable ({str(exc)[:200]}); set aside as {aside.name}"))
         entries.sort(key=lambda e: e.created_at)
-        return entries, problems
+        return entries, unreadable
+
+    def _aside(self, path: Path) -> Path:
+        """Where a corrupt entry goes: ``NAME.corrupt``, never over an earlier one."""
+        aside = path.with_suffix(".corrupt")
+        n = 1
+        while aside.exists():
+            aside = path.with_suffix(f".{n}.corrupt")
+            n += 1
+        return aside
 
     # Tombstones: a fault that ended is never re-injected by a replayed command,
     # also across a restart, until its own deadline has passed.

@@ -20,7 +20,7 @@ from agent.config import AgentSettings
 from agent.faults.base import AgentEnv, FaultContext
 from agent.faults_table import FaultRecord, merge
 from agent.journal import Journal
-from proto.messages import EndedFault, FaultState, Measurements
+from proto.messages import EndedFault, FaultState, JournalProblem, Measurements
 
 log = logging.getLogger("faultline.agent")
 
@@ -81,6 +81,9 @@ class Lifecycle:
         def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]: ...
         def event(self, rec: FaultRecord, state: FaultState, reason: str | None = None) -> None: ...
         async def send_event(self, rec: FaultRecord, state: FaultState, reason: str | None = None) -> None: ...
+        def keep_journal_issue(
+            self, entry: str, problem: JournalProblem, why: str, fault_id: str, experiment_id: str, kind: str
+        ) -> None: ...
 
     def make_context(
         self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
@@ -203,7 +206,16 @@ class Lifecycle:
         # bookkeeping, and a crash before it only repeats an idempotent revert at start.
         await self.send_event(rec, state, reason)
         log.info("fault %s %s: %s", rec.fault_id, state, reason)
-        # a failed revert keeps its journal entry: the next start retries it
+        # a failed revert keeps its journal entry: the next start retries it; till then, every heartbeat says so
+        if error:
+            self.keep_journal_issue(
+                self.journal.entry_name(rec.fault_id),
+                "revert-failed",
+                f"revert failed: {error[:200]}; entry kept, retried at the next start",
+                rec.fault_id,
+                rec.experiment_id,
+                rec.kind,
+            )
         self._queue_cleanup(rec.fault_id, state, rec.cmd.expires_at, not error)
         rec.finished.set()
 

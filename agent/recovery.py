@@ -15,10 +15,15 @@ from typing import TYPE_CHECKING, Any
 from agent.config import AgentSettings
 from agent.faults.base import FaultContext, Injector, Plan
 from agent.faults_table import merge
-from agent.journal import Journal
-from proto.messages import FaultEvent, FaultState, Measurements
+from agent.journal import Journal, JournalEntry
+from proto.messages import MAX_JOURNAL_ISSUES, FaultEvent, FaultState, JournalIssue, JournalProblem, Measurements
 
 log = logging.getLogger("faultline.agent")
+
+
+def ids(entry: JournalEntry) -> tuple[str, str, str]:
+    """(fault id, experiment id, kind) of a journal entry."""
+    return entry.fault_id, entry.experiment_id, entry.spec.kind
 
 
 class Recovery:
@@ -31,6 +36,8 @@ class Recovery:
     capability_notes: dict[str, str]
     ended: OrderedDict[str, str]
     recovered: list[str]
+    journal_issues: list[JournalIssue]  # the first MAX_JOURNAL_ISSUES, for heartbeats
+    journal_issues_total: int
     recovery_done: bool
 
     if TYPE_CHECKING:
@@ -46,20 +53,17 @@ class Recovery:
         ) -> FaultContext: ...
 
     async def recover(self) -> None:
-        entries, problems = await asyncio.to_thread(self.journal.load)
-        for line in problems:
-            log.error("%s", line)
+        entries, unreadable = await asyncio.to_thread(self.journal.load)
+        for name, why in unreadable:
+            self.keep_journal_issue(name, "unreadable", why)
         for fid, (ended_state, _) in (await asyncio.to_thread(self.journal.load_ended)).items():
             self.remember(self.ended, fid, ended_state)
         journaled: dict[str, list[Plan]] = {}
         for entry in entries:
             inj = self.injectors.get(entry.spec.kind)
             if inj is None:
-                log.error(
-                    "journal holds %s of kind %s which this agent cannot revert; entry kept",
-                    entry.fault_id,
-                    entry.spec.kind,
-                )
+                why = f"this agent cannot revert {entry.spec.kind} faults; entry kept"
+                self.keep_journal_issue(self.journal.entry_name(entry.fault_id), "unsupported-kind", why, *ids(entry))
                 continue
             ctx = self.make_context(entry.fault_id, entry.experiment_id, entry.expires_at, entry.pods, recovered=True)
             m = Measurements(recovered_from_journal=True)
@@ -75,7 +79,8 @@ class Recovery:
                 await asyncio.to_thread(self.journal.finish, entry.fault_id, state, entry.expires_at, True)
             except Exception as exc:
                 state, reason = "failed", f"recovery revert failed: {exc}"
-                log.error("journal recovery of %s failed: %s (entry kept)", entry.fault_id, exc)
+                why = f"revert at start failed: {str(exc)[:200]}; entry kept, retried at the next start"
+                self.keep_journal_issue(self.journal.entry_name(entry.fault_id), "revert-failed", why, *ids(entry))
             self.remember(self.ended, entry.fault_id, state)
             self.record_end(entry.fault_id, entry.experiment_id, entry.spec.kind, state, reason)
             self.recovered.append(entry.fault_id)
@@ -104,6 +109,25 @@ class Recovery:
         if not entries:
             log.info("journal recovery: nothing to do")
         self.recovery_done = True
+
+    def keep_journal_issue(
+        self,
+        entry: str,
+        problem: JournalProblem,
+        why: str,
+        fault_id: str | None = None,
+        experiment_id: str | None = None,
+        kind: str | None = None,
+    ) -> None:
+        """A journal entry kept, not reverted: logged, and listed in every heartbeat from now on."""
+        log.error("journal entry %s kept: %s: %s; what it guarded may still be in place", entry, problem, why)
+        self.journal_issues_total += 1
+        if len(self.journal_issues) < MAX_JOURNAL_ISSUES:
+            self.journal_issues.append(
+                JournalIssue(
+                    entry=entry, problem=problem, reason=why, fault_id=fault_id, experiment_id=experiment_id, kind=kind
+                )
+            )
 
     async def probe(self) -> None:
         caps: list[str] = []

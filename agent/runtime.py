@@ -51,6 +51,7 @@ from proto.messages import (
     FaultEvent,
     FaultState,
     Heartbeat,
+    JournalIssue,
     new_id,
 )
 from proto.statelock import StateDirBusy, StateLock
@@ -97,6 +98,8 @@ class AgentRuntime(CommandHandler, Recovery, Lifecycle, Watchdog, Broadcasts, St
         self.ended_experiments: OrderedDict[str, str] = OrderedDict()
         self.lease_seen: dict[str, float] = {}
         self.recovered: list[str] = []
+        self.journal_issues: list[JournalIssue] = []  # journal entries kept, not reverted (Recovery)
+        self.journal_issues_total = 0
         self.recent_ended: deque[EndedFault] = deque(maxlen=200)
         self._ended_raw: list[tuple[str, str, str, FaultState, str | None, float]] = []
         self.rejected_count = 0
@@ -226,6 +229,8 @@ class AgentRuntime(CommandHandler, Recovery, Lifecycle, Watchdog, Broadcasts, St
             load=self._load.sample(),
             faults=[r.view() for r in self.faults.values()],
             recovered=self.recovered[-50:],
+            journal_issues=self.journal_issues,
+            journal_issues_total=self.journal_issues_total,
             ended=self.ended_faults(ended_since),
         )
 

@@ -27,12 +27,11 @@ from controller.experiment import ExperimentError, json_schema_text, load_experi
 from controller.fleet import Fleet
 from controller.fleet_commands import cmd_abort, cmd_agents, cmd_halt
 from controller.halting import HALT_WAIT_HELP
-from controller.local import LocalEnvironment, LocalModeError, recovery_lines
+from controller.local import LocalEnvironment, LocalModeError
 from controller.report import exit_code, render_text, to_json
 from controller.targeting import TargetingError
 from controller.tracking import PreflightError
 from proto import __version__
-from proto.messages import EndedFault
 from proto.natsurl import DEFAULT_NATS_URL, NatsUrlError, configured, default_target
 
 EPILOG = """\
@@ -104,13 +103,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
         try:
             async with LocalEnvironment() as env:
                 assert env.fleet is not None
-                for line in recovery_lines(env.recovered, env.state_dir):
+                for line in env.recovery_lines():
                     _err(line)  # also under --quiet: it is about this machine, not progress
                 spec_t = exp.spec.targets
                 if spec_t.nodes or spec_t.labels or spec_t.mode != "all":
                     say(f"note: spec.targets replaced by the local node {env.node} (local mode)")
                 return await _run_experiment(
-                    args, exp, env.nc, env.fleet, [env.node], say, env.url, recovered=env.recovered
+                    args, exp, env.nc, env.fleet, [env.node], say, env.url, local=env.recovery_json()
                 )
         except LocalModeError as exc:
             return _refused(args, "local-mode", f"faultline: {exc}")
@@ -136,9 +135,9 @@ async def _run_experiment(
     override: list[str] | None,
     say: Any,
     url: str,
-    recovered: list[EndedFault] | None = None,
+    local: dict[str, Any] | None = None,
 ) -> int:
-    """``recovered``: in local mode, what the local agent's start-up reverted (goes into --dry-run's JSON)."""
+    """``local``: in local mode, what the local agent's start found in its journal (into the JSON)."""
     runner = ExperimentRunner(nc, fleet, exp, nodes_override=override, progress=say)
     try:
         plan = await runner.plan()
@@ -155,18 +154,19 @@ async def _run_experiment(
             "pods": {n: [p.model_dump() for p in ps] for n, ps in plan.pods.items()},
             "notes": plan.notes,
         }
-        if recovered is not None:
-            data["local_recovery"] = [e.model_dump(mode="json") for e in recovered]
+        data.update(local or {})
         if args.output == "json":
             _out(json.dumps(data, indent=2))
         else:
             _out(f"dry run: {exp.metadata.name} would target {', '.join(plan.targets)}")
             _out("every target is ready and has the capabilities the faults need; nothing was sent")
+            for note in plan.notes:
+                _out(f"note: {note}")
         return EXIT_OK
     say(f"running {runner.experiment_id}; abort it from elsewhere with: {abort_command(runner.experiment_id, url)}")
     with _signals_abort(runner):
         report = await runner.run()
-    _out(to_json(report) if args.output == "json" else render_text(report))
+    _out(to_json(report, extra=local) if args.output == "json" else render_text(report))
     return exit_code(report)
 
 

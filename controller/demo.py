@@ -21,7 +21,7 @@ import psutil
 
 from controller.engine import ExperimentRunner
 from controller.experiment import Experiment, parse_experiment
-from controller.local import LocalEnvironment, recovery_lines
+from controller.local import LocalEnvironment
 from controller.report import Report, exit_code, render_text, to_json
 
 VICTIM_CODE = "import time\nwhile True:\n    time.sleep(0.2)\n"
@@ -134,7 +134,7 @@ async def run_demo(say: Say, output: str = "text", on_runner: Callable[[Experime
     async with LocalEnvironment(heartbeat_interval_s=0.5) as env:
         assert env.fleet is not None
         say(f"  nats-server at {env.url}; agent node {env.node} is ready ({time.monotonic() - started:.1f}s)")
-        for line in recovery_lines(env.recovered, env.state_dir):
+        for line in env.recovery_lines():
             say(line)
         sup = Supervisor(token, say)
         report: Report | None = None

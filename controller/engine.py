@@ -119,6 +119,12 @@ class ExperimentRunner(Starting, Ending):
         else:
             targets = select_nodes(self.fleet.labels(), spec.targets, self.rng)
         views = {n: v for n in targets if (v := self.fleet.get(n)) is not None}
+        for n, v in views.items():
+            if v.heartbeat.journal_issues_total:
+                notes.append(
+                    f"{n} keeps {v.heartbeat.journal_issues_total} journal entr(ies) it could not revert at its "
+                    "start; what they guarded may still be in place (see `faultline agents`)"
+                )
         refusals = capability_refusals(list(spec.faults), views)
         too_short = heartbeat_timeout_refusal(spec.abort.heartbeat_timeout_s, views)
         if too_short is not None:

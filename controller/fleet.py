@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proto.codec import DecodeError, decode
-from proto.messages import START_SINCE_MINOR, Heartbeat, schema_minor
+from proto.messages import START_SINCE_MINOR, Heartbeat, JournalIssue, schema_minor
 from proto.subjects import ALL_HEARTBEATS
 
 
@@ -37,6 +37,30 @@ class NodeView:
 
     def age_s(self, now_monotonic: float | None = None) -> float:
         return (now_monotonic if now_monotonic is not None else time.monotonic()) - self.last_seen_monotonic
+
+
+def journal_issue_line(issue: JournalIssue) -> str:
+    """One kept journal entry, for a person: what it was and why it is still there."""
+    what = issue.entry
+    if issue.fault_id is not None:
+        what = f"{issue.fault_id} ({issue.kind}, experiment {issue.experiment_id}; {issue.entry})"
+    return f"{what}: {issue.problem}: {issue.reason}"
+
+
+def journal_issue_lines(hb: Heartbeat, indent: str = "  ") -> list[str]:
+    """The agent's kept journal entries, one line each, and how many more it did not list."""
+    lines = [indent + journal_issue_line(i) for i in hb.journal_issues]
+    more = hb.journal_issues_total - len(hb.journal_issues)
+    if more > 0:
+        lines.append(f"{indent}... and {more} more (the agent's log lists every one)")
+    return lines
+
+
+JOURNAL_ISSUES_HELP = (
+    "what such an entry guarded may still be in place: check it on the node (a paused process, a qdisc, "
+    "a stressor); an agent retries a failed revert at its next start; remove an entry from "
+    "STATE_DIR/journal once it is handled"
+)
 
 
 class FleetTimeout(TimeoutError):

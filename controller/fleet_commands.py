@@ -14,7 +14,7 @@ from controller.console import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from controller.console import err as _err
 from controller.console import out as _out
 from controller.dispatch import ConnectError, close, connect, revert_experiment
-from controller.fleet import Fleet, NodeView
+from controller.fleet import JOURNAL_ISSUES_HELP, Fleet, NodeView, journal_issue_lines
 from controller.halting import halt_and_confirm
 from proto.codec import DecodeError, decode, encode
 from proto.messages import Ack, Revert
@@ -43,6 +43,9 @@ def _agent_row(view: NodeView, now: float) -> dict[str, Any]:
         "memory_percent": hb.load.memory_percent if hb.load else None,
         "last_seen_s": round(view.age_s(now), 2),
         "instance_id": hb.instance_id,
+        # kept journal entries the agent could not revert (agents on schema 1.3 or newer)
+        "journal_issues": [i.model_dump() for i in hb.journal_issues],
+        "journal_issues_total": hb.journal_issues_total,
     }
 
 
@@ -107,6 +110,15 @@ async def cmd_agents(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    holding = [v for _, v in sorted(views.items()) if v.heartbeat.journal_issues_total]
+    if holding:
+        _out("")
+        _out(f"attention: {len(holding)} agent(s) keep journal entries they could not revert:")
+        for v in holding:
+            _out(f"  {v.node}:")
+            for line in journal_issue_lines(v.heartbeat, indent="    "):
+                _out(line)
+        _out(f"  ({JOURNAL_ISSUES_HELP})")
     return EXIT_OK
 
 

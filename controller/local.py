@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from controller.dispatch import close, connect
-from controller.fleet import Fleet, FleetTimeout
+from controller.fleet import JOURNAL_ISSUES_HELP, Fleet, FleetTimeout, journal_issue_lines
 from controller.natsserver import NatsServer
 from proto.messages import EndedFault, Heartbeat
 from proto.statelock import StateLock
@@ -56,16 +56,28 @@ def recovered_faults(hb: Heartbeat) -> list[EndedFault]:
     return [e for e in hb.ended if e.fault_id in ids]
 
 
-def recovery_lines(recovered: list[EndedFault], state_dir: Path) -> list[str]:
-    """What to tell the user about faults an earlier local run left behind; none, no lines."""
-    if not recovered:
-        return []
-    lines = [f"the local agent found {len(recovered)} fault(s) an earlier run left in its journal ({state_dir}):"]
-    for e in recovered:
-        lines.append(f"  {e.fault_id} ({e.kind}, experiment {e.experiment_id}): {e.state}: {e.reason}")
-    if any(e.state == "failed" for e in recovered):
+def recovery_lines(recovered: list[EndedFault], state_dir: Path, kept: Heartbeat | None = None) -> list[str]:
+    """What to tell the user about what an earlier local run left behind: the faults the agent
+    reverted at its start, and (``kept``: its heartbeat) the journal entries it could not revert.
+    Nothing left behind, no lines."""
+    lines: list[str] = []
+    if recovered:
+        lines.append(
+            f"the local agent found {len(recovered)} fault(s) an earlier run left in its journal ({state_dir}):"
+        )
+        for e in recovered:
+            lines.append(f"  {e.fault_id} ({e.kind}, experiment {e.experiment_id}): {e.state}: {e.reason}")
+    if kept is not None and kept.journal_issues_total:
+        lines.append(
+            f"the local agent keeps {kept.journal_issues_total} journal entr(ies) it could not revert "
+            f"({state_dir / 'journal'}):"
+        )
+        lines += journal_issue_lines(kept)
+        lines.append(f"  ({JOURNAL_ISSUES_HELP})")
+    elif any(e.state == "failed" for e in recovered):
         lines.append("  a failed revert keeps its journal entry: the agent retries it at its next start")
-    lines.append(f"  (the agent's log: {state_dir / 'agent.log'})")
+    if lines:
+        lines.append(f"  (the agent's log: {state_dir / 'agent.log'})")
     return lines
 
 
@@ -117,10 +129,24 @@ class LocalEnvironment:
         self.agent_exit_code: int | None = None
         self.recovered: list[EndedFault] = []
         """Faults an earlier run left in the local journal, which the agent reverted as it started."""
+        self.ready_heartbeat: Heartbeat | None = None
+        """The agent's first heartbeat once ready: its journal issues, among others."""
 
     @property
     def agent_log(self) -> Path:
         return self.state_dir / "agent.log"
+
+    def recovery_lines(self) -> list[str]:
+        return recovery_lines(self.recovered, self.state_dir, self.ready_heartbeat)
+
+    def recovery_json(self) -> dict[str, Any]:
+        """The same for -o json: ``local_recovery`` (faults reverted at the agent's start) and
+        ``local_journal_issues`` (entries it keeps, not reverted)."""
+        hb = self.ready_heartbeat
+        return {
+            "local_recovery": [e.model_dump(mode="json") for e in self.recovered],
+            "local_journal_issues": [i.model_dump() for i in hb.journal_issues] if hb else [],
+        }
 
     def agent_log_tail(self, size: int = 1500) -> str:
         try:
@@ -189,6 +215,7 @@ class LocalEnvironment:
                 ready.result()
                 view = self.fleet.get(self.node)
                 if view is not None:
+                    self.ready_heartbeat = view.heartbeat
                     self.recovered = recovered_faults(view.heartbeat)
                 return
             except FleetTimeout as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -77,10 +77,12 @@ def exit_code(report: Report) -> int:
     return 0 if report.outcome == "completed" else 1
 
 
-def to_json(report: Report) -> str:
-    """Every key of the model, null when absent: scripts can rely on the shape (abort is null on success)."""
+def to_json(report: Report, extra: dict[str, Any] | None = None) -> str:
+    """Every key of the model, null when absent: scripts can rely on the shape (abort is null on success).
+    ``extra``: keys added at the top level (local mode's ``local_recovery`` and ``local_journal_issues``)."""
     data = report.model_dump(mode="json")
     data["duration_s"] = round(report.duration_s, 3)
+    data.update(extra or {})
     return json.dumps(data, indent=2)
 
 

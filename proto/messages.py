@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from proto.faults import FaultSpec
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 2  # 1.1: Heartbeat.ended; 1.2: Inject.await_start, Start
+SCHEMA_MINOR = 3  # 1.1: Heartbeat.ended; 1.2: Inject.await_start, Start; 1.3: Heartbeat.journal_issues
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 START_SINCE_MINOR = 2
@@ -191,6 +191,30 @@ class EndedFault(BaseModel):
     at: float
 
 
+JournalProblem = Literal["unreadable", "unsupported-kind", "revert-failed"]
+
+
+class JournalIssue(BaseModel):
+    """A journal entry the agent keeps but could not revert: what it guarded may still be in place.
+
+    Found by the journal recovery at start; reported in every heartbeat for the agent's life, and
+    found again at its next start until the entry is gone (a failed revert is retried there).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+
+    entry: str = Field(description="file name under STATE_DIR/journal")
+    problem: JournalProblem
+    reason: str
+    fault_id: str | None = None
+    experiment_id: str | None = None
+    kind: str | None = None
+
+
+MAX_JOURNAL_ISSUES = 20
+"""A heartbeat lists at most this many journal issues (the agent's log has every one)."""
+
+
 AgentState = Literal["starting", "ready", "leaving"]
 
 
@@ -214,6 +238,12 @@ class Heartbeat(Message):
     ended: list[EndedFault] = Field(
         default_factory=list, description="faults that ended in the last two minutes (since 1.1)"
     )
+    journal_issues: list[JournalIssue] = Field(
+        default_factory=list,
+        max_length=MAX_JOURNAL_ISSUES,
+        description="journal entries kept because they could not be reverted (since 1.3)",
+    )
+    journal_issues_total: int = Field(0, ge=0, description="all such entries, listed or not (since 1.3)")
 
 
 class SkippedProcess(BaseModel):

@@ -328,20 +328,29 @@ def test_local_dry_run_reports_what_an_earlier_run_left_in_the_journal(tmp_path:
         plan=plan.model_dump(mode="json"),
     )
     Journal(state).write(entry)
+    (state / "journal" / "torn.0.json").write_bytes(b'{"fault_id": "torn.0", "exp')  # a torn write
     path = experiment_file(tmp_path, [pause(victims)], duration="1s")
     r = faultline("run", str(path), "--dry-run", "--quiet", "-o", "json", env=cli_env(FAULTLINE_STATE_DIR=str(state)))
     assert r.returncode == 0, r.stderr
     assert "1 fault(s) an earlier run left in its journal" in r.stderr, r.stderr
     assert "crashed-run.0 (process-pause, experiment crashed-run): reverted" in r.stderr, r.stderr
-    (rec,) = json.loads(r.stdout)["local_recovery"]
+    assert "keeps 1 journal entr(ies) it could not revert" in r.stderr, r.stderr
+    assert "  torn.0.corrupt: unreadable: unreadable (" in r.stderr, r.stderr
+    data = json.loads(r.stdout)
+    (rec,) = data["local_recovery"]
     assert rec["fault_id"] == "crashed-run.0" and rec["state"] == "reverted", rec
+    assert [(i["entry"], i["problem"]) for i in data["local_journal_issues"]] == [("torn.0.corrupt", "unreadable")]
     assert status(victim) != psutil.STATUS_STOPPED
     assert not list((state / "journal").glob("*.json"))
-    # the next run has nothing to report
-    again = faultline("run", str(path), "--dry-run", env=cli_env(FAULTLINE_STATE_DIR=str(state)))
+    # the next run (a real one) reverts nothing, and still names the entry it keeps
+    again = faultline("run", str(path), "-o", "json", env=cli_env(FAULTLINE_STATE_DIR=str(state)))
     assert again.returncode == 0, again.stderr
-    assert "nothing was sent" in again.stdout, again.stdout
     assert "earlier run" not in again.stderr, again.stderr
+    assert "torn.0.corrupt: unreadable: unreadable, set aside at an earlier start" in again.stderr, again.stderr
+    report = json.loads(again.stdout)
+    assert report["outcome"] == "completed" and report["local_recovery"] == [], report
+    assert [i["entry"] for i in report["local_journal_issues"]] == ["torn.0.corrupt"], report
+    assert any("keeps 1 journal entr(ies)" in n for n in report["notes"]), report["notes"]
 
 
 def test_a_second_local_run_on_the_same_state_dir_is_refused(
@@ -401,11 +410,41 @@ def test_agents_lists_the_fleet(nats_url: str, agent_factory: Callable[..., Agen
     assert row["node"] == "node-a" and row["labels"] == {"zone": "a"} and row["state"] == "ready"
     assert set(row) == {
         "node", "version", "state", "labels", "capabilities", "capability_notes", "faults",
-        "cpu_percent", "memory_percent", "last_seen_s", "instance_id",
+        "cpu_percent", "memory_percent", "last_seen_s", "instance_id", "journal_issues", "journal_issues_total",
     }  # fmt: skip
+    assert row["journal_issues"] == [] and row["journal_issues_total"] == 0
     assert "process-pause" in row["capabilities"]
     text = faultline("agents", "--nats", nats_url)
     assert "node-a" in text.stdout and "zone=a" in text.stdout
+    assert "attention" not in text.stdout
+
+
+def test_agents_and_run_name_journal_entries_an_agent_could_not_revert(
+    tmp_path: Path, nats_url: str, agent_factory: Callable[..., AgentProcess], victims: Victims
+) -> None:
+    """A journal entry the agent cannot read may have guarded a fault still in place: the agent
+    keeps it, and every heartbeat says so until someone removes it; `agents` and `run` show it."""
+    agent = agent_factory("node-a", start=False)
+    journal = agent.state_dir / "journal"
+    journal.mkdir(parents=True)
+    (journal / "torn.0.json").write_bytes(b'{"fault_id": "torn.0", "spec": {"kind": "process-pa')
+    agent.start().wait_ready()
+    r = faultline("agents", "--nats", nats_url, "-o", "json")
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)
+    (issue,) = row["journal_issues"]
+    assert (issue["entry"], issue["problem"]) == ("torn.0.corrupt", "unreadable"), issue
+    assert row["journal_issues_total"] == 1
+    assert (journal / "torn.0.corrupt").exists(), "kept, never dropped"
+    text = faultline("agents", "--nats", nats_url)
+    assert "attention: 1 agent(s) keep journal entries they could not revert:" in text.stdout, text.stdout
+    assert "    torn.0.corrupt: unreadable: unreadable (" in text.stdout, text.stdout
+    assert "may still be in place" in text.stdout
+    victims.start(1)
+    path = experiment_file(tmp_path, [pause(victims)], duration="1s")
+    dry = faultline("run", str(path), "--nats", nats_url, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "note: node-a keeps 1 journal entr(ies) it could not revert" in dry.stdout, dry.stdout
 
 
 def test_run_example_against_a_real_agent(
