@@ -46,6 +46,7 @@ class Broadcasts:
         def revert_matching(self, cmd: Revert) -> dict[str, FaultState]: ...
         def _start_command(self, cmd: Start) -> Ack: ...
         def heartbeat(self, state: AgentState = "ready") -> Heartbeat: ...
+        async def retry_kept(self, why: str) -> None: ...
         async def publish(self, subject: str, payload: bytes) -> None: ...
 
     async def _on_halt(self, msg: Msg) -> None:
@@ -60,15 +61,15 @@ class Broadcasts:
         for rec in hit:
             self.remember(self.ended_experiments, rec.experiment_id, "halted")
         log.warning("HALT from %s: %s; reverting %d fault(s)", halt.issued_by, halt.reason, len(hit))
-        self.spawn(self._report_halted(hit), name="halt-heartbeat")
+        retry = self.spawn(self.retry_kept("halt"), name="halt-retry-kept")
+        self.spawn(self._report_halted(hit, retry), name="halt-heartbeat")
 
-    async def _report_halted(self, hit: list[FaultRecord]) -> None:
-        """A heartbeat as soon as the halt's reverts are done: `faultline halt` confirms from it,
-        not a heartbeat interval later."""
-        if hit:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.timing.revert_timeout_s):
-                    await asyncio.gather(*(r.finished.wait() for r in hit))
+    async def _report_halted(self, hit: list[FaultRecord], retry: asyncio.Task[None]) -> None:
+        """A heartbeat as soon as the halt's reverts, and its retries of kept journal entries, are
+        done: `faultline halt` confirms from it, not a heartbeat interval later."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.timing.revert_timeout_s + 1.0):
+                await asyncio.gather(*(r.finished.wait() for r in hit), asyncio.shield(retry), return_exceptions=True)
         if not self.stopping:
             await self.publish(subjects.agent_hb(self.node), encode(self.heartbeat()))
 

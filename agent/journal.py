@@ -164,5 +164,18 @@ class Journal:
                 out[path.name] = (state, expires_at)
         return out
 
+    def read(self, fault_id: str) -> JournalEntry | None:
+        """One entry; None when there is none. Raises ValueError when it cannot be read."""
+        try:
+            data = self._path(fault_id).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ValueError(str(exc)) from None
+        try:
+            return JournalEntry.model_validate_json(data)
+        except ValidationError as exc:
+            raise ValueError(str(exc)[:200]) from None
+
     def fault_ids(self) -> list[str]:
         return sorted(p.stem for p in self.dir.glob("*.json"))

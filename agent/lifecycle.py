@@ -82,7 +82,13 @@ class Lifecycle:
         def event(self, rec: FaultRecord, state: FaultState, reason: str | None = None) -> None: ...
         async def send_event(self, rec: FaultRecord, state: FaultState, reason: str | None = None) -> None: ...
         def keep_journal_issue(
-            self, entry: str, problem: JournalProblem, why: str, fault_id: str, experiment_id: str, kind: str
+            self,
+            entry: str,
+            problem: JournalProblem,
+            why: str,
+            fault_id: str | None = None,
+            experiment_id: str | None = None,
+            kind: str | None = None,
         ) -> None: ...
 
     def make_context(
@@ -211,7 +217,7 @@ class Lifecycle:
             self.keep_journal_issue(
                 self.journal.entry_name(rec.fault_id),
                 "revert-failed",
-                f"revert failed: {error[:200]}; entry kept, retried at the next start",
+                f"revert failed: {error[:200]}; entry kept, retried at the next start or halt",
                 rec.fault_id,
                 rec.experiment_id,
                 rec.kind,

@@ -16,7 +16,7 @@ from agent.config import AgentSettings
 from agent.faults.base import FaultContext, Injector, Plan
 from agent.faults_table import merge
 from agent.journal import Journal, JournalEntry
-from proto.messages import MAX_JOURNAL_ISSUES, FaultEvent, FaultState, JournalIssue, JournalProblem, Measurements
+from proto.messages import FaultEvent, FaultState, JournalProblem, Measurements
 
 log = logging.getLogger("faultline.agent")
 
@@ -36,8 +36,6 @@ class Recovery:
     capability_notes: dict[str, str]
     ended: OrderedDict[str, str]
     recovered: list[str]
-    journal_issues: list[JournalIssue]  # the first MAX_JOURNAL_ISSUES, for heartbeats
-    journal_issues_total: int
     recovery_done: bool
 
     if TYPE_CHECKING:
@@ -51,6 +49,15 @@ class Recovery:
         def make_context(
             self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
         ) -> FaultContext: ...
+        def keep_journal_issue(
+            self,
+            entry: str,
+            problem: JournalProblem,
+            why: str,
+            fault_id: str | None = None,
+            experiment_id: str | None = None,
+            kind: str | None = None,
+        ) -> None: ...
 
     async def recover(self) -> None:
         entries, unreadable = await asyncio.to_thread(self.journal.load)
@@ -79,7 +86,7 @@ class Recovery:
                 await asyncio.to_thread(self.journal.finish, entry.fault_id, state, entry.expires_at, True)
             except Exception as exc:
                 state, reason = "failed", f"recovery revert failed: {exc}"
-                why = f"revert at start failed: {str(exc)[:200]}; entry kept, retried at the next start"
+                why = f"revert at start failed: {str(exc)[:200]}; entry kept, retried at the next start or halt"
                 self.keep_journal_issue(self.journal.entry_name(entry.fault_id), "revert-failed", why, *ids(entry))
             self.remember(self.ended, entry.fault_id, state)
             self.record_end(entry.fault_id, entry.experiment_id, entry.spec.kind, state, reason)
@@ -109,25 +116,6 @@ class Recovery:
         if not entries:
             log.info("journal recovery: nothing to do")
         self.recovery_done = True
-
-    def keep_journal_issue(
-        self,
-        entry: str,
-        problem: JournalProblem,
-        why: str,
-        fault_id: str | None = None,
-        experiment_id: str | None = None,
-        kind: str | None = None,
-    ) -> None:
-        """A journal entry kept, not reverted: logged, and listed in every heartbeat from now on."""
-        log.error("journal entry %s kept: %s: %s; what it guarded may still be in place", entry, problem, why)
-        self.journal_issues_total += 1
-        if len(self.journal_issues) < MAX_JOURNAL_ISSUES:
-            self.journal_issues.append(
-                JournalIssue(
-                    entry=entry, problem=problem, reason=why, fault_id=fault_id, experiment_id=experiment_id, kind=kind
-                )
-            )
 
     async def probe(self) -> None:
         caps: list[str] = []

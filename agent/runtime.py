@@ -37,6 +37,7 @@ from agent.faults import load_injectors
 from agent.faults.base import AgentEnv, Injector
 from agent.faults_table import FaultRecord
 from agent.journal import Journal
+from agent.kept import KeptEntries
 from agent.lifecycle import Lifecycle
 from agent.nodeload import LoadSampler
 from agent.protect import protected_pids
@@ -61,7 +62,7 @@ log = logging.getLogger("faultline.agent")
 ENDED_IN_HEARTBEATS_S = 120.0
 
 
-class AgentRuntime(CommandHandler, Recovery, Lifecycle, Watchdog, Broadcasts, Stopping):
+class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, Broadcasts, Stopping):
     def __init__(
         self,
         settings: AgentSettings,
@@ -98,8 +99,8 @@ class AgentRuntime(CommandHandler, Recovery, Lifecycle, Watchdog, Broadcasts, St
         self.ended_experiments: OrderedDict[str, str] = OrderedDict()
         self.lease_seen: dict[str, float] = {}
         self.recovered: list[str] = []
-        self.journal_issues: list[JournalIssue] = []  # journal entries kept, not reverted (Recovery)
-        self.journal_issues_total = 0
+        self.journal_issues: list[JournalIssue] = []  # journal entries kept, not reverted (KeptEntries)
+        self.journal_issues_uncounted = 0
         self.recent_ended: deque[EndedFault] = deque(maxlen=200)
         self._ended_raw: list[tuple[str, str, str, FaultState, str | None, float]] = []
         self.rejected_count = 0
@@ -215,6 +216,7 @@ class AgentRuntime(CommandHandler, Recovery, Lifecycle, Watchdog, Broadcasts, St
     def heartbeat(self, state: AgentState = "ready") -> Heartbeat:
         self._hb_seq += 1
         ended_since = time.time() - ENDED_IN_HEARTBEATS_S
+        kept, kept_total = self.journal_issues_for_heartbeat()
         return Heartbeat(
             node=self.node,
             instance_id=self.instance_id,
@@ -229,8 +231,8 @@ class AgentRuntime(CommandHandler, Recovery, Lifecycle, Watchdog, Broadcasts, St
             load=self._load.sample(),
             faults=[r.view() for r in self.faults.values()],
             recovered=self.recovered[-50:],
-            journal_issues=self.journal_issues,
-            journal_issues_total=self.journal_issues_total,
+            journal_issues=kept,
+            journal_issues_total=kept_total,
             ended=self.ended_faults(ended_since),
         )
 

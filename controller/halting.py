@@ -16,9 +16,9 @@ from typing import Any, Literal
 import nats.errors
 from pydantic import BaseModel, ConfigDict
 
-from controller.fleet import Fleet, NodeView
+from controller.fleet import JOURNAL_ISSUES_HELP, Fleet, NodeView, journal_issue_line
 from proto.codec import encode
-from proto.messages import ActiveFault, EndedFault, Halt
+from proto.messages import ActiveFault, EndedFault, Halt, JournalIssue
 from proto.subjects import HALT
 
 HALT_WAIT_S = 5.0
@@ -35,11 +35,11 @@ HALT_WAIT_HELP = (
     f"{HALT_WAIT_S:g} s after sending ({HALT_WAIT_INTERVALS:g} heartbeat intervals of the slowest agent if "
     f"longer, never more than {HALT_WAIT_MAX_S:g} s) until each of them sends a heartbeat listing no active "
     "fault, and prints each node's result. Exit 0 when every agent seen is clear, or when no agent is seen; "
-    "1 when one still holds faults, failed a revert or went silent (each is named); 2 when NATS cannot be "
-    "reached."
+    "1 when one still holds faults, failed a revert, keeps a journal entry it could not revert (the halt retries "
+    "those first) or went silent (each is named); 2 when NATS cannot be reached."
 )
 
-NodeResult = Literal["clear", "holds-faults", "revert-failed", "silent"]
+NodeResult = Literal["clear", "holds-faults", "revert-failed", "journal-kept", "silent"]
 HaltOutcome = Literal["clear", "not-clear", "no-agents"]
 
 
@@ -57,6 +57,9 @@ class HaltNode(_Model):
     """In its last heartbeat: empty once clear."""
     ended_since_halt: list[EndedFault]
     """Faults its heartbeats report ended since the halt (reverted, or failed to revert)."""
+    journal_issues: list[JournalIssue]
+    """Journal entries it keeps without having reverted them, after the halt retried them."""
+    journal_issues_total: int
     heartbeat_after_halt_s: float | None
     """When its last heartbeat arrived, seconds after the halt was sent; None: none arrived since."""
     last_seen_s: float
@@ -103,6 +106,8 @@ def node_result(view: NodeView, sent_mono: float, sent_wall: float, now_mono: fl
         result = "holds-faults"
     elif any(e.state == "failed" for e in ended):
         result = "revert-failed"
+    elif hb.journal_issues_total:
+        result = "journal-kept"
     else:
         result = "clear"
     return HaltNode(
@@ -111,6 +116,8 @@ def node_result(view: NodeView, sent_mono: float, sent_wall: float, now_mono: fl
         agent_state=hb.state,
         active_faults=list(hb.faults),
         ended_since_halt=ended,
+        journal_issues=list(hb.journal_issues),
+        journal_issues_total=hb.journal_issues_total,
         heartbeat_after_halt_s=round(after_s, 3) if after_s > 0 else None,
         last_seen_s=round(view.age_s(now_mono), 3),
     )
@@ -143,6 +150,13 @@ def render_node(n: HaltNode, wait_s: float) -> str:
         return f"{n.node}: NOT CLEAR: revert failed: " + "; ".join(
             f"{e.fault_id} ({e.kind}): {e.reason or 'no reason given'}" for e in failed
         )
+    if n.result == "journal-kept":
+        kept = "; ".join(journal_issue_line(i) for i in n.journal_issues)
+        more = n.journal_issues_total - len(n.journal_issues)
+        return (
+            f"{n.node}: NOT CLEAR: keeps {n.journal_issues_total} journal entr(ies) it could not revert, "
+            f"retried by the halt: {kept}" + (f" ... and {more} more" if more > 0 else "")
+        )
     return (
         f"{n.node}: NOT CLEAR: silent: no heartbeat within {wait_s:g}s after the halt "
         f"(last one {n.last_seen_s:.1f}s ago); it may still hold faults"
@@ -162,6 +176,8 @@ def render_text(report: HaltReport) -> list[str]:
     else:
         named = ", ".join(f"{n.node} ({n.result})" for n in bad)
         lines.append(f"halt NOT confirmed on {len(bad)} of {report.agents_seen} agent(s) seen: {named}")
+        if any(n.result == "journal-kept" for n in bad):
+            lines.append(f"  (journal-kept: {JOURNAL_ISSUES_HELP})")
     return lines
 
 

@@ -445,6 +445,19 @@ def test_agents_and_run_name_journal_entries_an_agent_could_not_revert(
     dry = faultline("run", str(path), "--nats", nats_url, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "note: node-a keeps 1 journal entr(ies) it could not revert" in dry.stdout, dry.stdout
+    # a halt cannot call such an agent clear ...
+    halt = faultline("halt", "--nats", nats_url)
+    assert halt.returncode == 1, halt.stdout + halt.stderr
+    assert "node-a: NOT CLEAR: keeps 1 journal entr(ies) it could not revert, retried by the halt: " in halt.stdout
+    assert "torn.0.corrupt: unreadable" in halt.stdout and "journal-kept" in halt.stdout, halt.stdout
+    # ... until the operator has dealt with it and removed the entry: the next halt forgets it
+    (journal / "torn.0.corrupt").unlink()
+    halt = faultline("halt", "--nats", nats_url, "-o", "json")
+    assert halt.returncode == 0, halt.stdout + halt.stderr
+    (node,) = json.loads(halt.stdout)["nodes"]
+    assert node["result"] == "clear" and node["journal_issues"] == [], node
+    r = faultline("agents", "--nats", nats_url, "-o", "json")
+    assert json.loads(r.stdout)[0]["journal_issues_total"] == 0, r.stdout
 
 
 def test_run_example_against_a_real_agent(

@@ -150,3 +150,36 @@ def test_an_older_agents_heartbeat_has_no_journal_issues() -> None:
     assert hb.journal_issues == [] and hb.journal_issues_total == 0
     with pytest.raises(ValueError, match="journal_issues"):
         hb_with(ISSUES * MAX_JOURNAL_ISSUES)
+
+
+async def test_a_halt_retries_a_failed_revert_and_forgets_what_an_operator_removed(tmp_path: Path) -> None:
+    rt, inj = runtime(tmp_path, lambda env: FlakyRevert(env, failures=2))
+    journal = Journal(tmp_path)
+    journal.write(entry("stuck.0"))
+    (journal.dir / "torn.0.json").write_bytes(b"{")
+    await rt.recover()
+    assert {i.entry for i in rt.heartbeat().journal_issues} == {"stuck.0.json", "torn.0.corrupt"}
+    # the first halt's retry fails again: still one issue for the entry, with the new reason
+    await rt.retry_kept("halt")
+    (stuck,) = [i for i in rt.heartbeat().journal_issues if i.fault_id == "stuck.0"]
+    assert "revert failed again on halt" in stuck.reason and inj.reverts == 2
+    assert rt.heartbeat().journal_issues_total == 2
+    # the operator removes the corrupt entry; the next halt's retry succeeds
+    (journal.dir / "torn.0.corrupt").unlink()
+    await rt.retry_kept("halt")
+    hb = rt.heartbeat()
+    assert hb.journal_issues == [] and hb.journal_issues_total == 0 and inj.reverts == 3
+    assert journal.fault_ids() == [], "a reverted entry is dropped"
+    (ended,) = [e for e in hb.ended if e.fault_id == "stuck.0" and e.state == "reverted"]
+    assert ended.reason == "kept journal entry reverted on halt"
+    assert [e.fault_id for e in rt._pending_events if e.state == "reverted"] == ["stuck.0"], "an event reports it"
+
+
+async def test_a_halt_leaves_entries_it_cannot_revert_listed(tmp_path: Path) -> None:
+    rt, inj = runtime(tmp_path, lambda env: FlakyRevert(env, failures=0))
+    journal = Journal(tmp_path)
+    journal.write(entry("cpu.0", CpuSpec.model_validate({"kind": "cpu", "load": "50%"})))
+    await rt.recover()
+    await rt.retry_kept("halt")
+    (issue,) = rt.heartbeat().journal_issues
+    assert issue.problem == "unsupported-kind" and journal.fault_ids() == ["cpu.0"] and inj.reverts == 0
