@@ -47,6 +47,7 @@ class Broadcasts:
         def _start_command(self, cmd: Start) -> Ack: ...
         def heartbeat(self, state: AgentState = "ready") -> Heartbeat: ...
         async def retry_kept(self, why: str) -> None: ...
+        def halt_done(self, halt_id: str) -> None: ...
         async def publish(self, subject: str, payload: bytes) -> None: ...
 
     async def _on_halt(self, msg: Msg) -> None:
@@ -62,14 +63,17 @@ class Broadcasts:
             self.remember(self.ended_experiments, rec.experiment_id, "halted")
         log.warning("HALT from %s: %s; reverting %d fault(s)", halt.issued_by, halt.reason, len(hit))
         retry = self.spawn(self.retry_kept("halt"), name="halt-retry-kept")
-        self.spawn(self._report_halted(hit, retry), name="halt-heartbeat")
+        self.spawn(self._report_halted(halt.id, hit, retry), name="halt-heartbeat")
 
-    async def _report_halted(self, hit: list[FaultRecord], retry: asyncio.Task[None]) -> None:
+    async def _report_halted(self, halt_id: str, hit: list[FaultRecord], retry: asyncio.Task[None]) -> None:
         """A heartbeat as soon as the halt's reverts, and its retries of kept journal entries, are
-        done: `faultline halt` confirms from it, not a heartbeat interval later."""
+        done, naming the halt among ``halts_done``: `faultline halt` confirms from it (a regular
+        heartbeat sent meanwhile does not count), not a heartbeat interval later."""
+        bound_s = 2 * self.settings.timing.revert_timeout_s + 1.0  # a retry may first wait for a running one
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.settings.timing.revert_timeout_s + 1.0):
+            async with asyncio.timeout(bound_s):
                 await asyncio.gather(*(r.finished.wait() for r in hit), asyncio.shield(retry), return_exceptions=True)
+        self.halt_done(halt_id)
         if not self.stopping:
             await self.publish(subjects.agent_hb(self.node), encode(self.heartbeat()))
 

@@ -92,6 +92,7 @@ class CommandHandler:
         def poke_watchdog(self, due: float) -> None: ...
         def launch(self, rec: FaultRecord) -> None: ...
         def arm_deadline(self, rec: FaultRecord) -> None: ...
+        def keeps_entry_of(self, fault_id: str) -> bool: ...
         def make_context(
             self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
         ) -> FaultContext: ...
@@ -145,6 +146,8 @@ class CommandHandler:
             return accepted(cmd.id, self.node, {fid: held.state})
         if fid in self.ended:
             return self._reject(cmd.id, f"fault {fid} already ended ({self.ended[fid]}); not re-injected")
+        if self.keeps_entry_of(fid):
+            return self._reject(cmd.id, f"fault id {fid} has a journal entry this agent keeps unreverted", cmd)
         if exp in self.ended_experiments:
             return self._reject(cmd.id, f"experiment {exp} {self.ended_experiments[exp]}; not re-injected", cmd)
         if self.stopping:

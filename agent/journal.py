@@ -5,8 +5,10 @@ over the entry, and the directory is fsynced so the rename itself survives a
 power cut. An entry is removed only after its revert finished. At start the
 runtime reverts whatever the journal holds (invariant 4).
 
-A corrupt entry (half-written by a dying disk, edited by hand) is moved aside
-to ``*.corrupt`` and reported, never silently dropped and never fatal.
+A corrupt entry (not JSON: a dying disk, a hand edit) is moved aside to
+``*.corrupt``; an entry that is JSON but that this agent cannot read (written
+by a newer agent, before a downgrade) stays where it is, for an agent that
+can. Both are reported, never silently dropped and never fatal.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from proto.codec import format_validation_error
 from proto.faults import FaultSpec
-from proto.messages import PodRef
+from proto.messages import JournalProblem, PodRef
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,31 @@ class JournalEntry(BaseModel):
     )
     created_at: float = Field(default_factory=time.time)
     command_id: str | None = None
+
+
+@dataclass(frozen=True)
+class KeptFile:
+    """A journal file that is no entry this agent can act on: kept, never dropped."""
+
+    name: str
+    problem: JournalProblem  # "unreadable" (not JSON; set aside) | "unrecognised" (JSON it cannot read; in place)
+    reason: str
+    fault_id: str | None = None
+    experiment_id: str | None = None
+    kind: str | None = None
+
+
+def _text(obj: Any, *keys: str) -> str | None:
+    """obj[keys[0]][keys[1]]... when that is text (shortened), else None."""
+    for key in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj[:100] if isinstance(obj, str) else None
+
+
+def _fields(k: KeptFile) -> tuple[JournalProblem, str, str | None, str | None, str | None]:
+    return k.problem, k.reason, k.fault_id, k.experiment_id, k.kind
 
 
 class Journal:
@@ -82,33 +111,60 @@ class Journal:
         finally:
             os.close(fd)
 
-    def load(self) -> tuple[list[JournalEntry], list[tuple[str, str]]]:
-        """All entries, oldest first, and the unreadable ones as (file name, reason).
+    def load(self) -> tuple[list[JournalEntry], list[KeptFile]]:
+        """All entries, oldest first, and the files that are none this agent can act on.
 
-        A corrupt entry is moved aside to ``*.corrupt`` (it is never parsed again, and never
+        A file that is not JSON is moved aside to ``*.corrupt`` (never parsed again, never
         dropped); those set aside at an earlier start are listed again, every time, until an
-        operator has dealt with what they guarded and removed them."""
+        operator has dealt with what they guarded and removed them. A JSON object this agent
+        cannot read stays in place: a newer agent's entry, reverted by the next one that can."""
         entries: list[JournalEntry] = []
-        unreadable: list[tuple[str, str]] = []
+        kept: list[KeptFile] = []
         for tmp in self.dir.glob("*.json.tmp"):
             # a write that never reached its rename: the act it guarded never happened
             with contextlib.suppress(OSError):
                 tmp.unlink()
         for path in sorted(self.dir.glob("*.corrupt")):
-            unreadable.append((path.name, "unreadable, set aside at an earlier start"))
+            kept.append(KeptFile(path.name, "unreadable", "not JSON; set aside at an earlier start"))
         for path in sorted(self.dir.glob("*.json")):
             try:
-                entries.append(JournalEntry.model_validate_json(path.read_bytes()))
-            except (ValidationError, ValueError, OSError) as exc:
-                aside = self._aside(path)
-                try:
-                    os.replace(path, aside)
-                except OSError as move_exc:
-                    aside = path
-                    log.error("could not move %s aside: %s", path.name, move_exc)
-                unreadable.append((aside.name, f"unreadable ({str(exc)[:200]}); set aside as {aside.name}"))
+                entry, problem = self._parse(path.read_bytes())
+            except OSError as exc:
+                kept.append(KeptFile(path.name, "unreadable", f"cannot read the file: {exc}"))
+                continue
+            if entry is not None:
+                entries.append(entry)
+            elif isinstance(problem, KeptFile):
+                kept.append(KeptFile(path.name, *_fields(problem)))
+            else:
+                kept.append(self._set_aside(path, problem or "not JSON"))
         entries.sort(key=lambda e: e.created_at)
-        return entries, unreadable
+        return entries, kept
+
+    def _parse(self, data: bytes) -> tuple[JournalEntry | None, KeptFile | str | None]:
+        """(entry, None); (None, KeptFile) for a JSON object this agent cannot read; (None, why)
+        for what is not a JSON object at all."""
+        try:
+            obj = json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            return None, f"not JSON: {' '.join(str(exc).split())[:150]}"
+        if not isinstance(obj, dict):
+            return None, f"not a JSON object but {type(obj).__name__}"
+        try:
+            return JournalEntry.model_validate(obj), None
+        except ValidationError as exc:
+            why = f"this agent cannot read it ({format_validation_error(exc)}); kept in place for an agent that can"
+            kind = _text(obj, "spec", "kind")
+            return None, KeptFile("", "unrecognised", why, _text(obj, "fault_id"), _text(obj, "experiment_id"), kind)
+
+    def _set_aside(self, path: Path, why: str) -> KeptFile:
+        aside = self._aside(path)
+        try:
+            os.replace(path, aside)
+        except OSError as exc:
+            log.error("could not move %s aside: %s", path.name, exc)
+            return KeptFile(path.name, "unreadable", f"{why}; could not be set aside: {exc}")
+        return KeptFile(aside.name, "unreadable", f"{why}; set aside as {aside.name}")
 
     def _aside(self, path: Path) -> Path:
         """Where a corrupt entry goes: ``NAME.corrupt``, never over an earlier one."""
@@ -165,17 +221,18 @@ class Journal:
         return out
 
     def read(self, fault_id: str) -> JournalEntry | None:
-        """One entry; None when there is none. Raises ValueError when it cannot be read."""
+        """One entry; None when there is none. Raises ValueError, with the reason, when it cannot
+        be read (the file is left as it is)."""
         try:
             data = self._path(fault_id).read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise ValueError(str(exc)) from None
-        try:
-            return JournalEntry.model_validate_json(data)
-        except ValidationError as exc:
-            raise ValueError(str(exc)[:200]) from None
+            raise ValueError(f"cannot read the file: {exc}") from None
+        entry, problem = self._parse(data)
+        if entry is None:
+            raise ValueError(problem.reason if isinstance(problem, KeptFile) else problem)
+        return entry
 
     def fault_ids(self) -> list[str]:
         return sorted(p.stem for p in self.dir.glob("*.json"))

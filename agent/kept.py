@@ -8,25 +8,23 @@ Each is logged and listed in every heartbeat (``Heartbeat.journal_issues``), so
 
 A halt is the operator's "make everything right, now": it retries every
 failed revert (the cause may be fixed by now), and forgets every kept entry
-whose file an operator has removed. The rest stay listed until the next start.
+whose file an operator has removed. The rest stay listed; the next start
+finds again whatever is still on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentSettings
 from agent.faults.base import FaultContext, Injector
 from agent.journal import Journal
-from proto.messages import MAX_JOURNAL_ISSUES, FaultEvent, FaultState, JournalIssue, JournalProblem
+from proto.messages import HALTS_REMEMBERED, MAX_JOURNAL_ISSUES, FaultEvent, FaultState, JournalIssue, JournalProblem
 
 log = logging.getLogger("faultline.agent")
-
-MAX_KEPT_IN_MEMORY = 1000
-"""Kept entries remembered for retries; beyond it only counted (a heartbeat lists MAX_JOURNAL_ISSUES)."""
 
 
 class KeptEntries:
@@ -37,8 +35,10 @@ class KeptEntries:
     injectors: dict[str, Injector]
     ended: OrderedDict[str, str]
     faults: dict[str, Any]
-    journal_issues: list[JournalIssue]
-    journal_issues_uncounted: int  # kept beyond MAX_KEPT_IN_MEMORY
+    stopping: bool
+    journal_issues: dict[str, JournalIssue]  # by entry (file name), oldest first
+    halts_done: deque[str]  # ids of the latest halts whose reverts and retries are done
+    retry_lock: asyncio.Lock
 
     if TYPE_CHECKING:
         # Declared for the type checker only (see CommandHandler).
@@ -50,7 +50,7 @@ class KeptEntries:
         def make_context(
             self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
         ) -> FaultContext: ...
-        async def flush_cleanup(self) -> None: ...
+        async def settle_journal(self, timeout_s: float) -> None: ...
 
     def keep_journal_issue(
         self,
@@ -61,50 +61,72 @@ class KeptEntries:
         experiment_id: str | None = None,
         kind: str | None = None,
     ) -> None:
-        """A journal entry kept, not reverted: logged, and listed in every heartbeat from now on."""
+        """A journal entry kept, not reverted: logged, and listed in every heartbeat from now on.
+        One issue per entry: a later problem with the same entry replaces the earlier one."""
+        why = " ".join(why.split())[:400]  # one line, whatever the exception's text was
         log.error("journal entry %s kept: %s: %s; what it guarded may still be in place", entry, problem, why)
-        issue = JournalIssue(
+        self.journal_issues.pop(entry, None)
+        self.journal_issues[entry] = JournalIssue(
             entry=entry, problem=problem, reason=why, fault_id=fault_id, experiment_id=experiment_id, kind=kind
         )
-        # one issue per entry: a later problem with the same entry replaces the earlier one
-        self.journal_issues = [i for i in self.journal_issues if i.entry != entry]
-        if len(self.journal_issues) < MAX_KEPT_IN_MEMORY:
-            self.journal_issues.append(issue)
-        else:
-            self.journal_issues_uncounted += 1
+
+    def keeps_entry_of(self, fault_id: str) -> bool:
+        """A kept journal entry of this fault id is on disk: a new fault of that id would overwrite it."""
+        return bool(self.journal_issues) and f"{fault_id}.json" in self.journal_issues
 
     def journal_issues_for_heartbeat(self) -> tuple[list[JournalIssue], int]:
         """The first MAX_JOURNAL_ISSUES kept entries and how many there are in all."""
-        return self.journal_issues[:MAX_JOURNAL_ISSUES], len(self.journal_issues) + self.journal_issues_uncounted
+        if not self.journal_issues:
+            return [], 0
+        return list(self.journal_issues.values())[:MAX_JOURNAL_ISSUES], len(self.journal_issues)
+
+    def halt_done(self, halt_id: str) -> None:
+        self.halts_done.append(halt_id)
+        while len(self.halts_done) > HALTS_REMEMBERED:
+            self.halts_done.popleft()
 
     async def retry_kept(self, why: str) -> None:
-        """On a halt: forget kept entries an operator removed, and retry every failed revert. Each
-        retry is bounded by revert_timeout_s; all run at once, so the halt's heartbeat is not late."""
-        if not self.journal_issues:
-            return
-        await self.flush_cleanup()  # a failed revert's tombstone is written before a retry's
-        gone = await asyncio.to_thread(
-            lambda: {i.entry for i in self.journal_issues if not (self.journal.dir / i.entry).exists()}
-        )
-        for name in gone:
-            log.warning("journal entry %s was removed by hand: no longer reported", name)
-        self.journal_issues = [i for i in self.journal_issues if i.entry not in gone]
-        retry = [i for i in self.journal_issues if i.problem == "revert-failed" and i.fault_id not in self.faults]
-        await asyncio.gather(*(self._retry_one(i, why) for i in retry))
+        """On a halt: forget kept entries an operator removed, and retry every failed revert, all
+        at once, each bounded by revert_timeout_s. One run at a time: a second halt waits for the
+        first's retries and then has its own (the same entry is never reverted twice at once)."""
+        async with self.retry_lock:
+            if not self.journal_issues or self.stopping:
+                return  # a stop reverts nothing it was not holding; the next start retries
+            # the failed revert's bookkeeping first, so a retry's "reverted" lands after it
+            await self.settle_journal(self.settings.timing.revert_timeout_s)
+            names = list(self.journal_issues)
+            gone = await asyncio.to_thread(self._gone, names)
+            for name in gone:
+                log.warning("journal entry %s was removed by hand: no longer reported", name)
+                self.journal_issues.pop(name, None)
+            retry = [
+                i
+                for i in self.journal_issues.values()
+                if i.problem == "revert-failed" and i.fault_id is not None and i.fault_id not in self.faults
+            ]
+            await asyncio.gather(*(self._retry_one(i, why) for i in retry))
+
+    def _gone(self, names: list[str]) -> set[str]:
+        """Entries whose file is no longer in the journal directory (none if the directory is gone
+        itself: an unmounted state directory says nothing about what was handled)."""
+        if not self.journal.dir.is_dir():
+            return set()
+        return {n for n in names if not (self.journal.dir / n).exists()}
 
     async def _retry_one(self, issue: JournalIssue, why: str) -> None:
-        assert issue.fault_id is not None  # a revert-failed issue always names its fault
+        fid = issue.fault_id
+        assert fid is not None  # a revert-failed issue always names its fault
         try:
-            entry = await asyncio.to_thread(self.journal.read, issue.fault_id)
+            entry = await asyncio.to_thread(self.journal.read, fid)
         except ValueError as exc:
-            self.keep_journal_issue(issue.entry, "unreadable", f"unreadable at a retry: {exc}", issue.fault_id)
+            self.keep_journal_issue(
+                issue.entry, "revert-failed", f"cannot read it at a retry: {exc}", fid, issue.experiment_id, issue.kind
+            )
             return
-        if entry is None:
-            return  # removed between the check and now: retry_kept's next run forgets it
-        inj = self.injectors.get(entry.spec.kind)
-        if inj is None or entry.plan is None:
-            return
-        ctx = self.make_context(entry.fault_id, entry.experiment_id, entry.expires_at, entry.pods, recovered=True)
+        inj = self.injectors.get(entry.spec.kind) if entry is not None else None
+        if entry is None or inj is None or entry.plan is None or fid in self.faults:
+            return  # gone since (the next halt forgets it), or now a live fault's entry: not ours to touch
+        ctx = self.make_context(fid, entry.experiment_id, entry.expires_at, entry.pods, recovered=True)
         try:
             m = await asyncio.wait_for(
                 inj.revert(inj.load_plan(entry.plan), ctx), self.settings.timing.revert_timeout_s
@@ -113,23 +135,25 @@ class KeptEntries:
             self.keep_journal_issue(
                 issue.entry,
                 "revert-failed",
-                f"revert failed again on {why}: {str(exc)[:200] or type(exc).__name__}; entry kept, "
+                f"revert failed again on {why}: {str(exc) or type(exc).__name__}; entry kept, "
                 "retried at the next start or halt",
-                entry.fault_id,
+                fid,
                 entry.experiment_id,
                 entry.spec.kind,
             )
             return
-        await asyncio.to_thread(self.journal.finish, entry.fault_id, "reverted", entry.expires_at, True)
-        self.journal_issues = [i for i in self.journal_issues if i.entry != issue.entry]
+        if fid in self.faults:
+            return  # cannot happen (an Inject of a kept id is refused); never drop a live fault's entry
+        await asyncio.to_thread(self.journal.finish, fid, "reverted", entry.expires_at, True)
+        self.journal_issues.pop(issue.entry, None)
         reason = f"kept journal entry reverted on {why}"
-        log.warning("fault %s: %s", entry.fault_id, reason)
-        self.remember(self.ended, entry.fault_id, "reverted")
-        self.record_end(entry.fault_id, entry.experiment_id, entry.spec.kind, "reverted", reason)
+        log.warning("fault %s: %s", fid, reason)
+        self.remember(self.ended, fid, "reverted")
+        self.record_end(fid, entry.experiment_id, entry.spec.kind, "reverted", reason)
         self.publish_event(
             FaultEvent(
                 experiment_id=entry.experiment_id,
-                fault_id=entry.fault_id,
+                fault_id=fid,
                 node=self.node,
                 kind=entry.spec.kind,
                 state="reverted",

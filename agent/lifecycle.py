@@ -212,7 +212,7 @@ class Lifecycle:
         # bookkeeping, and a crash before it only repeats an idempotent revert at start.
         await self.send_event(rec, state, reason)
         log.info("fault %s %s: %s", rec.fault_id, state, reason)
-        # a failed revert keeps its journal entry: the next start retries it; till then, every heartbeat says so
+        # a failed revert keeps its journal entry, listed in every heartbeat: the next start or halt retries it
         if error:
             self.keep_journal_issue(
                 self.journal.entry_name(rec.fault_id),
@@ -285,7 +285,7 @@ class Lifecycle:
                     attempt,
                     attempts,
                     error,
-                    " (journal entry kept; retried at next start)" if final else "",
+                    " (journal entry kept; retried at the next start or halt)" if final else "",
                 )
                 if not final:
                     await asyncio.sleep(REVERT_BACKOFF_S * 2 ** (attempt - 1))

@@ -60,9 +60,9 @@ class Recovery:
         ) -> None: ...
 
     async def recover(self) -> None:
-        entries, unreadable = await asyncio.to_thread(self.journal.load)
-        for name, why in unreadable:
-            self.keep_journal_issue(name, "unreadable", why)
+        entries, kept = await asyncio.to_thread(self.journal.load)
+        for k in kept:
+            self.keep_journal_issue(k.name, k.problem, k.reason, k.fault_id, k.experiment_id, k.kind)
         for fid, (ended_state, _) in (await asyncio.to_thread(self.journal.load_ended)).items():
             self.remember(self.ended, fid, ended_state)
         journaled: dict[str, list[Plan]] = {}

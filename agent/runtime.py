@@ -99,8 +99,9 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         self.ended_experiments: OrderedDict[str, str] = OrderedDict()
         self.lease_seen: dict[str, float] = {}
         self.recovered: list[str] = []
-        self.journal_issues: list[JournalIssue] = []  # journal entries kept, not reverted (KeptEntries)
-        self.journal_issues_uncounted = 0
+        self.journal_issues: dict[str, JournalIssue] = {}  # journal entries kept, not reverted (KeptEntries)
+        self.halts_done: deque[str] = deque()
+        self.retry_lock = asyncio.Lock()
         self.recent_ended: deque[EndedFault] = deque(maxlen=200)
         self._ended_raw: list[tuple[str, str, str, FaultState, str | None, float]] = []
         self.rejected_count = 0
@@ -233,6 +234,7 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
             recovered=self.recovered[-50:],
             journal_issues=kept,
             journal_issues_total=kept_total,
+            halts_done=list(self.halts_done),
             ended=self.ended_faults(ended_since),
         )
 

@@ -122,8 +122,8 @@ class ExperimentRunner(Starting, Ending):
         for n, v in views.items():
             if v.heartbeat.journal_issues_total:
                 notes.append(
-                    f"{n} keeps {v.heartbeat.journal_issues_total} journal entr(ies) it could not revert at its "
-                    "start; what they guarded may still be in place (see `faultline agents`)"
+                    f"{n} keeps {v.heartbeat.journal_issues_total} journal entry(ies) it has not reverted; "
+                    "what they guarded may still be in place (see `faultline agents`)"
                 )
         refusals = capability_refusals(list(spec.faults), views)
         too_short = heartbeat_timeout_refusal(spec.abort.heartbeat_timeout_s, views)

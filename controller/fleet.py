@@ -18,6 +18,8 @@ from proto.codec import DecodeError, decode
 from proto.messages import START_SINCE_MINOR, Heartbeat, JournalIssue, schema_minor
 from proto.subjects import ALL_HEARTBEATS
 
+JOURNAL_ISSUES_SINCE_MINOR = 3
+
 
 @dataclass(frozen=True)
 class NodeView:
@@ -35,16 +37,22 @@ class NodeView:
         """The agent speaks 1.2 or newer: it can hold faults until the experiment's Start."""
         return schema_minor(self.heartbeat.schema_version) >= START_SINCE_MINOR
 
+    @property
+    def reports_journal_issues(self) -> bool:
+        """The agent speaks 1.3 or newer: its heartbeats list the journal entries it keeps."""
+        return schema_minor(self.heartbeat.schema_version) >= JOURNAL_ISSUES_SINCE_MINOR
+
     def age_s(self, now_monotonic: float | None = None) -> float:
         return (now_monotonic if now_monotonic is not None else time.monotonic()) - self.last_seen_monotonic
 
 
 def journal_issue_line(issue: JournalIssue) -> str:
-    """One kept journal entry, for a person: what it was and why it is still there."""
-    what = issue.entry
-    if issue.fault_id is not None:
-        what = f"{issue.fault_id} ({issue.kind}, experiment {issue.experiment_id}; {issue.entry})"
-    return f"{what}: {issue.problem}: {issue.reason}"
+    """One kept journal entry, for a person: what it was (as far as known) and why it is still there."""
+    if issue.fault_id is None:
+        return f"{issue.entry}: {issue.problem}: {issue.reason}"
+    about = ", ".join(x for x in (issue.kind, issue.experiment_id and f"experiment {issue.experiment_id}") if x)
+    where = f"{about}; {issue.entry}" if about else issue.entry
+    return f"{issue.fault_id} ({where}): {issue.problem}: {issue.reason}"
 
 
 def journal_issue_lines(hb: Heartbeat, indent: str = "  ") -> list[str]:
@@ -57,9 +65,9 @@ def journal_issue_lines(hb: Heartbeat, indent: str = "  ") -> list[str]:
 
 
 JOURNAL_ISSUES_HELP = (
-    "what such an entry guarded may still be in place: check it on the node (a paused process, a qdisc, "
-    "a stressor); an agent retries a failed revert at its next start; remove an entry from "
-    "STATE_DIR/journal once it is handled"
+    "what such an entry guarded may still be in place: `faultline halt` (every agent) or restarting the agent "
+    "retries failed reverts; check the rest on the node (a paused process, a qdisc, a stressor), and once it is "
+    "handled remove the file from STATE_DIR/journal: the next halt or start stops listing it (docs/deploy.md)"
 )
 
 

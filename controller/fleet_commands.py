@@ -43,9 +43,9 @@ def _agent_row(view: NodeView, now: float) -> dict[str, Any]:
         "memory_percent": hb.load.memory_percent if hb.load else None,
         "last_seen_s": round(view.age_s(now), 2),
         "instance_id": hb.instance_id,
-        # kept journal entries the agent could not revert (agents on schema 1.3 or newer)
-        "journal_issues": [i.model_dump() for i in hb.journal_issues],
-        "journal_issues_total": hb.journal_issues_total,
+        # journal entries the agent keeps unreverted; null from agents older than schema 1.3 (unknown)
+        "journal_issues": [i.model_dump() for i in hb.journal_issues] if view.reports_journal_issues else None,
+        "journal_issues_total": hb.journal_issues_total if view.reports_journal_issues else None,
     }
 
 
@@ -113,7 +113,7 @@ async def cmd_agents(args: argparse.Namespace) -> int:
     holding = [v for _, v in sorted(views.items()) if v.heartbeat.journal_issues_total]
     if holding:
         _out("")
-        _out(f"attention: {len(holding)} agent(s) keep journal entries they could not revert:")
+        _out(f"attention: {len(holding)} agent(s) keep journal entries they have not reverted:")
         for v in holding:
             _out(f"  {v.node}:")
             for line in journal_issue_lines(v.heartbeat, indent="    "):

@@ -18,8 +18,11 @@ from pydantic import BaseModel, ConfigDict
 
 from controller.fleet import JOURNAL_ISSUES_HELP, Fleet, NodeView, journal_issue_line
 from proto.codec import encode
-from proto.messages import ActiveFault, EndedFault, Halt, JournalIssue
+from proto.messages import ActiveFault, EndedFault, Halt, JournalIssue, schema_minor
 from proto.subjects import HALT
+
+HALTS_DONE_SINCE_MINOR = 3
+"""Agents on schema 1.3 or newer name each halt they have finished in their heartbeats."""
 
 HALT_WAIT_S = 5.0
 """How long after sending the halt every agent seen has to confirm it, unless its heartbeat is slow."""
@@ -35,8 +38,8 @@ HALT_WAIT_HELP = (
     f"{HALT_WAIT_S:g} s after sending ({HALT_WAIT_INTERVALS:g} heartbeat intervals of the slowest agent if "
     f"longer, never more than {HALT_WAIT_MAX_S:g} s) until each of them sends a heartbeat listing no active "
     "fault, and prints each node's result. Exit 0 when every agent seen is clear, or when no agent is seen; "
-    "1 when one still holds faults, failed a revert, keeps a journal entry it could not revert (the halt retries "
-    "those first) or went silent (each is named); 2 when NATS cannot be reached."
+    "1 when one still holds faults, failed a revert, keeps a journal entry unreverted (the halt first retries "
+    "failed reverts) or went silent (each is named); 2 when NATS cannot be reached."
 )
 
 NodeResult = Literal["clear", "holds-faults", "revert-failed", "journal-kept", "silent"]
@@ -85,9 +88,14 @@ def wait_bound_s(views: Mapping[str, NodeView]) -> float:
     return min(HALT_WAIT_MAX_S, max(HALT_WAIT_S, HALT_WAIT_INTERVALS * slowest))
 
 
-def _confirmed(view: NodeView, sent_mono: float) -> bool:
-    """A heartbeat that arrived after the halt was sent and lists no active fault."""
-    return view.last_seen_monotonic > sent_mono and not view.heartbeat.faults
+def _confirmed(view: NodeView, sent_mono: float, halt_id: str) -> bool:
+    """A heartbeat that arrived after the halt was sent and lists no active fault; from an agent
+    on schema 1.3 or newer, the one it sends when the halt's reverts and retries are done (it
+    names the halt): a regular heartbeat sent meanwhile may still list a kept entry being retried."""
+    hb = view.heartbeat
+    if view.last_seen_monotonic <= sent_mono or hb.faults:
+        return False
+    return schema_minor(hb.schema_version) < HALTS_DONE_SINCE_MINOR or halt_id in hb.halts_done
 
 
 def node_result(view: NodeView, sent_mono: float, sent_wall: float, now_mono: float) -> HaltNode:
@@ -123,10 +131,10 @@ def node_result(view: NodeView, sent_mono: float, sent_wall: float, now_mono: fl
     )
 
 
-async def confirm(fleet: Fleet, sent_mono: float, sent_wall: float, wait_s: float) -> list[HaltNode]:
+async def confirm(fleet: Fleet, halt_id: str, sent_mono: float, sent_wall: float, wait_s: float) -> list[HaltNode]:
     """Wait until every agent seen confirmed the halt, at most until ``wait_s`` after it was sent."""
     remaining_s = max(0.0, sent_mono + wait_s - time.monotonic())
-    await fleet.wait_until(lambda: all(_confirmed(v, sent_mono) for v in fleet.nodes().values()), remaining_s)
+    await fleet.wait_until(lambda: all(_confirmed(v, sent_mono, halt_id) for v in fleet.nodes().values()), remaining_s)
     now = time.monotonic()
     return [node_result(v, sent_mono, sent_wall, now) for _, v in sorted(fleet.nodes().items())]
 
@@ -154,8 +162,8 @@ def render_node(n: HaltNode, wait_s: float) -> str:
         kept = "; ".join(journal_issue_line(i) for i in n.journal_issues)
         more = n.journal_issues_total - len(n.journal_issues)
         return (
-            f"{n.node}: NOT CLEAR: keeps {n.journal_issues_total} journal entr(ies) it could not revert, "
-            f"retried by the halt: {kept}" + (f" ... and {more} more" if more > 0 else "")
+            f"{n.node}: NOT CLEAR: {n.journal_issues_total} journal entry(ies) kept unreverted "
+            f"after the halt's retries: {kept}" + (f" ... and {more} more" if more > 0 else "")
         )
     return (
         f"{n.node}: NOT CLEAR: silent: no heartbeat within {wait_s:g}s after the halt "
@@ -210,7 +218,7 @@ async def halt_and_confirm(
                 f"{len(views)} agent(s) seen: {', '.join(sorted(views))}; waiting up to {wait_s:g}s after the "
                 "halt for each to report no active fault"
             )
-        nodes = await confirm(fleet, sent_mono, halt.sent_at, wait_s) if views else []
+        nodes = await confirm(fleet, halt.id, sent_mono, halt.sent_at, wait_s) if views else []
         outcome: HaltOutcome = (
             "no-agents" if not nodes else "clear" if all(n.result == "clear" for n in nodes) else "not-clear"
         )

@@ -69,7 +69,7 @@ def recovery_lines(recovered: list[EndedFault], state_dir: Path, kept: Heartbeat
             lines.append(f"  {e.fault_id} ({e.kind}, experiment {e.experiment_id}): {e.state}: {e.reason}")
     if kept is not None and kept.journal_issues_total:
         lines.append(
-            f"the local agent keeps {kept.journal_issues_total} journal entr(ies) it could not revert "
+            f"the local agent keeps {kept.journal_issues_total} journal entry(ies) unreverted "
             f"({state_dir / 'journal'}):"
         )
         lines += journal_issue_lines(kept)
@@ -140,12 +140,13 @@ class LocalEnvironment:
         return recovery_lines(self.recovered, self.state_dir, self.ready_heartbeat)
 
     def recovery_json(self) -> dict[str, Any]:
-        """The same for -o json: ``local_recovery`` (faults reverted at the agent's start) and
-        ``local_journal_issues`` (entries it keeps, not reverted)."""
+        """The same for -o json, as the agent reported once ready: ``local_recovery`` (faults
+        reverted at its start), ``local_journal_issues`` and ``_total`` (entries it keeps unreverted)."""
         hb = self.ready_heartbeat
         return {
             "local_recovery": [e.model_dump(mode="json") for e in self.recovered],
             "local_journal_issues": [i.model_dump() for i in hb.journal_issues] if hb else [],
+            "local_journal_issues_total": hb.journal_issues_total if hb else 0,
         }
 
     def agent_log_tail(self, size: int = 1500) -> str:

@@ -79,7 +79,8 @@ def exit_code(report: Report) -> int:
 
 def to_json(report: Report, extra: dict[str, Any] | None = None) -> str:
     """Every key of the model, null when absent: scripts can rely on the shape (abort is null on success).
-    ``extra``: keys added at the top level (local mode's ``local_recovery`` and ``local_journal_issues``)."""
+    ``extra``: keys added at the top level; local mode adds ``local_recovery``, ``local_journal_issues``
+    and ``local_journal_issues_total``, which a run against a fleet does not have."""
     data = report.model_dump(mode="json")
     data["duration_s"] = round(report.duration_s, 3)
     data.update(extra or {})

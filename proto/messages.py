@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from proto.faults import FaultSpec
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 3  # 1.1: Heartbeat.ended; 1.2: Inject.await_start, Start; 1.3: Heartbeat.journal_issues
+SCHEMA_MINOR = 3  # 1.1: Heartbeat.ended; 1.2: Inject.await_start, Start; 1.3: Heartbeat.journal_issues, halts_done
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 START_SINCE_MINOR = 2
@@ -191,20 +191,22 @@ class EndedFault(BaseModel):
     at: float
 
 
-JournalProblem = Literal["unreadable", "unsupported-kind", "revert-failed"]
+JournalProblem = Literal["unreadable", "unrecognised", "unsupported-kind", "revert-failed"]
+"""What an agent of this version reports; a reader accepts any text (a newer agent may add kinds)."""
 
 
 class JournalIssue(BaseModel):
-    """A journal entry the agent keeps but could not revert: what it guarded may still be in place.
+    """A journal entry the agent keeps without having reverted it: what it guarded may still be in place.
 
-    Found by the journal recovery at start; reported in every heartbeat for the agent's life, and
-    found again at its next start until the entry is gone (a failed revert is retried there).
+    Found by the journal recovery at start, or when a revert keeps failing; listed in every
+    heartbeat until a halt reverts it or finds its file removed, and found again at the next
+    start while the file is there.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     entry: str = Field(description="file name under STATE_DIR/journal")
-    problem: JournalProblem
+    problem: str = Field(description="unreadable | unrecognised | unsupported-kind | revert-failed (JournalProblem)")
     reason: str
     fault_id: str | None = None
     experiment_id: str | None = None
@@ -212,7 +214,10 @@ class JournalIssue(BaseModel):
 
 
 MAX_JOURNAL_ISSUES = 20
-"""A heartbeat lists at most this many journal issues (the agent's log has every one)."""
+"""An agent lists at most this many journal issues in a heartbeat (its log has every one)."""
+
+HALTS_REMEMBERED = 8
+"""A heartbeat names the ids of this many of the latest halts the agent has finished."""
 
 
 AgentState = Literal["starting", "ready", "leaving"]
@@ -240,10 +245,13 @@ class Heartbeat(Message):
     )
     journal_issues: list[JournalIssue] = Field(
         default_factory=list,
-        max_length=MAX_JOURNAL_ISSUES,
-        description="journal entries kept because they could not be reverted (since 1.3)",
+        description="journal entries kept because they could not be reverted, the first 20 (since 1.3)",
     )
     journal_issues_total: int = Field(0, ge=0, description="all such entries, listed or not (since 1.3)")
+    halts_done: list[str] = Field(
+        default_factory=list,
+        description="ids of the latest halts whose reverts and retries this agent has finished (since 1.3)",
+    )
 
 
 class SkippedProcess(BaseModel):

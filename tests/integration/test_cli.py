@@ -334,23 +334,24 @@ def test_local_dry_run_reports_what_an_earlier_run_left_in_the_journal(tmp_path:
     assert r.returncode == 0, r.stderr
     assert "1 fault(s) an earlier run left in its journal" in r.stderr, r.stderr
     assert "crashed-run.0 (process-pause, experiment crashed-run): reverted" in r.stderr, r.stderr
-    assert "keeps 1 journal entr(ies) it could not revert" in r.stderr, r.stderr
-    assert "  torn.0.corrupt: unreadable: unreadable (" in r.stderr, r.stderr
+    assert "keeps 1 journal entry(ies) unreverted" in r.stderr, r.stderr
+    assert "  torn.0.corrupt: unreadable: not JSON: " in r.stderr, r.stderr
     data = json.loads(r.stdout)
     (rec,) = data["local_recovery"]
     assert rec["fault_id"] == "crashed-run.0" and rec["state"] == "reverted", rec
     assert [(i["entry"], i["problem"]) for i in data["local_journal_issues"]] == [("torn.0.corrupt", "unreadable")]
+    assert data["local_journal_issues_total"] == 1
     assert status(victim) != psutil.STATUS_STOPPED
     assert not list((state / "journal").glob("*.json"))
     # the next run (a real one) reverts nothing, and still names the entry it keeps
     again = faultline("run", str(path), "-o", "json", env=cli_env(FAULTLINE_STATE_DIR=str(state)))
     assert again.returncode == 0, again.stderr
     assert "earlier run" not in again.stderr, again.stderr
-    assert "torn.0.corrupt: unreadable: unreadable, set aside at an earlier start" in again.stderr, again.stderr
+    assert "torn.0.corrupt: unreadable: not JSON; set aside at an earlier start" in again.stderr, again.stderr
     report = json.loads(again.stdout)
     assert report["outcome"] == "completed" and report["local_recovery"] == [], report
     assert [i["entry"] for i in report["local_journal_issues"]] == ["torn.0.corrupt"], report
-    assert any("keeps 1 journal entr(ies)" in n for n in report["notes"]), report["notes"]
+    assert any("keeps 1 journal entry(ies)" in n for n in report["notes"]), report["notes"]
 
 
 def test_a_second_local_run_on_the_same_state_dir_is_refused(
@@ -437,18 +438,18 @@ def test_agents_and_run_name_journal_entries_an_agent_could_not_revert(
     assert row["journal_issues_total"] == 1
     assert (journal / "torn.0.corrupt").exists(), "kept, never dropped"
     text = faultline("agents", "--nats", nats_url)
-    assert "attention: 1 agent(s) keep journal entries they could not revert:" in text.stdout, text.stdout
-    assert "    torn.0.corrupt: unreadable: unreadable (" in text.stdout, text.stdout
+    assert "attention: 1 agent(s) keep journal entries they have not reverted:" in text.stdout, text.stdout
+    assert "    torn.0.corrupt: unreadable: not JSON: " in text.stdout, text.stdout
     assert "may still be in place" in text.stdout
     victims.start(1)
     path = experiment_file(tmp_path, [pause(victims)], duration="1s")
     dry = faultline("run", str(path), "--nats", nats_url, "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "note: node-a keeps 1 journal entr(ies) it could not revert" in dry.stdout, dry.stdout
+    assert "note: node-a keeps 1 journal entry(ies) it has not reverted" in dry.stdout, dry.stdout
     # a halt cannot call such an agent clear ...
     halt = faultline("halt", "--nats", nats_url)
     assert halt.returncode == 1, halt.stdout + halt.stderr
-    assert "node-a: NOT CLEAR: keeps 1 journal entr(ies) it could not revert, retried by the halt: " in halt.stdout
+    assert "node-a: NOT CLEAR: 1 journal entry(ies) kept unreverted after the halt's retries: " in halt.stdout
     assert "torn.0.corrupt: unreadable" in halt.stdout and "journal-kept" in halt.stdout, halt.stdout
     # ... until the operator has dealt with it and removed the entry: the next halt forgets it
     (journal / "torn.0.corrupt").unlink()

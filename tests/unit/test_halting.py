@@ -9,10 +9,23 @@ from typing import Any
 from controller.fleet import Fleet
 from controller.halting import HaltReport, confirm, render_text, wait_bound_s
 from proto.codec import encode
-from proto.messages import ActiveFault, EndedFault, Heartbeat
+from proto.messages import ActiveFault, EndedFault, Heartbeat, JournalIssue
+
+HALT_ID = "h1"
 
 
-def beat(fleet: Fleet, node: str, *, faults: Any = (), ended: Any = (), interval_s: float = 0.5) -> None:
+def beat(
+    fleet: Fleet,
+    node: str,
+    *,
+    faults: Any = (),
+    ended: Any = (),
+    interval_s: float = 0.5,
+    done: bool = True,
+    kept: Any = (),
+    schema: str | None = None,
+) -> None:
+    """``done``: the heartbeat names the halt as finished (as the one an agent sends when it is)."""
     hb = Heartbeat(
         node=node,
         instance_id="i",
@@ -22,7 +35,12 @@ def beat(fleet: Fleet, node: str, *, faults: Any = (), ended: Any = (), interval
         started_at=time.time(),
         faults=list(faults),
         ended=list(ended),
+        halts_done=[HALT_ID] if done else [],
+        journal_issues=list(kept),
+        journal_issues_total=len(kept),
     )
+    if schema is not None:
+        hb = hb.model_copy(update={"schema_version": schema})
     assert fleet.observe(encode(hb)) is not None
 
 
@@ -41,7 +59,7 @@ def ended(fid: str, state: str = "reverted", reason: str = "halt: x (by me)") ->
 def report(fleet: Fleet, nodes: Any, wait_s: float) -> HaltReport:
     bad = [n for n in nodes if n.result != "clear"]
     return HaltReport(
-        url="nats://h:4222", reason="x", issued_by="me", halt_id="h1", sent_at=time.time(),
+        url="nats://h:4222", reason="x", issued_by="me", halt_id=HALT_ID, sent_at=time.time(),
         outcome="not-clear" if bad else "clear", agents_seen=len(nodes), wait_s=wait_s, waited_s=wait_s, nodes=nodes,
     )  # fmt: skip
 
@@ -57,7 +75,7 @@ async def test_every_result_kind_and_the_bound() -> None:
     beat(fleet, "holding", faults=[active("holding.0")])
     beat(fleet, "failing", ended=[ended("failing.0", "failed", "halt: x; revert failed: tc said no")])
     started = time.monotonic()
-    nodes = await confirm(fleet, sent_mono, sent_wall, wait_s=0.3)
+    nodes = await confirm(fleet, HALT_ID, sent_mono, sent_wall, wait_s=0.3)
     assert time.monotonic() - started < 0.3 + 2.0, "the wait is not bounded by wait_s"
     by = {n.node: n for n in nodes}
     assert {k: v.result for k, v in by.items()} == {
@@ -91,7 +109,7 @@ async def test_returns_as_soon_as_every_agent_confirmed() -> None:
 
     feeder = asyncio.create_task(later(), name="feed-heartbeat")
     started = time.monotonic()
-    (node,) = await confirm(fleet, sent_mono, sent_wall, wait_s=5.0)
+    (node,) = await confirm(fleet, HALT_ID, sent_mono, sent_wall, wait_s=5.0)
     await feeder
     assert node.result == "clear" and time.monotonic() - started < 4.0, "it waited for the bound, not the beat"
     assert render_text(report(fleet, [node], 5.0))[-1] == "halt confirmed: all 1 agent(s) seen report no active fault"
@@ -103,7 +121,7 @@ async def test_an_end_before_the_halt_is_not_counted() -> None:
     sent_mono, sent_wall = time.monotonic(), time.time()
     await asyncio.sleep(0.01)
     beat(fleet, "a", ended=[old])
-    (node,) = await confirm(fleet, sent_mono, sent_wall, wait_s=1.0)
+    (node,) = await confirm(fleet, HALT_ID, sent_mono, sent_wall, wait_s=1.0)
     assert node.result == "clear" and node.ended_since_halt == []
 
 
@@ -116,3 +134,47 @@ def test_wait_bound_follows_slow_heartbeats_within_limits() -> None:
     assert wait_bound_s(fleet.nodes()) == 10.0
     beat(fleet, "glacial", interval_s=60.0)
     assert wait_bound_s(fleet.nodes()) == 30.0
+
+
+KEPT = JournalIssue(
+    entry="k.0.json", problem="revert-failed", reason="revert failed again on halt: tc said no; entry kept",
+    fault_id="k.0", experiment_id="exp-0", kind="network",
+)  # fmt: skip
+
+
+async def test_only_the_heartbeat_that_names_the_halt_confirms_it() -> None:
+    """A regular heartbeat sent while the agent still retries a kept entry lists it: it must not
+    decide the result. An agent older than 1.3 names no halt: any later heartbeat confirms."""
+    fleet = Fleet(None)
+    sent_mono, sent_wall = time.monotonic(), time.time()
+    await asyncio.sleep(0.01)
+    beat(fleet, "a", kept=[KEPT], done=False)  # mid-retry
+    beat(fleet, "old", done=False, schema="1.2")
+
+    async def later() -> None:
+        await asyncio.sleep(0.2)
+        beat(fleet, "a")  # the retry reverted it
+
+    feeder = asyncio.create_task(later(), name="feed-heartbeat")
+    by = {n.node: n for n in await confirm(fleet, HALT_ID, sent_mono, sent_wall, wait_s=5.0)}
+    await feeder
+    assert by["a"].result == "clear" and by["a"].journal_issues == [], by["a"]
+    assert by["old"].result == "clear"
+
+
+async def test_a_kept_entry_after_the_halt_is_not_clear_and_worse_results_win() -> None:
+    fleet = Fleet(None)
+    sent_mono, sent_wall = time.monotonic(), time.time()
+    await asyncio.sleep(0.01)
+    beat(fleet, "kept", kept=[KEPT])
+    beat(fleet, "both", kept=[KEPT], ended=[ended("b.0", "failed", "halt: x; revert failed: no")])
+    by = {n.node: n for n in await confirm(fleet, HALT_ID, sent_mono, sent_wall, wait_s=0.5)}
+    assert by["kept"].result == "journal-kept" and by["kept"].journal_issues == [KEPT]
+    assert by["both"].result == "revert-failed"
+    lines = render_text(report(fleet, [by["kept"]], 0.5))
+    assert lines[0] == (
+        "kept: NOT CLEAR: 1 journal entry(ies) kept unreverted after the halt's retries: "
+        "k.0 (network, experiment exp-0; k.0.json): revert-failed: revert failed again on halt: tc said no; entry kept"
+    )
+    assert lines[1] == "halt NOT confirmed on 1 of 1 agent(s) seen: kept (journal-kept)"
+    assert lines[2].startswith("  (journal-kept: what such an entry guarded may still be in place")

@@ -8,6 +8,7 @@ controller's wording of it.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,12 @@ from typing import Any
 import pytest
 
 from agent.journal import Journal, JournalEntry
-from controller.fleet import NodeView, journal_issue_lines
+from controller.fleet import NodeView, journal_issue_line, journal_issue_lines
 from controller.fleet_commands import _agent_row
 from controller.local import recovery_lines
 from proto.codec import decode, encode
 from proto.faults import CpuSpec, ProcessPauseSpec
-from proto.messages import MAX_JOURNAL_ISSUES, Ack, Heartbeat, JournalIssue
+from proto.messages import MAX_JOURNAL_ISSUES, Ack, Halt, Heartbeat, JournalIssue
 from tests.conftest import async_wait_until
 from tests.unit.test_agent_safety import FlakyPlan, FlakyRevert, inject, runtime
 
@@ -39,18 +40,39 @@ def entry(fid: str, spec: Any = None, planned: bool = True) -> JournalEntry:
 def test_a_corrupt_entry_is_set_aside_and_listed_at_every_load(tmp_path: Path) -> None:
     journal = Journal(tmp_path)
     (journal.dir / "torn.0.json").write_bytes(b'{"fault_id": "torn.0", "experi')
-    entries, unreadable = journal.load()
+    entries, kept = journal.load()
     assert entries == []
-    ((name, why),) = unreadable
-    assert name == "torn.0.corrupt" and "unreadable" in why and "set aside as torn.0.corrupt" in why
+    (k,) = kept
+    assert (k.name, k.problem) == ("torn.0.corrupt", "unreadable")
+    assert k.reason.startswith("not JSON: ") and k.reason.endswith("; set aside as torn.0.corrupt")
+    assert "\n" not in k.reason
     assert (journal.dir / "torn.0.corrupt").exists() and not (journal.dir / "torn.0.json").exists()
     # the next start lists it again: it stays visible until someone removes it
-    assert journal.load()[1] == [("torn.0.corrupt", "unreadable, set aside at an earlier start")]
+    (again,) = journal.load()[1]
+    assert (again.name, again.reason) == ("torn.0.corrupt", "not JSON; set aside at an earlier start")
     # a second corrupt entry of the same name does not overwrite the first
-    (journal.dir / "torn.0.json").write_bytes(b"not json")
-    _, unreadable = journal.load()
-    assert sorted(n for n, _ in unreadable) == ["torn.0.1.corrupt", "torn.0.corrupt"]
+    (journal.dir / "torn.0.json").write_bytes(b"[1, 2]")
+    _, kept = journal.load()
+    assert sorted(k.name for k in kept) == ["torn.0.1.corrupt", "torn.0.corrupt"]
     assert (journal.dir / "torn.0.corrupt").read_bytes().startswith(b'{"fault_id"')
+
+
+def test_a_newer_agents_entry_stays_in_place_for_an_agent_that_can_read_it(tmp_path: Path) -> None:
+    """JSON this build cannot validate (a kind it does not know: written by a newer agent before
+    a downgrade) is not corrupt: moved aside, no later agent would ever revert it."""
+    journal = Journal(tmp_path)
+    newer = entry("disk.0").model_dump(mode="json", by_alias=True)
+    newer["spec"] = {"kind": "disk-fill", "path": "/var", "percent": 90}
+    (journal.dir / "disk.0.json").write_text(json.dumps(newer))
+    entries, (k,) = journal.load()
+    assert entries == []
+    assert (k.name, k.problem, k.fault_id, k.experiment_id, k.kind) == (
+        "disk.0.json", "unrecognised", "disk.0", "old-exp", "disk-fill"
+    )  # fmt: skip
+    assert "this agent cannot read it (spec: " in k.reason and k.reason.endswith("kept in place for an agent that can")
+    assert (journal.dir / "disk.0.json").exists(), "left where an agent that can read it finds it"
+    with pytest.raises(ValueError, match="cannot read it"):
+        journal.read("disk.0")
 
 
 async def test_start_up_recovery_reports_every_entry_it_keeps(tmp_path: Path) -> None:
@@ -66,6 +88,7 @@ async def test_start_up_recovery_reports_every_entry_it_keeps(tmp_path: Path) ->
     hb = rt.heartbeat()
     got = {i.entry: i for i in hb.journal_issues}
     assert set(got) == {"torn.0.corrupt", "stuck.0.json", "cpu.0.json"}, got
+    assert got["torn.0.corrupt"].reason.startswith("not JSON: ")
     assert hb.journal_issues_total == 3
     assert got["torn.0.corrupt"].problem == "unreadable" and got["torn.0.corrupt"].fault_id is None
     stuck = got["stuck.0.json"]
@@ -133,23 +156,34 @@ def test_the_controller_words_each_kept_entry(tmp_path: Path) -> None:
         "  e.0 (process-pause, experiment e; e.0.json): revert-failed: revert failed: boom",
     ]
     local = recovery_lines([], tmp_path, hb_with(ISSUES))
-    assert local[0] == f"the local agent keeps 2 journal entr(ies) it could not revert ({tmp_path / 'journal'}):"
+    assert local[0] == f"the local agent keeps 2 journal entry(ies) unreverted ({tmp_path / 'journal'}):"
     assert local[1:3] == lines
     assert "may still be in place" in local[3] and local[4].endswith("agent.log)")
     assert recovery_lines([], tmp_path, hb_with([])) == []
     row = _agent_row(NodeView(hb_with(ISSUES), time.monotonic(), time.time()), time.monotonic())
     assert [i["entry"] for i in row["journal_issues"]] == ["torn.0.corrupt", "e.0.json"]
     assert row["journal_issues_total"] == 2
+    old = hb_with([]).model_copy(update={"schema_version": "1.2"})
+    row = _agent_row(NodeView(old, time.monotonic(), time.time()), time.monotonic())
+    assert row["journal_issues"] is None and row["journal_issues_total"] is None, "unknown, not none"
+    bare = JournalIssue(entry="x.0.json", problem="revert-failed", reason="r", fault_id="x.0")
+    assert journal_issue_line(bare) == "x.0 (x.0.json): revert-failed: r"
 
 
-def test_an_older_agents_heartbeat_has_no_journal_issues() -> None:
-    """A 1.2 agent's heartbeat reads with an empty list; a 1.3 heartbeat over the cap is refused."""
-    old = hb_with([]).model_dump(exclude={"journal_issues", "journal_issues_total"})
+def test_heartbeats_across_versions_keep_reading() -> None:
+    """A 1.2 agent's heartbeat (no such fields) reads as none; a newer agent's, with a problem this
+    controller does not know or more than 20 entries, still reads: an unreadable heartbeat would
+    make that agent look silent and abort every run that targets it."""
+    old = hb_with([]).model_dump(mode="json", exclude={"journal_issues", "journal_issues_total", "halts_done"})
     old["schema_version"] = "1.2"
-    hb = decode(encode(Heartbeat.model_validate(old)), Heartbeat)
-    assert hb.journal_issues == [] and hb.journal_issues_total == 0
-    with pytest.raises(ValueError, match="journal_issues"):
-        hb_with(ISSUES * MAX_JOURNAL_ISSUES)
+    hb = decode(json.dumps(old).encode(), Heartbeat)
+    assert hb.journal_issues == [] and hb.journal_issues_total == 0 and hb.halts_done == []
+    newer = hb_with(ISSUES * 15).model_dump(mode="json")
+    newer["schema_version"] = "1.9"
+    newer["journal_issues"][0]["problem"] = "quarantined"
+    newer["journal_issues"][0]["since"] = 1.0  # a field this side does not know
+    hb = decode(json.dumps(newer).encode(), Heartbeat)
+    assert len(hb.journal_issues) == 30 and hb.journal_issues[0].problem == "quarantined"
 
 
 async def test_a_halt_retries_a_failed_revert_and_forgets_what_an_operator_removed(tmp_path: Path) -> None:
@@ -183,3 +217,64 @@ async def test_a_halt_leaves_entries_it_cannot_revert_listed(tmp_path: Path) -> 
     await rt.retry_kept("halt")
     (issue,) = rt.heartbeat().journal_issues
     assert issue.problem == "unsupported-kind" and journal.fault_ids() == ["cpu.0"] and inj.reverts == 0
+
+
+async def test_two_halts_at_once_revert_a_kept_entry_once(tmp_path: Path) -> None:
+    rt, inj = runtime(tmp_path, lambda env: FlakyRevert(env, failures=1))
+    Journal(tmp_path).write(entry("stuck.0"))
+    await rt.recover()
+    assert inj.reverts == 1 and rt.heartbeat().journal_issues_total == 1
+    await asyncio.gather(rt.retry_kept("halt"), rt.retry_kept("halt"))
+    assert inj.reverts == 2, "the second halt's retry found nothing left to retry"
+    assert rt.heartbeat().journal_issues_total == 0
+    assert [e.fault_id for e in rt._pending_events if e.state == "reverted"] == ["stuck.0"]
+
+
+async def test_an_unrevertable_entry_removed_by_hand_is_forgotten_at_the_next_halt(tmp_path: Path) -> None:
+    rt, _ = runtime(tmp_path, lambda env: FlakyRevert(env, failures=0))
+    journal = Journal(tmp_path)
+    journal.write(entry("cpu.0", CpuSpec.model_validate({"kind": "cpu", "load": "50%"})))
+    await rt.recover()
+    assert rt.heartbeat().journal_issues_total == 1
+    journal.remove("cpu.0")
+    await rt.retry_kept("halt")
+    assert rt.heartbeat().journal_issues_total == 0
+
+
+async def test_an_inject_of_a_kept_fault_id_is_refused(tmp_path: Path) -> None:
+    """It would overwrite the kept entry, and a halt's retry could then revert the new fault's plan."""
+    rt, _ = runtime(tmp_path, lambda env: FlakyRevert(env, failures=99))
+    Journal(tmp_path).write(entry("e.0"))
+    await rt.recover()
+    rt.ended.clear()  # its tombstone refuses it too, until it is evicted (4096 ends later) or expires
+    ack = decode(await rt.handle_command(inject("e.0")), Ack)
+    assert not ack.accepted and ack.reason == "fault id e.0 has a journal entry this agent keeps unreverted"
+    assert "e.0" not in rt.faults and rt.journal.fault_ids() == ["e.0"]
+
+
+class FakeMsg:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.subject = data, "faultline.v1.halt"
+
+
+async def test_a_halt_names_itself_done_only_after_its_retries(tmp_path: Path) -> None:
+    """The heartbeat a halt is confirmed from comes after the kept entries' retries."""
+    rt, inj = runtime(tmp_path, lambda env: FlakyRevert(env, failures=1))
+    Journal(tmp_path).write(entry("stuck.0"))
+    await rt.recover()
+    gate = asyncio.Event()
+    revert = inj.revert
+
+    async def slow_revert(plan: Any, ctx: Any) -> Any:
+        await gate.wait()
+        return await revert(plan, ctx)
+
+    inj.revert = slow_revert
+    halt = Halt(reason="test", issued_by="me")
+    await rt._on_halt(FakeMsg(encode(halt)))
+    await asyncio.sleep(0.05)
+    hb = rt.heartbeat()  # a regular heartbeat meanwhile: not done, entry still listed
+    assert halt.id not in hb.halts_done and hb.journal_issues_total == 1
+    gate.set()
+    await async_wait_until(lambda: halt.id in rt.heartbeat().halts_done, 5, "the halt to be named done")
+    assert rt.heartbeat().journal_issues_total == 0 and inj.reverts == 2
