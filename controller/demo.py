@@ -78,7 +78,7 @@ class Supervisor:
 
     async def start(self, which: str) -> None:
         self.procs[which] = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", VICTIM_CODE, victim_label(self.token, which), stdin=asyncio.subprocess.DEVNULL
+            sys.executable, "-P", "-c", VICTIM_CODE, victim_label(self.token, which), stdin=asyncio.subprocess.DEVNULL
         )
         task = asyncio.create_task(self._watch(which), name=f"demo-supervisor-{which}")
         self._tasks.add(task)

@@ -177,6 +177,7 @@ class LocalEnvironment:
         await self.fleet.start()
         argv = [
             sys.executable,
+            "-P",  # no working directory on sys.path: the user's ./proto or ./agent must not shadow ours
             "-m",
             "agent.main",
             "--nats",

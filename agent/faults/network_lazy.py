@@ -38,7 +38,7 @@ class LazyNetworkFault(LazyInjector):
             real._caps = {c.name: c for c in self._caps}  # probed already: not again
 
     def probe(self) -> list[Capability]:
-        argv = [sys.executable, "-m", "agent.netlink.startup"]
+        argv = [sys.executable, "-P", "-m", "agent.netlink.startup"]  # -P: see stressor.spawn
         try:
             out = subprocess.run(argv, capture_output=True, timeout=STARTUP_TIMEOUT_S, check=True, text=True)
             data = json.loads(out.stdout)

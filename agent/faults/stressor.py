@@ -82,6 +82,7 @@ def spawn(marker: str, args: Sequence[str], *, until: float = 0.0, core: int | N
     env[MARKER_ENV] = marker
     argv = [
         sys.executable,
+        "-P",  # no working directory on sys.path: a ./agent or ./proto there must not shadow ours
         "-m",
         "agent.stressor_main",
         f"{MARKER_ARG}{marker}",

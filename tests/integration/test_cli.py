@@ -300,6 +300,42 @@ def test_run_without_nats_uses_local_agent(tmp_path: Path, victims: Victims) -> 
     assert status(victim) != psutil.STATUS_STOPPED
 
 
+def test_a_local_run_from_a_directory_with_packages_named_like_ours(tmp_path: Path, victims: Victims) -> None:
+    """A user's project may well have ./proto or ./agent. The local agent and the processes it starts
+    (its network probe, stressors) run with -P: the working directory is not on their sys.path."""
+    cwd = tmp_path / "project"
+    for pkg in ("proto", "agent", "controller"):
+        (cwd / pkg).mkdir(parents=True)
+        (cwd / pkg / "__init__.py").write_text(f"raise ImportError('the user\\'s own {pkg} package was imported')\n")
+    (victim,) = victims.start(1)
+    faults = [pause(victims), {"kind": "cpu", "load": "10%", "workers": 1}]
+    path = experiment_file(tmp_path, faults, duration="1s")
+    script = Path(sys.executable).parent / "faultline"
+    r = subprocess.run(
+        [str(script), "run", str(path), "-o", "json", "--quiet"],
+        capture_output=True, text=True, timeout=60, cwd=cwd, stdin=subprocess.DEVNULL,
+        env=cli_env(FAULTLINE_STATE_DIR=str(tmp_path / "state")),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    by_kind = {f["kind"]: f for f in report["faults"]}
+    assert by_kind["process-pause"]["measurements"]["hit_pids"] == [victim.pid]
+    assert len(by_kind["cpu"]["measurements"]["stressor_pids"]) == 1, by_kind["cpu"]
+    assert "user's own" not in r.stderr
+    assert status(victim) != psutil.STATUS_STOPPED
+    if os.geteuid() != 0:
+        return  # the network probe below finds no tc capability without root either way
+    net = experiment_file(tmp_path, [{"kind": "network", "rate": "8mbit", "interface": "lo"}], duration="1s")
+    dry = subprocess.run(
+        [str(script), "run", str(net), "--dry-run"],
+        capture_output=True, text=True, timeout=60, cwd=cwd, stdin=subprocess.DEVNULL,
+        env=cli_env(FAULTLINE_STATE_DIR=str(tmp_path / "state")),
+    )  # fmt: skip
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    log = (tmp_path / "state" / "agent.log").read_text()
+    assert "start-up child failed" not in log, "the network probe's child imported the user's package"
+
+
 def test_local_dry_run_reports_what_an_earlier_run_left_in_the_journal(tmp_path: Path, victims: Victims) -> None:
     """A crashed local run left a paused victim and its journal entry. The next local run's agent
     reverts it as it starts (as every agent start does), and the user is told, even in a dry run."""
