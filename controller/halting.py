@@ -159,12 +159,14 @@ def render_node(n: HaltNode, wait_s: float) -> str:
             f"{e.fault_id} ({e.kind}): {e.reason or 'no reason given'}" for e in failed
         )
     if n.result == "journal-kept":
-        kept = "; ".join(journal_issue_line(i) for i in n.journal_issues)
         more = n.journal_issues_total - len(n.journal_issues)
-        return (
-            f"{n.node}: NOT CLEAR: {n.journal_issues_total} journal entry(ies) kept unreverted "
-            f"after the halt's retries: {kept}" + (f" ... and {more} more" if more > 0 else "")
-        )
+        lines = [
+            f"{n.node}: NOT CLEAR: {n.journal_issues_total} journal entry(ies) kept unreverted after the halt's retries:"
+        ]
+        lines += [f"    {journal_issue_line(i)}" for i in n.journal_issues]
+        if more > 0:
+            lines.append(f"    ... and {more} more (the agent's log lists every one)")
+        return "\n".join(lines)
     return (
         f"{n.node}: NOT CLEAR: silent: no heartbeat within {wait_s:g}s after the halt "
         f"(last one {n.last_seen_s:.1f}s ago); it may still hold faults"

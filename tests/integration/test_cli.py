@@ -485,7 +485,10 @@ def test_agents_and_run_name_journal_entries_an_agent_could_not_revert(
     # a halt cannot call such an agent clear ...
     halt = faultline("halt", "--nats", nats_url)
     assert halt.returncode == 1, halt.stdout + halt.stderr
-    assert "node-a: NOT CLEAR: 1 journal entry(ies) kept unreverted after the halt's retries: " in halt.stdout
+    assert (
+        "node-a: NOT CLEAR: 1 journal entry(ies) kept unreverted after the halt's retries:\n    torn.0.corrupt: "
+        in halt.stdout
+    )
     assert "torn.0.corrupt: unreadable" in halt.stdout and "journal-kept" in halt.stdout, halt.stdout
     # ... until the operator has dealt with it and removed the entry: the next halt forgets it
     (journal / "torn.0.corrupt").unlink()

@@ -173,8 +173,8 @@ async def test_a_kept_entry_after_the_halt_is_not_clear_and_worse_results_win() 
     assert by["both"].result == "revert-failed"
     lines = render_text(report(fleet, [by["kept"]], 0.5))
     assert lines[0] == (
-        "kept: NOT CLEAR: 1 journal entry(ies) kept unreverted after the halt's retries: "
-        "k.0 (network, experiment exp-0; k.0.json): revert-failed: revert failed again on halt: tc said no; entry kept"
+        "kept: NOT CLEAR: 1 journal entry(ies) kept unreverted after the halt's retries:\n"
+        "    k.0 (network, experiment exp-0; k.0.json): revert-failed: revert failed again on halt: tc said no; entry kept"
     )
     assert lines[1] == "halt NOT confirmed on 1 of 1 agent(s) seen: kept (journal-kept)"
     assert lines[2].startswith("  (journal-kept: what such an entry guarded may still be in place")
