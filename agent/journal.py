@@ -14,6 +14,7 @@ can. Both are reported, never silently dropped and never fatal.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -66,10 +67,6 @@ def _text(obj: Any, *keys: str) -> str | None:
             return None
         obj = obj.get(key)
     return obj[:100] if isinstance(obj, str) else None
-
-
-def _fields(k: KeptFile) -> tuple[JournalProblem, str, str | None, str | None, str | None]:
-    return k.problem, k.reason, k.fault_id, k.experiment_id, k.kind
 
 
 class Journal:
@@ -135,7 +132,7 @@ class Journal:
             if entry is not None:
                 entries.append(entry)
             elif isinstance(problem, KeptFile):
-                kept.append(KeptFile(path.name, *_fields(problem)))
+                kept.append(dataclasses.replace(problem, name=path.name))
             else:
                 kept.append(self._set_aside(path, problem or "not JSON"))
         entries.sort(key=lambda e: e.created_at)

@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from proto.codec import DecodeError, decode
-from proto.messages import START_SINCE_MINOR, Heartbeat, JournalIssue, schema_minor
+from proto.messages import KEPT_ENTRIES_SINCE_MINOR, START_SINCE_MINOR, Heartbeat, JournalIssue, schema_minor
 from proto.subjects import ALL_HEARTBEATS
-
-JOURNAL_ISSUES_SINCE_MINOR = 3
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ class NodeView:
     @property
     def reports_journal_issues(self) -> bool:
         """The agent speaks 1.3 or newer: its heartbeats list the journal entries it keeps."""
-        return schema_minor(self.heartbeat.schema_version) >= JOURNAL_ISSUES_SINCE_MINOR
+        return schema_minor(self.heartbeat.schema_version) >= KEPT_ENTRIES_SINCE_MINOR
 
     def age_s(self, now_monotonic: float | None = None) -> float:
         return (now_monotonic if now_monotonic is not None else time.monotonic()) - self.last_seen_monotonic

@@ -18,11 +18,8 @@ from pydantic import BaseModel, ConfigDict
 
 from controller.fleet import JOURNAL_ISSUES_HELP, Fleet, NodeView, journal_issue_line
 from proto.codec import encode
-from proto.messages import ActiveFault, EndedFault, Halt, JournalIssue, schema_minor
+from proto.messages import KEPT_ENTRIES_SINCE_MINOR, ActiveFault, EndedFault, Halt, JournalIssue, schema_minor
 from proto.subjects import HALT
-
-HALTS_DONE_SINCE_MINOR = 3
-"""Agents on schema 1.3 or newer name each halt they have finished in their heartbeats."""
 
 HALT_WAIT_S = 5.0
 """How long after sending the halt every agent seen has to confirm it, unless its heartbeat is slow."""
@@ -95,7 +92,7 @@ def _confirmed(view: NodeView, sent_mono: float, halt_id: str) -> bool:
     hb = view.heartbeat
     if view.last_seen_monotonic <= sent_mono or hb.faults:
         return False
-    return schema_minor(hb.schema_version) < HALTS_DONE_SINCE_MINOR or halt_id in hb.halts_done
+    return schema_minor(hb.schema_version) < KEPT_ENTRIES_SINCE_MINOR or halt_id in hb.halts_done
 
 
 def node_result(view: NodeView, sent_mono: float, sent_wall: float, now_mono: float) -> HaltNode:

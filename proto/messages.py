@@ -26,6 +26,9 @@ SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 START_SINCE_MINOR = 2
 """Agents speaking 1.2 or newer hold an Inject with await_start until its Start."""
 
+KEPT_ENTRIES_SINCE_MINOR = 3
+"""Agents speaking 1.3 or newer list kept journal entries and finished halts in their heartbeats."""
+
 
 def schema_minor(version: str) -> int:
     """The MINOR of a "MAJOR.MINOR" schema_version (validated by Message's pattern)."""
