@@ -8,6 +8,7 @@ are parsed once, here, into fields whose names carry the unit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import secrets
@@ -176,9 +177,32 @@ def _kind(data: Any) -> str:
     return "an empty file" if data is None else type(data).__name__
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, except that a key given twice in one mapping is an error. YAML says keys
+    are unique; PyYAML keeps the last one silently, so a second ``faults:`` would quietly replace
+    the first list, and a second ``duration:`` change how long faults stay."""
+
+    def construct_unique_map(self, node: yaml.MappingNode) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<" merges may override: that is what they are for
+            key = self.construct_object(key_node, deep=True)
+            with contextlib.suppress(TypeError):  # an unhashable key: the usual constructor says so
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark
+                    )
+                seen[key] = key_node.start_mark.line
+        return (yield from self.construct_yaml_map(node))
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_unique_map)
+
+
 def load_experiment_text(text: str, source: str = "<string>") -> Experiment:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "(file)"

@@ -169,7 +169,13 @@ class LocalEnvironment:
         await self.stop()
 
     async def start(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LocalModeError(
+                f"cannot use the local state directory {self.state_dir}: {exc.strerror or exc} "
+                "(FAULTLINE_STATE_DIR chooses another)"
+            ) from None
         check_state_dir_free(self.state_dir)  # before anything starts
         self.url = await asyncio.to_thread(self.server.start)
         self.nc = await connect(self.url, name="faultline-local")

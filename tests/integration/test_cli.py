@@ -390,6 +390,18 @@ def test_local_dry_run_reports_what_an_earlier_run_left_in_the_journal(tmp_path:
     assert any("keeps 1 journal entry(ies)" in n for n in report["notes"]), report["notes"]
 
 
+def test_an_unusable_local_state_dir_is_refused_with_its_name(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    path = experiment_file(tmp_path, [{"kind": "process-pause", "match": {"pid": 999999}}])
+    for output in ([], ["-o", "json"]):
+        r = faultline("run", str(path), "--dry-run", *output, env=cli_env(FAULTLINE_STATE_DIR=str(blocker / "state")))
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert f"cannot use the local state directory {blocker / 'state'}: Not a directory" in r.stderr, r.stderr
+        assert "FAULTLINE_STATE_DIR" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert json.loads(r.stdout)["stage"] == "local-mode", r.stdout
+
+
 def test_a_second_local_run_on_the_same_state_dir_is_refused(
     tmp_path: Path, victims: Victims, running: Callable[..., Running]
 ) -> None:

@@ -151,6 +151,32 @@ def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
         load_experiment(bad)
 
 
+def test_a_key_given_twice_is_refused_not_silently_replaced() -> None:
+    """PyYAML keeps the last of two equal keys: a second `faults:` would drop the first list."""
+    text = ISSUE_EXAMPLE + "  faults: []\n"
+    with pytest.raises(
+        ExperimentError, match=r"line \d+, column 3: not valid YAML: duplicate key 'faults' \(first at line \d+\)"
+    ):
+        load_experiment_text(text)
+    nested = ISSUE_EXAMPLE.replace("mode: all", "mode: all\n    mode: one")
+    with pytest.raises(ExperimentError, match="duplicate key 'mode'"):
+        load_experiment_text(nested)
+    # a merge key may override what it merges: that is what it is for
+    merged = """\
+apiVersion: faultline/v1
+kind: Experiment
+metadata: {name: merged}
+spec:
+  duration: 30s
+  faults:
+    - &base {kind: process-pause, match: {name: a}}
+    - <<: *base
+      match: {name: b}
+"""
+    exp = load_experiment_text(merged)
+    assert [f.match.name for f in exp.spec.faults] == ["a", "b"]
+
+
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ExperimentError, match="cannot read"):
         load_experiment(tmp_path / "missing.yaml")
