@@ -6,6 +6,7 @@ import argparse
 import getpass
 import json
 import logging
+import re
 import socket
 import time
 from typing import Any
@@ -124,9 +125,26 @@ async def cmd_agents(args: argparse.Namespace) -> int:
 
 def _issuer() -> str:
     try:
-        return f"{getpass.getuser()}@{socket.gethostname()}"
+        return f"{getpass.getuser()}@{socket.gethostname()}"[:200]
     except (OSError, KeyError):
         return "unknown"
+
+
+MAX_REASON = 500  # Revert.reason and Halt.reason on the wire
+
+
+def fitted_reason(text: str, suffix: str = "") -> str:
+    """A command's reason as given, made to fit the wire: valid UTF-8 (a terminal may pass any
+    bytes), one line, and cut to the field's limit with the suffix kept. An emergency command
+    must never fail on its reason."""
+    text = " ".join(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").split())
+    room = MAX_REASON - len(suffix)
+    if len(text) > room:
+        text = text[: room - 1] + "…"
+    return text + suffix
+
+
+EXPERIMENT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 async def cmd_abort(args: argparse.Namespace) -> int:
@@ -135,7 +153,13 @@ async def cmd_abort(args: argparse.Namespace) -> int:
     except NatsUrlError as exc:
         return _bad_url(exc)
     exp_id = args.experiment_id
-    reason = f"{args.reason} (by {_issuer()})"
+    if not EXPERIMENT_ID.match(exp_id):
+        _err(
+            f"faultline: {exp_id!r} is not an experiment id: 1-64 letters, digits, '_' or '-', "
+            "as `faultline run` prints it (running <id>; abort it ...)"
+        )
+        return EXIT_BAD_INPUT
+    reason = fitted_reason(args.reason, f" (by {_issuer()})")
     try:
         nc, fleet = await _with_fleet(target.url)
     except ConnectError as exc:
@@ -177,6 +201,6 @@ async def cmd_halt(args: argparse.Namespace) -> int:
     except ConnectError as exc:
         return _connect_failed(args, target, exc)
     try:
-        return await halt_and_confirm(nc, target.url, args.reason, _issuer(), args.output, _out, _err)
+        return await halt_and_confirm(nc, target.url, fitted_reason(args.reason), _issuer(), args.output, _out, _err)
     finally:
         await close(nc)

@@ -790,6 +790,17 @@ def test_halt_with_no_agent_says_so(nats_url: str) -> None:
     assert r.returncode == 0
     result = json.loads(r.stdout)
     assert (result["outcome"], result["agents_seen"], result["nodes"]) == ("no-agents", 0, [])
+    # an emergency command never fails on its reason: too long, several lines, bytes not UTF-8
+    odd = "incident 42:\n" + "x" * 600 + os.fsdecode(b"\xff\xfe")
+    r = faultline("halt", "--nats", nats_url, "--reason", odd)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("exp_id", ["", "x" * 65, "a.b", "exp id"])
+def test_abort_refuses_what_cannot_be_an_experiment_id(exp_id: str) -> None:
+    r = faultline("abort", exp_id, "--nats", "nats://127.0.0.1:1", timeout_s=30)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "is not an experiment id: 1-64 letters, digits" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_killed_controller_lease_lapses_and_victim_resumes(

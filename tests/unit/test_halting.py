@@ -178,3 +178,14 @@ async def test_a_kept_entry_after_the_halt_is_not_clear_and_worse_results_win() 
     )
     assert lines[1] == "halt NOT confirmed on 1 of 1 agent(s) seen: kept (journal-kept)"
     assert lines[2].startswith("  (journal-kept: what such an entry guarded may still be in place")
+
+
+def test_a_reason_always_fits_the_wire() -> None:
+    from controller.fleet_commands import MAX_REASON, fitted_reason
+    from proto.messages import Halt
+
+    long = fitted_reason("x" * 600, " (by me@host)")
+    assert len(long) == MAX_REASON and long.endswith("… (by me@host)")
+    odd = fitted_reason("line one\nline two \udcff")
+    assert odd == "line one line two \ufffd"
+    Halt(reason=fitted_reason("y" * 10_000), issued_by="me")  # validates
