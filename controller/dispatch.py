@@ -18,7 +18,7 @@ import nats.errors
 
 from proto.codec import DecodeError, decode, encode
 from proto.messages import Ack, Revert, Start
-from proto.natsurl import split_servers
+from proto.natsurl import redacted, split_servers
 from proto.subjects import agent_cmd, exp_abort, exp_start
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ async def connect(url: str, *, name: str = "faultline", connect_timeout_s: float
     try:
         servers = split_servers(url)
     except ValueError as exc:
-        raise ConnectError(f"cannot connect to NATS at {url}: not a NATS server URL: {exc}") from None
+        raise ConnectError(f"cannot connect to NATS at {redacted(url)}: not a NATS server URL: {exc}") from None
 
     seen: list[Exception] = []  # the last error only: the callback lives as long as the connection
 
@@ -63,7 +63,7 @@ async def connect(url: str, *, name: str = "faultline", connect_timeout_s: float
         why = str(exc) or type(exc).__name__
         if seen and str(seen[-1]) and str(seen[-1]) != why:
             why += f" (last error: {seen[-1]})"  # the real cause, e.g. connection refused
-        raise ConnectError(f"cannot connect to NATS at {url}: {why}") from None
+        raise ConnectError(f"cannot connect to NATS at {redacted(url)}: {redacted(why)}") from None
 
 
 async def close(nc: Any, timeout_s: float = 2.0) -> None:

@@ -19,7 +19,7 @@ from controller.fleet import JOURNAL_ISSUES_HELP, Fleet, NodeView, journal_issue
 from controller.halting import halt_and_confirm
 from proto.codec import DecodeError, decode, encode
 from proto.messages import Ack, Revert
-from proto.natsurl import DEFAULT_NATS_URL, NatsTarget, NatsUrlError, configured, default_target
+from proto.natsurl import DEFAULT_NATS_URL, NatsTarget, NatsUrlError, configured, default_target, redacted
 from proto.subjects import exp_control
 
 
@@ -91,7 +91,7 @@ async def cmd_agents(args: argparse.Namespace) -> int:
         _out(json.dumps(rows, indent=2))
         return EXIT_OK
     if not rows:
-        _out(f"no agents sent a heartbeat on {url}")
+        _out(f"no agents sent a heartbeat on {redacted(url)}")
         return EXIT_OK
     table = [["NODE", "VERSION", "STATE", "LABELS", "CAPABILITIES", "FAULTS", "CPU", "MEM", "LAST SEEN"]]
     for r in rows:
@@ -201,6 +201,8 @@ async def cmd_halt(args: argparse.Namespace) -> int:
     except ConnectError as exc:
         return _connect_failed(args, target, exc)
     try:
-        return await halt_and_confirm(nc, target.url, fitted_reason(args.reason), _issuer(), args.output, _out, _err)
+        return await halt_and_confirm(
+            nc, redacted(target.url), fitted_reason(args.reason), _issuer(), args.output, _out, _err
+        )
     finally:
         await close(nc)

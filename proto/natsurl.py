@@ -37,6 +37,14 @@ class NatsTarget:
     """The URLs nats-py gets, each with its scheme."""
 
 
+_USERINFO = re.compile(r"(://|^|,\s*)([^@/,\s]+)@")
+
+
+def redacted(text: str) -> str:
+    """URLs for messages: credentials (``user:password@`` or a token) shown as ``***@``."""
+    return _USERINFO.sub(lambda m: m.group(1) + "***@", text)
+
+
 def split_servers(text: str) -> list[str]:
     """Check a URL or comma-separated list (as faultline-agent takes); raises ValueError with the reason."""
     parts = [p.strip() for p in text.split(",")]
@@ -97,9 +105,9 @@ def configured(flag: str | None) -> NatsTarget | None:
     try:
         return NatsTarget(text, source, split_servers(text))
     except ValueError as exc:
-        value = text if text.strip() else repr(text)
+        value = redacted(text) if text.strip() else repr(text)
         shown = f"--nats {value}" if source == "--nats" else f"{ENV_VAR}={value}"
-        raise NatsUrlError(f"{shown}: not a NATS server URL: {exc}") from None
+        raise NatsUrlError(f"{shown}: not a NATS server URL: {redacted(str(exc))}") from None
 
 
 def default_target() -> NatsTarget:

@@ -174,6 +174,8 @@ def test_unreachable_nats_is_named_with_a_reason() -> None:
     assert r.returncode == 2
     assert re.search(r"cannot connect to NATS at nats://127\.0\.0\.1:1: \S", r.stderr), r.stderr
     assert "no --nats" not in r.stderr  # the URL was given: no hint about defaults
+    r = faultline("agents", "--nats", "nats://ops:hunter2@127.0.0.1:1", timeout_s=30)
+    assert r.returncode == 2 and "nats://***@127.0.0.1:1" in r.stderr and "hunter2" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("command", [["agents"], ["halt"], ["abort", "some-exp-123456"], ["run", "EXAMPLE"]])

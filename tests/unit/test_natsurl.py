@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proto.natsurl import DEFAULT_NATS_URL, NatsUrlError, configured, split_servers
+from proto.natsurl import DEFAULT_NATS_URL, NatsUrlError, configured, redacted, split_servers
 
 
 @pytest.mark.parametrize(
@@ -75,3 +75,19 @@ def test_configured_names_where_the_url_came_from(monkeypatch: pytest.MonkeyPatc
     assert target is not None and (target.source, target.servers) == ("--nats", [DEFAULT_NATS_URL])
     monkeypatch.setenv("FAULTLINE_NATS_URL", "")
     assert configured(None) is None  # empty counts as unset
+
+
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [
+        ("nats://user:secret@h:4222", "nats://***@h:4222"),
+        ("tls://token@h", "tls://***@h"),
+        ("a:b@h:4222, nats://c:d@k", "***@h:4222, nats://***@k"),
+        ("nats://h:4222", "nats://h:4222"),
+    ],
+)
+def test_credentials_never_appear_in_messages(given: str, shown: str) -> None:
+    assert redacted(given) == shown
+    with pytest.raises(NatsUrlError) as info:
+        configured(given.replace("h:4222", "h:99999").replace("@h", "@h:0"))
+    assert "secret" not in str(info.value) and ":d@" not in str(info.value) and "token@" not in str(info.value)
