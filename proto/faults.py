@@ -58,7 +58,7 @@ def signal_number(value: str | int) -> int:
 class ProcessMatch(SpecModel):
     """Which processes a process fault selects. Every given selector must match (AND)."""
 
-    pid: int | None = Field(None, gt=0, description="exact process id")
+    pid: int | None = Field(None, gt=0, le=4194304, description="exact process id (Linux pid_max is at most 2^22)")
     name: str | None = Field(None, min_length=1, description="exact process name (comm, as ps -o comm shows)")
     cmdline: str | None = Field(
         None, min_length=1, description="regular expression searched in the space-joined command line"

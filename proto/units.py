@@ -7,8 +7,10 @@ message that says what was expected; pydantic turns them into field errors.
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BeforeValidator, Field, WithJsonSchema
 
@@ -55,11 +57,41 @@ _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*$")
 _PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%?\s*$")
 
 
+T = TypeVar("T")
+
+MAX_DURATION_S = 366 * 86400.0
+"""No duration, timeout or deadline in faultline needs more than a year."""
+MAX_SIZE = 2**60  # bytes: an exbibyte, beyond any node
+MAX_RATE = 10**15  # bit/s: a petabit
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _bounded(what: str) -> Callable[[Callable[[Any], T]], Callable[[Any], T]]:
+    """A parser whose arithmetic overflows (a number of 400 digits) says so as a ValueError."""
+
+    def wrap(parse: Callable[[Any], T]) -> Callable[[Any], T]:
+        @functools.wraps(parse)
+        def parsed(value: Any) -> T:
+            try:
+                return parse(value)
+            except OverflowError:
+                raise ValueError(f"invalid {what} {_short(value)}: too large") from None
+
+        return parsed
+
+    return wrap
+
+
 def _reject_bool(value: Any, what: str) -> None:
     if isinstance(value, bool):
         raise ValueError(f"expected {what}, got a boolean")
 
 
+@_bounded("duration")
 def parse_duration(value: Any) -> float:
     """Seconds from 30, 30.5, "30s", "500ms", "2m", "1h", "1m30s". Must be >= 0."""
     _reject_bool(value, "a duration")
@@ -75,10 +107,13 @@ def parse_duration(value: Any) -> float:
     else:
         raise ValueError(f"invalid duration {value!r}: expected a number of seconds or a string like '30s'")
     if seconds < 0 or seconds != seconds or seconds == float("inf"):
-        raise ValueError(f"invalid duration {value!r}: must be a finite number >= 0")
+        raise ValueError(f"invalid duration {_short(value)}: must be a finite number >= 0")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"invalid duration {_short(value)}: at most 366 days")
     return seconds
 
 
+@_bounded("size")
 def parse_size(value: Any) -> int:
     """Bytes from 1024, "512Mi", "1G", "64KiB". Must be > 0."""
     _reject_bool(value, "a size")
@@ -100,10 +135,13 @@ def parse_size(value: Any) -> int:
     else:
         raise ValueError(f"invalid size {value!r}: expected bytes or a string like '512Mi'")
     if size <= 0:
-        raise ValueError(f"invalid size {value!r}: must be > 0")
+        raise ValueError(f"invalid size {_short(value)}: must be > 0")
+    if size > MAX_SIZE:
+        raise ValueError(f"invalid size {_short(value)}: too large (at most 1Ei)")
     return size
 
 
+@_bounded("percentage")
 def parse_percent(value: Any) -> float:
     """Percent from 50, 50.5, "50%", "50". Range 0..100."""
     _reject_bool(value, "a percentage")
@@ -117,10 +155,11 @@ def parse_percent(value: Any) -> float:
     else:
         raise ValueError(f"invalid percentage {value!r}: expected a number like 5 or '5%'")
     if not 0 <= pct <= 100:
-        raise ValueError(f"invalid percentage {value!r}: must be between 0 and 100")
+        raise ValueError(f"invalid percentage {_short(value)}: must be between 0 and 100")
     return pct
 
 
+@_bounded("rate")
 def parse_rate(value: Any) -> int:
     """Bits per second from 8000000, "8mbit", "1gbit", "100kbps" (tc units)."""
     _reject_bool(value, "a rate")
@@ -138,7 +177,9 @@ def parse_rate(value: Any) -> int:
     else:
         raise ValueError(f"invalid rate {value!r}: expected bits per second or a string like '8mbit'")
     if rate <= 0:
-        raise ValueError(f"invalid rate {value!r}: must be > 0")
+        raise ValueError(f"invalid rate {_short(value)}: must be > 0")
+    if rate > MAX_RATE:
+        raise ValueError(f"invalid rate {_short(value)}: too large (at most 1000tbit)")
     return rate
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -50,6 +51,28 @@ def test_sizes_rates_percents() -> None:
             parse_size(bad)
     with pytest.raises(ValueError):
         parse_percent(101)
+
+
+BIG = int("9" * 400)
+
+
+@pytest.mark.parametrize(
+    ("parse", "value", "why"),
+    [
+        (parse_duration, BIG, "too large"),
+        (parse_duration, "9" * 400 + "s", "must be a finite number"),
+        (parse_duration, "99999999999999999999h", "at most 366 days"),
+        (parse_size, BIG, "too large"),
+        (parse_size, "9" * 400 + "Mi", "too large"),
+        (parse_rate, "9" * 400 + "mbit", "too large"),
+        (parse_rate, BIG, "too large"),
+        (parse_percent, BIG, "too large"),
+    ],
+)
+def test_numbers_too_large_for_any_use_are_refused_not_crashed_on(parse: Any, value: object, why: str) -> None:
+    """A 400-digit number overflowed a float conversion: a traceback from `validate`."""
+    with pytest.raises(ValueError, match=why):
+        parse(value)
 
 
 def test_signal_names() -> None:
