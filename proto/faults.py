@@ -102,6 +102,9 @@ class _CountOrPercent(_FaultBase):
         return self
 
 
+STOP_SIGNALS = frozenset({_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
+
+
 class ProcessKillSpec(_CountOrPercent):
     """Send a signal to matching processes (default SIGKILL to one of them)."""
 
@@ -116,6 +119,21 @@ class ProcessKillSpec(_CountOrPercent):
     @classmethod
     def _signal(cls, v: Any) -> int:
         return signal_number(v)
+
+    @field_validator("signal")
+    @classmethod
+    def _not_stop_or_cont(cls, v: int) -> int:
+        if v in STOP_SIGNALS:
+            raise ValueError(
+                f"{_signal.Signals(v).name} stops a process and process-kill never resumes it; use kind: "
+                "process-pause (SIGSTOP for the duration, SIGCONT at revert)"
+            )
+        if v == _signal.SIGCONT:
+            raise ValueError(
+                "SIGCONT would resume processes a process-pause fault holds stopped, ending that fault early "
+                "behind its back; a pause ends with its own revert (or `faultline abort`)"
+            )
+        return v
 
 
 class ProcessPauseSpec(_CountOrPercent):

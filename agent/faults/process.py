@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 _ATTRS = ["pid", "name", "cmdline", "username", "create_time", "status"]
 WATCH_INTERVAL_S = 0.1
-STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
 
 class Target(Plan):
@@ -176,17 +175,7 @@ class _ProcessInjector(Injector):
     default_all = False
 
     def check(self, spec: Any, ctx: FaultContext) -> None:
-        if isinstance(spec, ProcessKillSpec) and spec.signal in STOP_SIGNALS:
-            name = signal.Signals(spec.signal).name
-            raise Rejected(
-                f"signal: {name} stops a process and process-kill never resumes it; use kind: process-pause "
-                "(SIGSTOP for the duration, SIGCONT at revert)"
-            )
-        if isinstance(spec, ProcessKillSpec) and spec.signal == signal.SIGCONT:
-            raise Rejected(
-                "signal: SIGCONT would resume processes a process-pause fault holds stopped, ending that "
-                "fault early behind its back; a pause ends with its own revert (or `faultline abort`)"
-            )
+        # stop signals and SIGCONT on a process-kill are refused by the spec itself (proto.faults)
         if spec.match.pid is not None and spec.match.pid in (1, os.getpid()):
             raise Rejected(
                 f"match.pid: {spec.match.pid} is protected ({'PID 1' if spec.match.pid == 1 else 'the agent'})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 import time
@@ -189,32 +190,23 @@ async def test_idle_agent_has_no_watchdog_timer(tmp_path: Path) -> None:
 
 
 async def test_process_kill_refuses_stop_signals(tmp_path: Path) -> None:
-    from agent.faults.process import ProcessKill
-
+    """What an older controller (or anyone on the bus) could still send: the agent decodes the spec
+    with the same rule `faultline validate` applies, and answers why."""
     settings = AgentSettings(state_dir=tmp_path, identity={"node": "safety"})
     rt = AgentRuntime(settings)
-    assert isinstance(rt.injectors["process-kill"], ProcessKill)
     rt.capabilities = sorted(set(rt.capabilities) | {"process-kill"})
-    for sig in ("SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU"):
-        cmd = Inject(
-            experiment_id="e",
-            fault_id=f"e.{sig}",
-            spec={"kind": "process-kill", "match": {"pid": 99999}, "signal": sig},
-            expires_at=time.time() + 30,
-            lease_timeout_s=30,
-        )
-        ack = decode(await rt.handle_command(encode(cmd)), Ack)
-        assert not ack.accepted and "process-pause" in (ack.reason or ""), ack.reason
-    # and SIGCONT, which would end a pause fault's pause behind its back
-    cmd = Inject(
-        experiment_id="e",
-        fault_id="e.cont",
-        spec={"kind": "process-kill", "match": {"pid": 99999}, "signal": "SIGCONT"},
-        expires_at=time.time() + 30,
-        lease_timeout_s=30,
-    )
-    ack = decode(await rt.handle_command(encode(cmd)), Ack)
-    assert not ack.accepted and "signal: SIGCONT would resume" in (ack.reason or ""), ack.reason
+    ok = Inject(
+        experiment_id="e", fault_id="e.0", spec={"kind": "process-kill", "match": {"pid": 99999}},
+        expires_at=time.time() + 30, lease_timeout_s=30,
+    )  # fmt: skip
+    for sig, why in [(s, "use kind: process-pause") for s in ("SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU")] + [
+        ("SIGCONT", "SIGCONT would resume")
+    ]:
+        raw = json.loads(encode(ok))
+        raw["fault_id"], raw["spec"]["signal"] = f"e.{sig}", sig
+        ack = decode(await rt.handle_command(json.dumps(raw).encode()), Ack)
+        assert not ack.accepted and why in (ack.reason or ""), ack.reason
+        assert f"e.{sig}" not in rt.faults
 
 
 def test_every_faultline_stressor_is_protected() -> None:

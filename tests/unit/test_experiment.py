@@ -112,6 +112,15 @@ def test_examples_exist() -> None:
         ({"targets": {"mode": "sometimes"}}, "spec.targets.mode: "),
         ({"abort": {"heartbeatTimeout": "0s"}}, "spec.abort.heartbeatTimeout: "),
         ({"faults": [{"kind": "process-kill", "match": {"pid": 1}, "signal": "SIGNOPE"}]}, "spec.faults[0].signal"),
+        (
+            {"faults": [{"kind": "process-kill", "match": {"pid": 5}, "signal": "SIGTSTP"}]},
+            "spec.faults[0].signal: SIGTSTP stops a process and process-kill never resumes it; use kind: process-pause",
+        ),
+        (
+            {"faults": [{"kind": "process-kill", "match": {"pid": 5}, "signal": 18}]},
+            "spec.faults[0].signal: SIGCONT would resume processes a process-pause fault holds stopped",
+        ),
+        ({"faults": [{"kind": "process-pause", "match": {"pid": 2**40}}]}, "spec.faults[0].match.pid: "),
     ],
 )
 def test_errors_name_field_path_and_reason(spec: dict[str, object], expected: str) -> None:
