@@ -101,7 +101,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         say("no NATS configured (--nats, FAULTLINE_NATS_URL): running on this machine with an embedded")
         say("nats-server and a local agent ...")
         try:
-            async with LocalEnvironment() as env:
+            async with LocalEnvironment(say=_err) as env:
                 assert env.fleet is not None
                 for line in env.recovery_lines():
                     _err(line)  # also under --quiet: it is about this machine, not progress

@@ -131,7 +131,7 @@ async def run_demo(say: Say, output: str = "text", on_runner: Callable[[Experime
     started = time.monotonic()
     token = secrets.token_hex(4)
     say("faultline demo: starting an embedded nats-server and a local agent ...")
-    async with LocalEnvironment(heartbeat_interval_s=0.5) as env:
+    async with LocalEnvironment(heartbeat_interval_s=0.5, say=say) as env:
         assert env.fleet is not None
         say(f"  nats-server at {env.url}; agent node {env.node} is ready ({time.monotonic() - started:.1f}s)")
         for line in env.recovery_lines():

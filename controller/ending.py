@@ -78,9 +78,10 @@ class Ending(Phase):
             held = [t.fault_id for t in self.tracks.values() if t.node == n and t.held_by_agent]
             if held:
                 self.problems.append(
-                    f"agent {n} did not acknowledge the revert ({results[n][1]}); its faults "
+                    f"agent {n} did not acknowledge the revert ({results[n][1]}); if it is alive, its faults "
                     f"{', '.join(held)} end by lease lapse within "
-                    f"{self.experiment.spec.abort.lease_timeout_s:g}s or at their deadline"
+                    f"{self.experiment.spec.abort.lease_timeout_s:g}s or at their deadline; if it died, they "
+                    "stay until it starts again (its start reverts what its journal holds)"
                 )
         pending = [t for t in self.tracks.values() if t.held_by_agent and t.node not in unreached]
         end = time.monotonic() + self.revert_wait_s

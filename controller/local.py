@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -26,6 +27,8 @@ from proto.statelock import StateLock
 from proto.subjects import safe_token
 
 AGENT_READY_TIMEOUT_S = 20.0
+MAX_AGENT_RESTARTS = 3
+"""A local agent that keeps dying is not started again after this many restarts in one run."""
 AGENT_STOP_TIMEOUT_S = 25.0  # above the agent's own worst-case stop (~22 s): never kill it mid-revert
 
 
@@ -56,15 +59,15 @@ def recovered_faults(hb: Heartbeat) -> list[EndedFault]:
     return [e for e in hb.ended if e.fault_id in ids]
 
 
-def recovery_lines(recovered: list[EndedFault], state_dir: Path, kept: Heartbeat | None = None) -> list[str]:
+def recovery_lines(
+    recovered: list[EndedFault], state_dir: Path, kept: Heartbeat | None = None, left_by: str = "an earlier run"
+) -> list[str]:
     """What to tell the user about what an earlier local run left behind: the faults the agent
     reverted at its start, and (``kept``: its heartbeat) the journal entries it could not revert.
     Nothing left behind, no lines."""
     lines: list[str] = []
     if recovered:
-        lines.append(
-            f"the local agent found {len(recovered)} fault(s) an earlier run left in its journal ({state_dir}):"
-        )
+        lines.append(f"the local agent found {len(recovered)} fault(s) {left_by} left in its journal ({state_dir}):")
         for e in recovered:
             lines.append(f"  {e.fault_id} ({e.kind}, experiment {e.experiment_id}): {e.state}: {e.reason}")
     if kept is not None and kept.journal_issues_total:
@@ -116,8 +119,14 @@ class LocalEnvironment:
         heartbeat_interval_s: float = 1.0,
         state_dir: Path | None = None,
         labels: dict[str, str] | None = None,
+        say: Callable[[str], None] | None = None,
     ) -> None:
+        """``say``: where to tell the user that the local agent died and was restarted."""
         self.node = node or local_node_name()
+        self.say = say or (lambda _line: None)
+        self._stopping = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self.agent_restarts = 0
         self.heartbeat_interval_s = heartbeat_interval_s
         self.state_dir = state_dir or local_state_dir()
         self.labels = labels or {}
@@ -136,8 +145,8 @@ class LocalEnvironment:
     def agent_log(self) -> Path:
         return self.state_dir / "agent.log"
 
-    def recovery_lines(self) -> list[str]:
-        return recovery_lines(self.recovered, self.state_dir, self.ready_heartbeat)
+    def recovery_lines(self, left_by: str = "an earlier run") -> list[str]:
+        return recovery_lines(self.recovered, self.state_dir, self.ready_heartbeat, left_by)
 
     def recovery_json(self) -> dict[str, Any]:
         """The same for -o json, as the agent reported once ready: ``local_recovery`` (faults
@@ -181,6 +190,11 @@ class LocalEnvironment:
         self.nc = await connect(self.url, name="faultline-local")
         self.fleet = Fleet(self.nc)
         await self.fleet.start()
+        await self._spawn_agent()
+        await self._wait_ready()
+        self._supervisor = asyncio.create_task(self._supervise(), name="local-agent-supervisor")
+
+    async def _spawn_agent(self) -> None:
         argv = [
             sys.executable,
             "-P",  # no working directory on sys.path: the user's ./proto or ./agent must not shadow ours
@@ -208,11 +222,54 @@ class LocalEnvironment:
                 preexec_fn=_pdeathsig_term,
                 start_new_session=True,
             )
-        await self._wait_ready()
 
-    async def _wait_ready(self) -> None:
+    async def _supervise(self) -> None:
+        """Start the local agent again when it exits on its own (a crash, kill -9, the OOM killer),
+        as the kubelet restarts a DaemonSet's agent: its start reverts what its journal holds, so
+        nothing it had paused stays paused until some later run. The experiment sees the agent
+        restart and aborts."""
+        while True:
+            assert self.agent is not None
+            code = await self.agent.wait()
+            if self._stopping:
+                return
+            if self.agent_restarts >= MAX_AGENT_RESTARTS:
+                self.say(
+                    f"local agent exited (code {code}) after {self.agent_restarts} restart(s); not restarting it "
+                    f"again. What it held stays until the next local run; its log: {self.agent_log}"
+                )
+                return
+            self.agent_restarts += 1
+            self.say(
+                f"local agent exited unexpectedly (code {code}); starting it again: "
+                "its start reverts what its journal holds"
+            )
+            before = self.ready_heartbeat.instance_id if self.ready_heartbeat is not None else None
+            try:
+                await self._spawn_agent()
+                await self._wait_ready(replacing=before)
+            except LocalModeError as exc:
+                self.say(f"local agent did not come back: {exc}")
+                continue  # its wait() returns at once: counted, bounded
+            for line in self.recovery_lines(left_by="the agent that died"):
+                self.say(line)
+
+    async def _wait_ready(self, replacing: str | None = None) -> None:
+        """Until the agent reports ready; ``replacing``: the instance id of the agent it restarts,
+        whose last heartbeat does not count."""
         assert self.fleet is not None and self.agent is not None
-        ready = asyncio.ensure_future(self.fleet.wait_for([self.node], AGENT_READY_TIMEOUT_S))
+        fleet, node = self.fleet, self.node
+
+        async def new_ready() -> None:
+            def fresh() -> bool:
+                v = fleet.get(node)
+                return v is not None and v.heartbeat.state == "ready" and v.heartbeat.instance_id != replacing
+
+            if not await fleet.wait_until(fresh, AGENT_READY_TIMEOUT_S):
+                raise FleetTimeout(f"after {AGENT_READY_TIMEOUT_S:g}s: no heartbeat from its new instance")
+
+        waiting = new_ready() if replacing is not None else fleet.wait_for([node], AGENT_READY_TIMEOUT_S)
+        ready = asyncio.ensure_future(waiting)
         exited = asyncio.ensure_future(self.agent.wait())
         try:
             await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -237,6 +294,10 @@ class LocalEnvironment:
 
     async def stop(self) -> None:
         """SIGTERM the agent (it reverts everything), wait, then stop NATS. Bounded at every step."""
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
         if self.agent is not None and self.agent.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.agent.send_signal(signal.SIGTERM)

@@ -841,3 +841,27 @@ def test_killed_local_cli_leaves_nothing_paused_or_running(
     left = list(tmp.glob(f"{WORKDIR_PREFIX}*"))
     assert len(left) == 1, left
     assert sweep_stale_workdirs(tmp) == left and not list(tmp.iterdir())
+
+
+def test_a_local_agent_killed_mid_run_is_started_again_and_reverts_at_once(
+    tmp_path: Path, victims: Victims, running: Callable[..., Running]
+) -> None:
+    """kill -9 of the local agent holding a pause: nothing else would send SIGCONT (its lease watchdog
+    died with it). Local mode starts it again, as the kubelet would, and its journal recovery does."""
+    (victim,) = victims.start(1)
+    path = experiment_file(tmp_path, [pause(victims)], duration="60s")
+    run = running("run", str(path), "-o", "json", env=cli_env(FAULTLINE_STATE_DIR=str(tmp_path / "state")))
+    run.experiment_id()
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
+    (agent,) = [p for p in psutil.Process(run.proc.pid).children() if "agent.main" in p.cmdline()]
+    agent.kill()
+    t0 = time.monotonic()
+    wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 15, "the restarted agent to resume the victim")
+    resumed_s = time.monotonic() - t0
+    assert run.wait(40) == 1, run.stderr()
+    err = run.stderr()
+    assert "local agent exited unexpectedly (code -9); starting it again" in err, err
+    assert "1 fault(s) the agent that died left in its journal" in err and ": reverted: recovered from journal" in err
+    report = json.loads(run.stdout())
+    assert report["outcome"] == "aborted", report
+    assert resumed_s < 10, f"resumed {resumed_s:.1f}s after the kill"
