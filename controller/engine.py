@@ -29,7 +29,7 @@ from typing import Any
 
 from controller.ending import Ending
 from controller.experiment import Experiment, fault_id, new_experiment_id
-from controller.fleet import Fleet
+from controller.fleet import Fleet, duplicate_line
 from controller.report import AbortInfo, Outcome, Report
 from controller.starting import Starting
 from controller.targeting import TargetingError, select_nodes
@@ -126,6 +126,7 @@ class ExperimentRunner(Starting, Ending):
                     "what they guarded may still be in place (see `faultline agents`)"
                 )
         refusals = capability_refusals(list(spec.faults), views)
+        refusals += [duplicate_line(n, ids) for n in sorted(views) if (ids := self.fleet.duplicate(n))]
         too_short = heartbeat_timeout_refusal(spec.abort.heartbeat_timeout_s, views)
         if too_short is not None:
             refusals.append(too_short)
@@ -307,6 +308,9 @@ class ExperimentRunner(Starting, Ending):
                     return
                 if hb.state == "leaving":
                     self.abort(f"agent {node} is leaving (stopping; it reverted its faults)", node=node)
+                    return
+                if self.fleet.duplicate(node):
+                    self.abort(duplicate_line(node, self.fleet.duplicate(node)), node=node)
                     return
                 base = self._baseline.get(node)
                 if base is not None and hb.instance_id != base:

@@ -69,6 +69,18 @@ JOURNAL_ISSUES_HELP = (
 )
 
 
+DUPLICATE_WINDOW_INTERVALS = 10
+"""An instance seen again within this many heartbeat intervals of being replaced is a second agent."""
+
+
+def duplicate_line(node: str, ids: set[str]) -> str:
+    shown = ", ".join(sorted(i[:8] for i in ids))
+    return (
+        f"node {node}: {len(ids)} agents send heartbeats under this one name (instances {shown}); each would "
+        "take the node's commands: give each agent its own --node (FAULTLINE_NODE)"
+    )
+
+
 class FleetTimeout(TimeoutError):
     pass
 
@@ -84,6 +96,8 @@ class Fleet:
         self.garbage = 0
         """Messages on heartbeat subjects that did not decode."""
         self.last_garbage_reason: str | None = None
+        self._replaced: dict[str, dict[str, float]] = {}  # node -> instance ids it had before, when replaced
+        self._duplicates: dict[str, tuple[set[str], float]] = {}  # node -> instance ids seen at once, until
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(ALL_HEARTBEATS, cb=self._on_msg)
@@ -107,11 +121,38 @@ class Fleet:
             self.garbage += 1
             self.last_garbage_reason = str(exc)
             return None
-        self._nodes[hb.node] = NodeView(hb, time.monotonic(), time.time())
+        now = time.monotonic()
+        before = self._nodes.get(hb.node)
+        if before is not None and before.heartbeat.instance_id != hb.instance_id:
+            self._note_replaced(hb.node, before.heartbeat, hb, now)
+        self._nodes[hb.node] = NodeView(hb, now, time.time())
         # Wake everyone waiting for a change, then start a fresh event.
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
         return hb
+
+    def _note_replaced(self, node: str, old: Heartbeat, new: Heartbeat, now: float) -> None:
+        """A restart replaces an instance for good. An instance that comes back after it was replaced
+        is a second agent heartbeating under the same node name (two hosts of one name, a copied
+        --node): both would take that node's commands."""
+        window_s = DUPLICATE_WINDOW_INTERVALS * max(old.interval_s, new.interval_s)
+        replaced = self._replaced.setdefault(node, {})
+        for iid, at in list(replaced.items()):
+            if now - at > window_s:
+                del replaced[iid]
+        if old.state != "leaving":  # a stopping agent's last heartbeat: it is not coming back
+            replaced[old.instance_id] = now
+        if new.instance_id in replaced:
+            ids = self._duplicates.get(node, (set(), 0.0))[0] if self.duplicate(node) else set()
+            self._duplicates[node] = (ids | {old.instance_id, new.instance_id}, now + window_s)
+
+    def duplicate(self, node: str) -> set[str]:
+        """The instance ids of the agents seen heartbeating at once under this node name, recently;
+        empty when there is one agent (a restart is not a duplicate)."""
+        found = self._duplicates.get(node)
+        if found is None or time.monotonic() > found[1]:
+            return set()
+        return set(found[0])
 
     def nodes(self) -> dict[str, NodeView]:
         return dict(self._nodes)

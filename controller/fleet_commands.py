@@ -15,7 +15,7 @@ from controller.console import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from controller.console import err as _err
 from controller.console import out as _out
 from controller.dispatch import ConnectError, close, connect, revert_experiment
-from controller.fleet import JOURNAL_ISSUES_HELP, Fleet, NodeView, journal_issue_lines
+from controller.fleet import JOURNAL_ISSUES_HELP, Fleet, NodeView, duplicate_line, journal_issue_lines
 from controller.halting import halt_and_confirm
 from proto.codec import DecodeError, decode, encode
 from proto.messages import Ack, Revert
@@ -87,6 +87,9 @@ async def cmd_agents(args: argparse.Namespace) -> int:
         await close(nc)
     now = time.monotonic()
     rows = [_agent_row(v, now) for _, v in sorted(views.items())]
+    for r in rows:
+        # two or more agents heartbeating under this one name; empty when it is one agent
+        r["duplicate_instances"] = sorted(fleet.duplicate(r["node"]))
     if args.output == "json":
         _out(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -111,6 +114,10 @@ async def cmd_agents(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    twice = [duplicate_line(n, ids) for n in sorted(views) if (ids := fleet.duplicate(n))]
+    if twice:
+        _out("")
+        _out("attention: " + "; ".join(twice))
     holding = [v for _, v in sorted(views.items()) if v.heartbeat.journal_issues_total]
     if holding:
         _out("")

@@ -865,3 +865,26 @@ def test_a_local_agent_killed_mid_run_is_started_again_and_reverts_at_once(
     report = json.loads(run.stdout())
     assert report["outcome"] == "aborted", report
     assert resumed_s < 10, f"resumed {resumed_s:.1f}s after the kill"
+
+
+def test_two_agents_under_one_node_name_are_named_and_refused(tmp_path: Path, nats_url: str, victims: Victims) -> None:
+    """Both would take the node's commands (found by a new user: cloned hosts share a host name,
+    the default node name). `agents` names them; a run refuses before sending anything."""
+    agents = [AgentProcess(nats_url, "twin", tmp_path / f"state-{i}", tmp_path / f"twin-{i}.log", []) for i in (1, 2)]
+    try:
+        for a in agents:
+            a.start().wait_ready()
+        r = faultline("agents", "--nats", nats_url, "-o", "json")
+        (row,) = json.loads(r.stdout)
+        assert len(row["duplicate_instances"]) == 2, row
+        text = faultline("agents", "--nats", nats_url)
+        assert "attention: node twin: 2 agents send heartbeats under this one name" in text.stdout, text.stdout
+        victims.start(1)
+        path = experiment_file(tmp_path, [pause(victims)], duration="1s")
+        dry = faultline("run", str(path), "--nats", nats_url)
+        assert dry.returncode == 2, dry.stdout + dry.stderr
+        assert "node twin: 2 agents send heartbeats under this one name" in dry.stderr, dry.stderr
+        assert "nothing sent" in dry.stderr
+    finally:
+        for a in agents:
+            a.stop()

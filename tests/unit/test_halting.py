@@ -189,3 +189,25 @@ def test_a_reason_always_fits_the_wire() -> None:
     odd = fitted_reason("line one\nline two \udcff")
     assert odd == "line one line two \ufffd"
     Halt(reason=fitted_reason("y" * 10_000), issued_by="me")  # validates
+
+
+def test_a_restart_is_not_a_duplicate_but_an_instance_that_comes_back_is() -> None:
+    def hb(iid: str, state: str = "ready") -> bytes:
+        return encode(
+            Heartbeat(node="n", instance_id=iid, version="1", interval_s=1.0, seq=1, started_at=1.0, state=state)
+        )
+
+    fleet = Fleet(None)
+    for data in (hb("a"), hb("a"), hb("b"), hb("b")):  # a restart: a never comes back
+        fleet.observe(data)
+    assert fleet.duplicate("n") == set()
+    fleet.observe(hb("b", "leaving"))  # a graceful restart, then the old id is never seen again either
+    fleet.observe(hb("c"))
+    assert fleet.duplicate("n") == set()
+    fleet.observe(hb("c"))
+    fleet.observe(hb("d"))
+    fleet.observe(hb("c"))  # two agents under one name: c and d take turns
+    assert fleet.duplicate("n") == {"c", "d"}
+    fleet.observe(hb("d"))
+    assert fleet.duplicate("n") == {"c", "d"}
+    assert fleet.duplicate("other") == set()
