@@ -462,8 +462,9 @@ def test_agents_lists_the_fleet(nats_url: str, agent_factory: Callable[..., Agen
     assert set(row) == {
         "node", "version", "state", "labels", "capabilities", "capability_notes", "faults",
         "cpu_percent", "memory_percent", "last_seen_s", "instance_id", "journal_issues", "journal_issues_total",
+        "duplicate_instances",
     }  # fmt: skip
-    assert row["journal_issues"] == [] and row["journal_issues_total"] == 0
+    assert row["journal_issues"] == [] and row["journal_issues_total"] == 0 and row["duplicate_instances"] == []
     assert "process-pause" in row["capabilities"]
     text = faultline("agents", "--nats", nats_url)
     assert "node-a" in text.stdout and "zone=a" in text.stdout
