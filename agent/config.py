@@ -6,7 +6,9 @@ environment variables, command-line flags. See agent/main.py.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -80,6 +82,28 @@ class SafetySettings(_Group):
     """Extra pids never touched."""
     exempt: list[str] = Field(default_factory=list)
     """CIDRs that network faults never affect (DNS, API server, SSH). The NATS server always is."""
+
+    @field_validator("deny")
+    @classmethod
+    def _regexes(cls, patterns: list[str]) -> list[str]:
+        # a bad pattern would make every process fault fail later: refuse it at start, naming it
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"{p!r} is not a regular expression: {exc}") from None
+        return patterns
+
+    @field_validator("exempt")
+    @classmethod
+    def _cidrs(cls, cidrs: list[str]) -> list[str]:
+        for c in cidrs:
+            try:
+                ipaddress.ip_network(c, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{c!r} is not a CIDR: {exc}") from None
+        return cidrs
+
     memory_reserve_percent: float = Field(10.0, ge=0, le=90)
     """Memory faults may not leave less than this share of node memory available. Default 10."""
     max_faults: int = Field(64, ge=1)
@@ -95,5 +119,15 @@ class AgentSettings(_Group):
     """Journal and state. Default /var/lib/faultline as root, else ~/.local/state/faultline."""
     http_addr: str | None = None
     """HOST:PORT for /healthz and /readyz. Default: off."""
+
+    @field_validator("http_addr")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, sep, port = v.rpartition(":")
+            if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ValueError(f"{v!r} is not HOST:PORT (for example 0.0.0.0:9464)")
+        return v
+
     kubernetes_labels: bool = False
     """Read the node's labels from the Kubernetes API at start (in-cluster service account)."""

@@ -124,11 +124,20 @@ def load_settings(args: argparse.Namespace, environ: dict[str, str]) -> AgentSet
     if args.config:
         text = args.config.read_text()
         if args.config.suffix == ".json":
-            raw = json.loads(text) or {}
+            try:
+                raw = json.loads(text) or {}
+            except ValueError as exc:
+                raise ValueError(f"--config {args.config}: not valid JSON: {exc}") from None
         else:
             import yaml  # only for a YAML settings file: an agent without one never loads it
 
-            raw = yaml.safe_load(text) or {}
+            try:
+                raw = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f" (line {mark.line + 1})" if mark is not None else ""
+                why = getattr(exc, "problem", None) or exc
+                raise ValueError(f"--config {args.config}: not valid YAML{where}: {why}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{args.config}: expected a mapping of settings")
     env_map: dict[str, tuple[str, Callable[[str], Any]]] = {
@@ -144,7 +153,7 @@ def load_settings(args: argparse.Namespace, environ: dict[str, str]) -> AgentSet
             _set(raw, path, conv(environ[var]))
     if args.nats:
         _set(raw, "nats.urls", [u.strip() for u in args.nats.split(",") if u.strip()])
-    if args.node:
+    if args.node is not None:  # --node "" is an error, not the host name
         _set(raw, "identity.node", args.node)
     if args.label:
         labels = dict(raw.get("identity", {}).get("labels", {}))
@@ -152,9 +161,9 @@ def load_settings(args: argparse.Namespace, environ: dict[str, str]) -> AgentSet
         _set(raw, "identity.labels", labels)
     if args.state_dir:
         _set(raw, "state_dir", str(args.state_dir))
-    if args.heartbeat_interval:
+    if args.heartbeat_interval is not None:  # 0 is an error, not the default
         _set(raw, "timing.heartbeat_interval_s", args.heartbeat_interval)
-    if args.http_addr:
+    if args.http_addr is not None:
         _set(raw, "http_addr", args.http_addr)
     if args.kubernetes_labels:
         _set(raw, "kubernetes_labels", True)
@@ -234,8 +243,18 @@ async def _start_extras(runtime: AgentRuntime, settings: AgentSettings) -> list[
     return closers
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.log_level.upper() not in LOG_LEVELS:
+        print(
+            f"faultline-agent: invalid settings: --log-level / FAULTLINE_LOG_LEVEL {args.log_level!r}: "
+            f"one of {', '.join(LOG_LEVELS)}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

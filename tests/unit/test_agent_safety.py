@@ -327,6 +327,36 @@ def test_a_nats_url_no_nats_server_speaks_is_refused_at_start(tmp_path: Path) ->
     assert "invalid settings: nats.urls: scheme http:// is not one NATS speaks" in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "why"),
+    [
+        (["--deny", "("], "safety.deny: '(' is not a regular expression: missing )"),
+        (["--exempt", "10.0.0.0/99"], "safety.exempt: '10.0.0.0/99' is not a CIDR"),
+        (["--http-addr", "nonsense"], "http_addr: 'nonsense' is not HOST:PORT"),
+        (["--log-level", "LOUD"], "--log-level / FAULTLINE_LOG_LEVEL 'LOUD': one of DEBUG, INFO"),
+        (["--heartbeat-interval", "0"], "timing.heartbeat_interval_s: Input should be greater than 0"),
+        (["--node", ""], "identity.node: name '' has no usable characters"),
+        (["--config", "BAD_YAML"], "not valid YAML (line 2)"),
+    ],
+)
+def test_settings_that_would_fail_every_fault_later_are_refused_at_start(
+    tmp_path: Path, flags: list[str], why: str
+) -> None:
+    """Before, a bad --deny or --exempt started a 'ready' agent on which every process or network
+    fault then failed; --http-addr and --log-level gave tracebacks; 0 and '' meant the defaults."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [\n")
+    flags = [str(bad) if f == "BAD_YAML" else f for f in flags]
+    argv = [sys.executable, "-P", "-m", "agent.main", "--nats", "nats://127.0.0.1:1", "--state-dir", str(tmp_path)]
+    out = subprocess.run([*argv, *flags], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2, out.stderr
+    assert "faultline-agent: invalid settings: " in out.stderr and why in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
 async def test_a_stop_during_a_nats_handshake_gives_up_and_closes_the_socket(tmp_path: Path) -> None:
     """A server that accepts and never speaks: the agent's connect is mid-handshake when the stop
     comes. connect() must return False promptly and close what it opened."""
