@@ -27,7 +27,7 @@ from controller.experiment import ExperimentError, json_schema_text, load_experi
 from controller.fleet import Fleet
 from controller.fleet_commands import cmd_abort, cmd_agents, cmd_halt
 from controller.halting import HALT_WAIT_HELP
-from controller.local import LocalEnvironment, LocalModeError
+from controller.local import LocalEnvironment, LocalModeError, local_state_dir
 from controller.report import exit_code, render_text, to_json
 from controller.targeting import TargetingError
 from controller.tracking import PreflightError
@@ -99,7 +99,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     say = (lambda _line: None) if args.quiet else _err
     if target is None:
         say("no NATS configured (--nats, FAULTLINE_NATS_URL): running on this machine with an embedded")
-        say("nats-server and a local agent ...")
+        say(f"nats-server and a local agent (its journal: {local_state_dir()}, FAULTLINE_STATE_DIR) ...")
         try:
             async with LocalEnvironment(say=_err) as env:
                 assert env.fleet is not None

@@ -32,7 +32,7 @@ from controller.experiment import Experiment, fault_id, new_experiment_id
 from controller.fleet import Fleet, duplicate_line
 from controller.report import AbortInfo, Outcome, Report
 from controller.starting import Starting
-from controller.targeting import TargetingError, select_nodes
+from controller.targeting import TargetingError, matching_nodes, select_nodes
 from controller.tracking import (
     Plan,
     PreflightError,
@@ -118,6 +118,12 @@ class ExperimentRunner(Starting, Ending):
             notes.append(f"{sum(len(v) for v in pods.values())} pod(s) on {len(targets)} node(s)")
         else:
             targets = select_nodes(self.fleet.labels(), spec.targets, self.rng)
+            matching = matching_nodes(self.fleet.labels(), spec.targets)
+            if len(targets) < len(matching):
+                notes.append(
+                    f"{len(targets)} of {len(matching)} matching node(s) picked at random (mode "
+                    f"{spec.targets.mode}); each run, a dry run included, picks again"
+                )
         views = {n: v for n in targets if (v := self.fleet.get(n)) is not None}
         for n, v in views.items():
             if v.heartbeat.journal_issues_total:
@@ -286,11 +292,25 @@ class ExperimentRunner(Starting, Ending):
         """Automatic abort: a targeted agent silent, leaving, or restarted."""
         hb_timeout_s = self.experiment.spec.abort.heartbeat_timeout_s
         period_s = min(0.1, hb_timeout_s / 10)
+        nats_lost_since: float | None = None
         while not self.aborted:
             self._reconcile_from_heartbeats()
             if self.aborted:
                 return
             now = time.monotonic()
+            # the controller's own link first: without it every agent looks silent, and the report
+            # must not blame an agent for it
+            if not getattr(self.nc, "is_connected", True):
+                nats_lost_since = nats_lost_since or now
+                if now - nats_lost_since > hb_timeout_s:
+                    self.abort(
+                        f"this controller lost its NATS connection {now - nats_lost_since:.1f}s ago "
+                        f"(heartbeatTimeout {hb_timeout_s:g}s); the agents revert by lease lapse"
+                    )
+                    return
+                await asyncio.sleep(period_s)
+                continue
+            nats_lost_since = None
             for node in targets:
                 view = self.fleet.get(node)
                 if view is None:

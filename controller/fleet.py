@@ -205,7 +205,9 @@ class Fleet:
     async def gather(self, min_wait_s: float = 1.5, max_wait_s: float = 5.0) -> dict[str, NodeView]:
         """Collect heartbeats for about 1.5 heartbeat intervals (learned from the first one)."""
         start = time.monotonic()
-        await self.wait_until(lambda: bool(self._nodes), min(min_wait_s, max_wait_s))
+        # the first heartbeat may take an agent's whole interval: wait for it up to max_wait_s, or an
+        # agent with a slow heartbeat is reported missing (an empty fleet costs max_wait_s)
+        await self.wait_until(lambda: bool(self._nodes), max_wait_s)
         intervals = [v.heartbeat.interval_s for v in self._nodes.values()]
         window = min(max_wait_s, max([min_wait_s, *(1.5 * i for i in intervals)]))
         remaining = window - (time.monotonic() - start)

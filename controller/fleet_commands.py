@@ -55,26 +55,36 @@ def _fleet_target(args: argparse.Namespace) -> NatsTarget:
     return configured(args.nats) or default_target()
 
 
-def _bad_url(exc: NatsUrlError) -> int:
-    _err(f"faultline: {exc}")
+def _refuse(args: argparse.Namespace, stage: str, lines: list[str]) -> int:
+    """Nothing was sent: the reason on stderr and, with -o json, an object on stdout (as `run`
+    does), so a script always has JSON to read."""
+    for line in lines:
+        _err(line)
+    if getattr(args, "output", None) == "json":
+        refusal = {"outcome": "refused", "stage": stage, "error": "\n".join(lines), "sent": False, "exit_code": 2}
+        _out(json.dumps(refusal, indent=2))
     return EXIT_BAD_INPUT
+
+
+def _bad_url(args: argparse.Namespace, exc: NatsUrlError) -> int:
+    return _refuse(args, "nats-url", [f"faultline: {exc}"])
 
 
 def _connect_failed(args: argparse.Namespace, target: NatsTarget, exc: ConnectError) -> int:
-    _err(f"faultline: {exc}")
+    lines = [f"faultline: {exc}"]
     if target.source == "default":
-        _err(
+        lines.append(
             f"  no --nats and no FAULTLINE_NATS_URL, so {DEFAULT_NATS_URL} was tried; "
             f"`faultline {args.command}` talks to a fleet's NATS server (see --help)"
         )
-    return EXIT_BAD_INPUT
+    return _refuse(args, "connect", lines)
 
 
 async def cmd_agents(args: argparse.Namespace) -> int:
     try:
         target = _fleet_target(args)
     except NatsUrlError as exc:
-        return _bad_url(exc)
+        return _bad_url(args, exc)
     url = target.url
     try:
         nc, fleet = await _with_fleet(url)
@@ -94,7 +104,7 @@ async def cmd_agents(args: argparse.Namespace) -> int:
         _out(json.dumps(rows, indent=2))
         return EXIT_OK
     if not rows:
-        _out(f"no agents sent a heartbeat on {redacted(url)}")
+        _out(f"no agents sent a heartbeat on {redacted(url)} within 5 s")
         return EXIT_OK
     table = [["NODE", "VERSION", "STATE", "LABELS", "CAPABILITIES", "FAULTS", "CPU", "MEM", "LAST SEEN"]]
     for r in rows:
@@ -158,7 +168,7 @@ async def cmd_abort(args: argparse.Namespace) -> int:
     try:
         target = _fleet_target(args)
     except NatsUrlError as exc:
-        return _bad_url(exc)
+        return _bad_url(args, exc)
     exp_id = args.experiment_id
     if not EXPERIMENT_ID.match(exp_id):
         _err(
@@ -202,7 +212,7 @@ async def cmd_halt(args: argparse.Namespace) -> int:
     try:
         target = _fleet_target(args)
     except NatsUrlError as exc:
-        return _bad_url(exc)
+        return _bad_url(args, exc)
     try:
         nc = await connect(target.url)
     except ConnectError as exc:

@@ -109,7 +109,7 @@ def _measurement_text(m: Measurements) -> str:
         else:
             parts.append("no restart seen")
     if m.workers is not None:
-        parts.append(f"{m.workers} workers")
+        parts.append(f"{m.workers} worker{'s' if m.workers != 1 else ''}")
     if m.cpu_load_mean_percent is not None:
         parts.append(f"cpu {m.cpu_load_mean_percent:.1f}%")
     if m.rss_bytes is not None:

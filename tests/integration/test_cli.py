@@ -176,6 +176,12 @@ def test_unreachable_nats_is_named_with_a_reason() -> None:
     assert "no --nats" not in r.stderr  # the URL was given: no hint about defaults
     r = faultline("agents", "--nats", "nats://ops:hunter2@127.0.0.1:1", timeout_s=30)
     assert r.returncode == 2 and "nats://***@127.0.0.1:1" in r.stderr and "hunter2" not in r.stderr, r.stderr
+    # with -o json a script gets JSON to read, as from `run`
+    for command, url, stage in (("agents", "nats://127.0.0.1:1", "connect"), ("halt", "http://x:1", "nats-url")):
+        r = faultline(command, "--nats", url, "-o", "json", timeout_s=30)
+        assert r.returncode == 2, r.stderr
+        refusal = json.loads(r.stdout)
+        assert (refusal["outcome"], refusal["stage"], refusal["sent"]) == ("refused", stage, False), refusal
 
 
 @pytest.mark.parametrize("command", [["agents"], ["halt"], ["abort", "some-exp-123456"], ["run", "EXAMPLE"]])

@@ -35,3 +35,33 @@ def test_report_json_keeps_every_key_null_when_absent() -> None:
     data = json.loads(to_json(r))
     assert data["abort"] is None
     assert set(data) == {*Report.model_fields, "duration_s"}
+
+
+async def test_a_random_pick_says_so_and_a_full_match_does_not() -> None:
+    from controller.engine import ExperimentRunner
+    from controller.experiment import parse_experiment
+    from controller.fleet import Fleet
+    from proto.codec import encode
+
+    fleet = Fleet(None)
+    for n in ("a", "b", "c"):
+        hb = Heartbeat(
+            node=n, instance_id=n, version="1", interval_s=1.0, seq=1, started_at=1.0, capabilities=["process-pause"]
+        )
+        fleet.observe(encode(hb))
+    for mode, noted in (("one", True), ("all", False)):
+        exp = parse_experiment(
+            {
+                "apiVersion": "faultline/v1", "kind": "Experiment", "metadata": {"name": "x"},
+                "spec": {"duration": "5s", "targets": {"mode": mode},
+                         "faults": [{"kind": "process-pause", "match": {"pid": 5}}]},
+            }
+        )  # fmt: skip
+        plan = await ExperimentRunner(None, fleet, exp).plan()
+        picked = [n for n in plan.notes if "picked at random" in n]
+        assert len(plan.targets) == (1 if noted else 3)
+        assert picked == (
+            ["1 of 3 matching node(s) picked at random (mode one); each run, a dry run included, picks again"]
+            if noted
+            else []
+        ), plan.notes
