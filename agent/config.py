@@ -60,8 +60,8 @@ class NatsSettings(_Group):
 
 
 class TimingSettings(_Group):
-    heartbeat_interval_s: float = Field(1.0, gt=0)
-    """Heartbeat period, seconds. Default 1. A little jitter is added."""
+    heartbeat_interval_s: float = Field(1.0, ge=0.05, le=60, allow_inf_nan=False)
+    """Heartbeat period, seconds, 0.05 to 60. Default 1. A little jitter is added."""
     watchdog_interval_s: float = Field(1.0, gt=0)
     """Longest time between two checks of leases, NATS loss and (as a second line) deadlines,
     seconds. Default 1. The watchdog also wakes exactly when a lease could lapse; each

@@ -25,6 +25,7 @@ from agent.config import AgentSettings
 from agent.lean import release_startup_memory
 from agent.runtime import AgentRuntime
 from proto import __version__
+from proto.natsurl import redacted
 
 log = logging.getLogger("faultline.agent")
 
@@ -243,7 +244,7 @@ async def _start_extras(runtime: AgentRuntime, settings: AgentSettings) -> list[
     return closers
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL", "NOTSET")  # as logging takes them
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
 def settings_errors(exc: ValidationError) -> list[str]:
     """One line per error: the setting's path (nats.urls; --nats and FAULTLINE_NATS_URL set it) and why."""
     return [
-        f"{'.'.join(str(p) for p in e['loc']) or '(settings)'}: {str(e['msg']).removeprefix('Value error, ')}"
+        redacted(f"{'.'.join(str(p) for p in e['loc']) or '(settings)'}: {str(e['msg']).removeprefix('Value error, ')}")
         for e in exc.errors()
     ]
 

@@ -14,6 +14,7 @@ import logging
 import shlex
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import uvloop
@@ -32,7 +33,7 @@ from controller.report import exit_code, render_text, to_json
 from controller.targeting import TargetingError
 from controller.tracking import PreflightError
 from proto import __version__
-from proto.natsurl import DEFAULT_NATS_URL, NatsUrlError, configured, default_target
+from proto.natsurl import DEFAULT_NATS_URL, NatsUrlError, configured, default_target, redacted
 
 EPILOG = """\
 getting started:
@@ -109,7 +110,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 if spec_t.nodes or spec_t.labels or spec_t.mode != "all":
                     say(f"note: spec.targets replaced by the local node {env.node} (local mode)")
                 return await _run_experiment(
-                    args, exp, env.nc, env.fleet, [env.node], say, env.url, local=env.recovery_json()
+                    args, exp, env.nc, env.fleet, [env.node], say, env.url, local=env.recovery_json
                 )
         except LocalModeError as exc:
             return _refused(args, "local-mode", f"faultline: {exc}")
@@ -135,9 +136,10 @@ async def _run_experiment(
     override: list[str] | None,
     say: Any,
     url: str,
-    local: dict[str, Any] | None = None,
+    local: Callable[[], dict[str, Any]] | None = None,
 ) -> int:
-    """``local``: in local mode, what the local agent's start found in its journal (into the JSON)."""
+    """``local``: in local mode, what the local agent found in its journal and how often it was
+    started again (into the JSON), asked for when the JSON is written."""
     runner = ExperimentRunner(nc, fleet, exp, nodes_override=override, progress=say)
     try:
         plan = await runner.plan()
@@ -154,7 +156,7 @@ async def _run_experiment(
             "pods": {n: [p.model_dump() for p in ps] for n, ps in plan.pods.items()},
             "notes": plan.notes,
         }
-        data.update(local or {})
+        data.update(local() if local else {})
         if args.output == "json":
             _out(json.dumps(data, indent=2))
         else:
@@ -166,7 +168,7 @@ async def _run_experiment(
     say(f"running {runner.experiment_id}; abort it from elsewhere with: {abort_command(runner.experiment_id, url)}")
     with _signals_abort(runner):
         report = await runner.run()
-    _out(to_json(report, extra=local) if args.output == "json" else render_text(report))
+    _out(to_json(report, extra=local() if local else None) if args.output == "json" else render_text(report))
     return exit_code(report)
 
 
@@ -188,8 +190,10 @@ def abort_command(experiment_id: str, url: str) -> str:
     except NatsUrlError:
         implied = default_target()
     if url != implied.url:
-        # local mode's embedded server, or an explicit --nats: without it, abort would try another server
-        return f"{command} --nats {shlex.quote(url)}"
+        # local mode's embedded server, or an explicit --nats: without it, abort would try another server.
+        # Credentials are not printed (terminal scrollback, CI logs): the user fills them in.
+        shown = redacted(url)
+        return f"{command} --nats {shlex.quote(shown)}" + (" (with its credentials)" if shown != url else "")
     return command
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Coroutine
@@ -293,6 +294,7 @@ class ExperimentRunner(Starting, Ending):
         hb_timeout_s = self.experiment.spec.abort.heartbeat_timeout_s
         period_s = min(0.1, hb_timeout_s / 10)
         nats_lost_since: float | None = None
+        nats_back_at = -math.inf  # heartbeats sent while this controller was cut off were lost, not late
         while not self.aborted:
             self._reconcile_from_heartbeats()
             if self.aborted:
@@ -310,14 +312,15 @@ class ExperimentRunner(Starting, Ending):
                     return
                 await asyncio.sleep(period_s)
                 continue
-            nats_lost_since = None
+            if nats_lost_since is not None:
+                nats_back_at, nats_lost_since = now, None
             for node in targets:
                 view = self.fleet.get(node)
                 if view is None:
                     self.abort(f"agent {node} disappeared from the fleet", node=node)
                     return
                 hb = view.heartbeat
-                age_s = view.age_s(now)
+                age_s = min(view.age_s(now), now - nats_back_at)
                 if age_s > hb_timeout_s:
                     last = time.strftime("%H:%M:%S", time.localtime(view.received_at))
                     self.abort(

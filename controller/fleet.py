@@ -69,6 +69,8 @@ JOURNAL_ISSUES_HELP = (
 )
 
 
+RESTART_SEQ_MAX = 5
+"""A new instance whose first heartbeat seen has a higher seq did not just start."""
 DUPLICATE_WINDOW_INTERVALS = 10
 """An instance seen again within this many heartbeat intervals of being replaced is a second agent."""
 
@@ -142,7 +144,16 @@ class Fleet:
                 del replaced[iid]
         if old.state != "leaving":  # a stopping agent's last heartbeat: it is not coming back
             replaced[old.instance_id] = now
-        if new.instance_id in replaced:
+        # A restarted agent counts its heartbeats from 1. One far along that takes over from an
+        # instance heard a moment ago, and not leaving, was running beside it all along.
+        prev = self._nodes.get(node)
+        beside = (
+            old.state != "leaving"
+            and new.seq > RESTART_SEQ_MAX
+            and prev is not None
+            and now - prev.last_seen_monotonic < 2 * max(old.interval_s, new.interval_s)
+        )
+        if new.instance_id in replaced or beside:
             ids = self._duplicates.get(node, (set(), 0.0))[0] if self.duplicate(node) else set()
             self._duplicates[node] = (ids | {old.instance_id, new.instance_id}, now + window_s)
 

@@ -156,6 +156,7 @@ class LocalEnvironment:
             "local_recovery": [e.model_dump(mode="json") for e in self.recovered],
             "local_journal_issues": [i.model_dump() for i in hb.journal_issues] if hb else [],
             "local_journal_issues_total": hb.journal_issues_total if hb else 0,
+            "local_agent_restarts": self.agent_restarts,
         }
 
     def agent_log_tail(self, size: int = 1500) -> str:
@@ -251,6 +252,9 @@ class LocalEnvironment:
             except LocalModeError as exc:
                 self.say(f"local agent did not come back: {exc}")
                 continue  # its wait() returns at once: counted, bounded
+            except Exception as exc:  # noqa: BLE001 - say why supervision ends, never end it silently
+                self.say(f"local agent could not be started again ({exc}); what it held stays until the next local run")
+                return
             for line in self.recovery_lines(left_by="the agent that died"):
                 self.say(line)
 
@@ -273,6 +277,9 @@ class LocalEnvironment:
         exited = asyncio.ensure_future(self.agent.wait())
         try:
             await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # a stop during a restart: leave no waiter behind
+            ready.cancel()
+            raise
         finally:
             exited.cancel()
         if ready.done():

@@ -46,7 +46,7 @@ def format_validation_error(exc: ValidationError, limit: int = 3) -> str:
     parts = []
     for err in exc.errors()[:limit]:
         loc = ".".join(str(x) for x in err["loc"]) or "(message)"
-        parts.append(f"{loc}: {err['msg']}")
+        parts.append(f"{loc}: {str(err['msg']).removeprefix('Value error, ')}")
     more = len(exc.errors()) - limit
     if more > 0:
         parts.append(f"... and {more} more")

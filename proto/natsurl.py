@@ -37,7 +37,7 @@ class NatsTarget:
     """The URLs nats-py gets, each with its scheme."""
 
 
-_USERINFO = re.compile(r"(://|^|,\s*)([^@/,\s]+)@")
+_USERINFO = re.compile(r"(://|^|,\s*)([^/,\s]+)@")  # to the last '@', as nats-py splits
 
 
 def redacted(text: str) -> str:

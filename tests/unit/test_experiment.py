@@ -186,6 +186,13 @@ spec:
     assert [f.match.name for f in exp.spec.faults] == ["a", "b"]
 
 
+def test_a_number_of_thousands_of_digits_is_refused_not_crashed_on() -> None:
+    text = ISSUE_EXAMPLE.replace("duration: 30s", "duration: " + "9" * 5000, 1)
+    assert text != ISSUE_EXAMPLE
+    with pytest.raises(ExperimentError, match="not valid YAML"):
+        load_experiment_text(text)
+
+
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ExperimentError, match="cannot read"):
         load_experiment(tmp_path / "missing.yaml")

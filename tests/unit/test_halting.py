@@ -211,3 +211,18 @@ def test_a_restart_is_not_a_duplicate_but_an_instance_that_comes_back_is() -> No
     fleet.observe(hb("d"))
     assert fleet.duplicate("n") == {"c", "d"}
     assert fleet.duplicate("other") == set()
+
+
+def test_two_agents_running_side_by_side_are_caught_at_the_first_switch() -> None:
+    """A restarted agent counts heartbeats from 1; one far along taking over from an instance
+    heard a moment ago was running beside it (caught before a third heartbeat, at any interval)."""
+
+    def hb(iid: str, seq: int, interval_s: float = 5.0) -> bytes:
+        return encode(Heartbeat(node="n", instance_id=iid, version="1", interval_s=interval_s, seq=seq, started_at=1.0))
+
+    fleet = Fleet(None)
+    fleet.observe(hb("a", 40))
+    fleet.observe(hb("b", 1))  # a restart: counts from 1
+    assert fleet.duplicate("n") == set()
+    fleet.observe(hb("c", 70))  # far along, right after b: it was running all along
+    assert fleet.duplicate("n") == {"b", "c"}

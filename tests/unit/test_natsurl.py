@@ -84,6 +84,7 @@ def test_configured_names_where_the_url_came_from(monkeypatch: pytest.MonkeyPatc
         ("tls://token@h", "tls://***@h"),
         ("a:b@h:4222, nats://c:d@k", "***@h:4222, nats://***@k"),
         ("nats://h:4222", "nats://h:4222"),
+        ("nats://u:p@ss@h:4222", "nats://***@h:4222"),  # nats-py splits at the last '@'
     ],
 )
 def test_credentials_never_appear_in_messages(given: str, shown: str) -> None:

@@ -65,3 +65,45 @@ async def test_a_random_pick_says_so_and_a_full_match_does_not() -> None:
             if noted
             else []
         ), plan.notes
+
+
+class FakeNC:
+    is_connected = True
+
+
+async def test_a_controller_cut_off_from_nats_blames_itself_not_an_agent() -> None:
+    import asyncio
+
+    from controller.engine import ExperimentRunner
+    from controller.experiment import parse_experiment
+    from controller.fleet import Fleet
+    from proto.codec import encode
+
+    def beat(fleet: Fleet) -> None:
+        fleet.observe(encode(Heartbeat(node="a", instance_id="a", version="1", interval_s=0.2, seq=9, started_at=1.0)))
+
+    exp = parse_experiment(
+        {
+            "apiVersion": "faultline/v1", "kind": "Experiment", "metadata": {"name": "x"},
+            "spec": {"duration": "30s", "abort": {"heartbeatTimeout": "1s"},
+                     "faults": [{"kind": "process-pause", "match": {"pid": 5}}]},
+        }
+    )  # fmt: skip
+    # cut off for 0.8 s, then back: the agent's heartbeats of that time are lost, not late
+    fleet, nc = Fleet(None), FakeNC()
+    beat(fleet)
+    runner = ExperimentRunner(nc, fleet, exp)
+    monitor = asyncio.create_task(runner._monitor_loop(["a"]))
+    nc.is_connected = False
+    await asyncio.sleep(0.8)
+    nc.is_connected = True
+    await asyncio.sleep(0.5)  # 1.3 s since its last heartbeat, 0.5 s since the link is back
+    assert runner.abort_info is None, runner.abort_info
+    beat(fleet)
+    await asyncio.sleep(0.3)
+    assert runner.abort_info is None
+    # cut off for longer than heartbeatTimeout: the report says whose link it was
+    nc.is_connected = False
+    await asyncio.wait_for(monitor, 3)
+    assert runner.abort_info is not None and runner.abort_info.node is None
+    assert runner.abort_info.reason.startswith("this controller lost its NATS connection"), runner.abort_info
