@@ -19,6 +19,7 @@ from typing import Any
 
 import uvloop
 
+from controller import console
 from controller.console import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from controller.console import err as _err
 from controller.console import out as _out
@@ -286,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    r.add_argument("file", help="experiment file (YAML)")
+    r.add_argument("file", help="experiment file (YAML); - reads it from standard input")
     nats_opt(r, local=True)
     output_opt(r)
     r.add_argument("--dry-run", action="store_true", help="resolve targets and check capabilities; send nothing")
@@ -307,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     nats_opt(h, local=False)
     output_opt(h)
     v = sub.add_parser("validate", help="check experiment files; exit 2 with field paths if one is invalid")
-    v.add_argument("files", nargs="+", metavar="FILE", help="experiment file(s) (YAML); each is reported")
+    v.add_argument(
+        "files", nargs="+", metavar="FILE", help="experiment file(s) (YAML), - for standard input; each is reported"
+    )
     sub.add_parser("schema", help="print the JSON Schema of the experiment file")
     return p
 
@@ -324,11 +327,14 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     if args.command in SYNC_COMMANDS:
-        sys.exit(SYNC_COMMANDS[args.command](args))
-    try:
-        code = uvloop.run(ASYNC_COMMANDS[args.command](args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        code = 130
+        code = SYNC_COMMANDS[args.command](args)
+    else:
+        try:
+            code = uvloop.run(ASYNC_COMMANDS[args.command](args))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            code = 130
+    if console.output_lost and code == EXIT_OK:
+        code = EXIT_FAILED  # the result did not reach its reader
     sys.exit(code)
 
 

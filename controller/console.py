@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
+output_lost = False
+"""Set when stdout could not take a result (a full disk, a closed pipe): the exit code says so."""
+
 
 def out(text: str) -> None:
-    """Results (stdout): what -o json consumers and pipes read."""
-    print(text, flush=True)
+    """Results (stdout): what -o json consumers and pipes read. If stdout cannot take them, say
+    so once on stderr, never with a traceback: the command itself (a run, its reverts) is done."""
+    global output_lost
+    if output_lost:
+        return
+    try:
+        print(text, flush=True)
+    except OSError as exc:
+        output_lost = True
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), sys.stdout.fileno())  # Python's own flush at exit must not fail too
+        err(f"faultline: could not write the result to stdout ({exc.strerror or exc})")
 
 
 def err(text: str) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import secrets
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,6 +215,13 @@ def load_experiment_text(text: str, source: str = "<string>") -> Experiment:
 
 
 def load_experiment(path: str | Path) -> Experiment:
+    """From a file, or from standard input when ``path`` is "-" (a generated experiment, piped)."""
+    if str(path) == "-":
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ExperimentError(f"(file): cannot read standard input: {exc}") from None
+        return load_experiment_text(text, "<stdin>")
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")

@@ -236,6 +236,31 @@ def test_schema_is_json() -> None:
     assert "spec" in schema["properties"]
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full to fill stdout")
+def test_a_stdout_that_cannot_take_the_result_is_said_once_not_a_traceback() -> None:
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(
+            [sys.executable, "-m", "controller.cli", "schema"],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=30, cwd=REPO, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip() == "faultline: could not write the result to stdout (No space left on device)", r.stderr
+
+
+def test_an_experiment_can_come_from_standard_input() -> None:
+    text = (REPO / "examples" / "pause-worker.yaml").read_text()
+    r = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "validate", "-"],
+        input=text, capture_output=True, text=True, timeout=30, cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode == 0 and "-: valid (experiment pause-worker" in r.stdout, r.stdout + r.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "validate", "-"],
+        input="kind: [", capture_output=True, text=True, timeout=30, cwd=REPO,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "not valid YAML" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
+
+
 def test_run_invalid_file_exits_2_and_sends_nothing(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("apiVersion: faultline/v1\nkind: Experiment\nmetadata: {name: x}\nspec: {duration: 1s}\n")
