@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from proto.natstls import TlsFiles
 from proto.natsurl import split_servers
 from proto.subjects import safe_token
 
@@ -57,6 +58,23 @@ class NatsSettings(_Group):
     """Pause between reconnect attempts, seconds. Default 0.5. The agent reconnects forever."""
     drain_timeout_s: float = 2.0
     """Time allowed to drain at stop, seconds. Default 2."""
+    tls_ca: Path | None = None
+    """PEM CA bundle that signed the NATS server's certificate. Default: the system's CAs.
+    Any TLS setting (or a tls:// URL) makes TLS required: the agent never falls back to plaintext."""
+    tls_cert: Path | None = None
+    """PEM client certificate, for servers that verify clients (mutual TLS); with tls_key."""
+    tls_key: Path | None = None
+    """PEM private key of tls_cert."""
+
+    def tls(self) -> TlsFiles:
+        return TlsFiles(
+            ca=self.tls_ca,
+            cert=self.tls_cert,
+            key=self.tls_key,
+            ca_from="nats.tls_ca (--tls-ca, FAULTLINE_NATS_TLS_CA)",
+            cert_from="nats.tls_cert (--tls-cert, FAULTLINE_NATS_TLS_CERT)",
+            key_from="nats.tls_key (--tls-key, FAULTLINE_NATS_TLS_KEY)",
+        )
 
 
 class TimingSettings(_Group):

@@ -25,6 +25,7 @@ from agent.config import AgentSettings
 from agent.lean import release_startup_memory
 from agent.runtime import AgentRuntime
 from proto import __version__
+from proto.natstls import TlsSettingsError
 from proto.natsurl import redacted
 
 log = logging.getLogger("faultline.agent")
@@ -33,6 +34,11 @@ EPILOG = """\
 examples:
   faultline-agent --nats nats://10.0.0.5:4222 --node worker-1 --label zone=a --label region=r1
   FAULTLINE_NATS_URL=nats://nats:4222 FAULTLINE_NODE=$NODE_NAME faultline-agent --http-addr 0.0.0.0:9464
+  faultline-agent --nats tls://agent:$PASSWORD@nats.example:4222 --tls-ca /etc/faultline/ca.pem
+
+TLS: a tls:// URL or any --tls-* setting makes TLS required; the agent never
+falls back to plaintext, also on reconnect (docs/deploy.md, "Securing the
+control link").
 
 The agent reverts every fault it holds on SIGTERM, when a fault's deadline
 passes, when its experiment's lease lapses, and at start for whatever its
@@ -87,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nats", metavar="URL", help="NATS server URL(s), comma-separated [FAULTLINE_NATS_URL]")
     p.add_argument("--node", help="node name [FAULTLINE_NODE; default: host name]")
+    p.add_argument(
+        "--tls-ca",
+        type=Path,
+        metavar="FILE",
+        help="CA bundle (PEM) of the NATS server's certificate; TLS is then required [FAULTLINE_NATS_TLS_CA]",
+    )
+    p.add_argument(
+        "--tls-cert", type=Path, metavar="FILE", help="client certificate (PEM), mutual TLS [FAULTLINE_NATS_TLS_CERT]"
+    )
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key (PEM) [FAULTLINE_NATS_TLS_KEY]")
     p.add_argument(
         "--label", action="append", default=[], metavar="KEY=VALUE", help="node label, repeatable [FAULTLINE_LABELS]"
     )
@@ -144,6 +160,9 @@ def load_settings(args: argparse.Namespace, environ: dict[str, str]) -> AgentSet
     env_map: dict[str, tuple[str, Callable[[str], Any]]] = {
         "FAULTLINE_NATS_URL": ("nats.urls", lambda v: [u.strip() for u in v.split(",") if u.strip()]),
         "FAULTLINE_NODE": ("identity.node", str),
+        "FAULTLINE_NATS_TLS_CA": ("nats.tls_ca", str),
+        "FAULTLINE_NATS_TLS_CERT": ("nats.tls_cert", str),
+        "FAULTLINE_NATS_TLS_KEY": ("nats.tls_key", str),
         "FAULTLINE_STATE_DIR": ("state_dir", str),
         "FAULTLINE_HTTP_ADDR": ("http_addr", str),
         "FAULTLINE_LABELS": ("identity.labels", lambda v: _labels([v])),
@@ -154,6 +173,9 @@ def load_settings(args: argparse.Namespace, environ: dict[str, str]) -> AgentSet
             _set(raw, path, conv(environ[var]))
     if args.nats:
         _set(raw, "nats.urls", [u.strip() for u in args.nats.split(",") if u.strip()])
+    for flag in ("tls_ca", "tls_cert", "tls_key"):
+        if getattr(args, flag) is not None:
+            _set(raw, f"nats.{flag}", str(getattr(args, flag)))
     if args.node is not None:  # --node "" is an error, not the host name
         _set(raw, "identity.node", args.node)
     if args.label:
@@ -268,6 +290,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"faultline-agent: invalid settings: {line}", file=sys.stderr)
         sys.exit(2)
     except (ValueError, OSError) as exc:
+        print(f"faultline-agent: invalid settings: {exc}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        settings.nats.tls().context(settings.nats.urls)  # checked now: a bad file is exit 2, not a retry loop
+    except TlsSettingsError as exc:
         print(f"faultline-agent: invalid settings: {exc}", file=sys.stderr)
         sys.exit(2)
     why = state_dir_problem(settings.state_dir)

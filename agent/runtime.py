@@ -44,7 +44,7 @@ from agent.protect import protected_pids
 from agent.recovery import Recovery
 from agent.stopping import Stopping
 from agent.watchdog import Watchdog
-from proto import __version__, subjects
+from proto import __version__, natstls, subjects
 from proto.codec import encode
 from proto.messages import (
     AgentState,
@@ -55,9 +55,12 @@ from proto.messages import (
     JournalIssue,
     new_id,
 )
+from proto.natsurl import redacted
 from proto.statelock import StateDirBusy, StateLock
 
 log = logging.getLogger("faultline.agent")
+
+NATS_ERROR_REPEAT_S = 60.0  # a NATS error that keeps coming is logged again this often
 
 ENDED_IN_HEARTBEATS_S = 120.0
 
@@ -107,6 +110,7 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         self.rejected_count = 0
         self.halt_seq = 0  # bumped by every halt; an Inject that awaited across one is refused
         self.nc: NATS | None = None
+        self._nats_errors: dict[str, tuple[float, int]] = {}  # NATS error text -> when last logged, repeats since
         self.connected = False
         self.recovery_done = False
         self.nats_lost_since: float | None = time.monotonic()
@@ -248,8 +252,9 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         on SIGTERM (a rollout or ``systemctl stop`` while NATS is down)."""
         nats_cfg = self.settings.nats
         delay = nats_cfg.reconnect_wait_s
+        tls = nats_cfg.tls().context(nats_cfg.urls)  # checked at start (agent/main.py): None without TLS
         while not self.stop_event.is_set():
-            nc = NATS()
+            nc = natstls.client(require_tls=tls is not None, tls_files=nats_cfg.tls(), servers=nats_cfg.urls)
             options: dict[str, Any] = {  # nats-py annotates the timeouts as int; it takes float seconds
                 "servers": nats_cfg.urls,
                 "name": f"faultline-agent/{self.node}",
@@ -263,6 +268,8 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
                 "reconnected_cb": self._on_reconnected,
                 "error_cb": self._on_error,
             }
+            if tls is not None:
+                options["tls"] = tls
             attempt = asyncio.create_task(nc.connect(**options), name="nats-connect")
             stop = asyncio.create_task(self.stop_event.wait(), name="nats-connect-stop")
             try:
@@ -280,7 +287,9 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
             try:
                 attempt.result()
             except Exception as exc:
-                log.warning("cannot reach NATS at %s: %s; retrying", ",".join(nats_cfg.urls), exc)
+                log.warning(
+                    "cannot reach NATS at %s: %s; retrying", redacted(",".join(nats_cfg.urls)), redacted(str(exc))
+                )
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(nc.close(), 1.0)
                 with contextlib.suppress(TimeoutError):
@@ -304,11 +313,25 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         self.connected = True
         self.nats_lost_since = None
         self._cp_cache.clear()
-        log.info("reconnected to NATS at %s", getattr(self.nc, "connected_url", None))
+        url = getattr(self.nc, "connected_url", None)
+        log.info("reconnected to NATS at %s", f"{url.hostname}:{url.port}" if url is not None else "?")
         self._flush_pending()
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("NATS: %s", exc)
+        # nats-py reports every failed attempt (every reconnect_wait_s, for as long as NATS is
+        # away): the same error is logged once, then once a minute with how often it came
+        # (keyed by the text: with several servers their errors alternate)
+        text = redacted(str(exc) or type(exc).__name__)
+        now = time.monotonic()
+        since, repeats = self._nats_errors.get(text, (-math.inf, 0))
+        if now - since >= NATS_ERROR_REPEAT_S:
+            more = f" (and {repeats} more time(s) since the last report)" if repeats else ""
+            log.warning("NATS: %s%s", text, more)
+            self._nats_errors[text] = (now, 0)
+            if len(self._nats_errors) > 64:  # texts carry addresses: bounded all the same
+                del self._nats_errors[next(iter(self._nats_errors))]
+        else:
+            self._nats_errors[text] = (since, repeats + 1)
 
     def _flush_pending(self) -> None:
         pending, self._pending_events = self._pending_events, []

@@ -15,6 +15,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -23,7 +24,7 @@ from controller import console
 from controller.console import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from controller.console import err as _err
 from controller.console import out as _out
-from controller.dispatch import ConnectError, close, connect
+from controller.dispatch import ConnectError, close, connect, with_tls
 from controller.engine import ExperimentRunner
 from controller.experiment import ExperimentError, json_schema_text, load_experiment
 from controller.fleet import Fleet
@@ -33,7 +34,7 @@ from controller.local import LocalEnvironment, LocalModeError, local_state_dir
 from controller.report import exit_code, render_text, to_json
 from controller.targeting import TargetingError
 from controller.tracking import PreflightError
-from proto import __version__
+from proto import __version__, natstls
 from proto.natsurl import DEFAULT_NATS_URL, NatsUrlError, configured, default_target, redacted
 
 EPILOG = """\
@@ -90,6 +91,14 @@ def _indent(text: str) -> str:
 async def cmd_run(args: argparse.Namespace) -> int:
     try:
         target = configured(args.nats)
+        tls = natstls.from_env(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+        if target is not None:
+            target = with_tls(target, args.tls_ca, args.tls_cert, args.tls_key)
+        elif _tls_flags(args):
+            raise NatsUrlError(
+                "--tls-ca, --tls-cert and --tls-key are for a NATS server given with --nats or "
+                "FAULTLINE_NATS_URL; without one, faultline runs locally with an embedded server on loopback"
+            )
     except NatsUrlError as exc:
         return _refused(args, "nats-url", f"faultline: {exc} (nothing sent)")
     try:
@@ -102,6 +111,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
     if target is None:
         say("no NATS configured (--nats, FAULTLINE_NATS_URL): running on this machine with an embedded")
         say(f"nats-server and a local agent (its journal: {local_state_dir()}, FAULTLINE_STATE_DIR) ...")
+        if tls.given:
+            say("note: FAULTLINE_NATS_TLS_* not used: the embedded server listens on loopback only")
         try:
             async with LocalEnvironment(say=_err) as env:
                 assert env.fleet is not None
@@ -116,14 +127,14 @@ async def cmd_run(args: argparse.Namespace) -> int:
         except LocalModeError as exc:
             return _refused(args, "local-mode", f"faultline: {exc}")
     try:
-        nc = await connect(target.url)
+        nc = await connect(target.url, tls=target.tls)
     except ConnectError as exc:
         return _refused(args, "connect", f"faultline: {exc}")
     fleet = Fleet(nc)
     try:
         await fleet.start()
         await fleet.gather()
-        return await _run_experiment(args, exp, nc, fleet, None, say, target.url)
+        return await _run_experiment(args, exp, nc, fleet, None, say, target.url, tls=_tls_flags(args))
     finally:
         await fleet.stop()
         await close(nc)
@@ -138,6 +149,7 @@ async def _run_experiment(
     say: Any,
     url: str,
     local: Callable[[], dict[str, Any]] | None = None,
+    tls: str = "",
 ) -> int:
     """``local``: in local mode, what the local agent found in its journal and how often it was
     started again (into the JSON), asked for when the JSON is written."""
@@ -166,7 +178,9 @@ async def _run_experiment(
             for note in plan.notes:
                 _out(f"note: {note}")
         return EXIT_OK
-    say(f"running {runner.experiment_id}; abort it from elsewhere with: {abort_command(runner.experiment_id, url)}")
+    say(
+        f"running {runner.experiment_id}; abort it from elsewhere with: {abort_command(runner.experiment_id, url)}{tls}"
+    )
     with _signals_abort(runner):
         report = await runner.run()
     _out(to_json(report, extra=local() if local else None) if args.output == "json" else render_text(report))
@@ -181,6 +195,15 @@ def _refused(args: argparse.Namespace, stage: str, text: str) -> int:
         refusal = {"outcome": "refused", "stage": stage, "error": text, "sent": False, "exit_code": EXIT_BAD_INPUT}
         _out(json.dumps(refusal, indent=2))
     return EXIT_BAD_INPUT
+
+
+def _tls_flags(args: argparse.Namespace) -> str:
+    """The --tls-* flags given, for the printed abort command (FAULTLINE_NATS_TLS_* carry over by themselves)."""
+    given = [(flag, getattr(args, flag.removeprefix("--").replace("-", "_"))) for flag in TLS_FLAGS]
+    return "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in given if value is not None)
+
+
+TLS_FLAGS = ("--tls-ca", "--tls-cert", "--tls-key")
 
 
 def abort_command(experiment_id: str, url: str) -> str:
@@ -275,6 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
             help="NATS server URL: nats://, tls:// or HOST:PORT (ws://, wss:// need aiohttp); several comma-separated "
             f"[FAULTLINE_NATS_URL; default: {default}]",
         )
+        sp.add_argument(
+            "--tls-ca",
+            type=Path,
+            metavar="FILE",
+            help="CA bundle (PEM) that signed the NATS server's certificate; TLS is then required, never "
+            "plaintext (a tls:// URL alone uses the system's CAs) [FAULTLINE_NATS_TLS_CA]",
+        )
+        sp.add_argument(
+            "--tls-cert",
+            type=Path,
+            metavar="FILE",
+            help="client certificate (PEM) for a server that verifies clients [FAULTLINE_NATS_TLS_CERT]",
+        )
+        sp.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key (PEM) [FAULTLINE_NATS_TLS_KEY]")
 
     def output_opt(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("-o", "--output", choices=["text", "json"], default="text", help="result format")

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import ssl
 import time
+from pathlib import Path
 from typing import Any
 
-import nats
 import nats.errors
 
+from proto import natstls
 from proto.codec import DecodeError, decode, encode
 from proto.messages import Ack, Revert, Start
-from proto.natsurl import redacted, split_servers
+from proto.natsurl import NatsTarget, NatsUrlError, redacted, split_servers
 from proto.subjects import agent_cmd, exp_abort, exp_start
 
 log = logging.getLogger(__name__)
@@ -31,39 +34,108 @@ class ConnectError(RuntimeError):
     pass
 
 
-async def connect(url: str, *, name: str = "faultline", connect_timeout_s: float = 2.0) -> Any:
+def with_tls(target: NatsTarget, ca: Path | None, cert: Path | None, key: Path | None) -> NatsTarget:
+    """The target with its TLS files (the flags, else FAULTLINE_NATS_TLS_*), checked now: a file
+    that cannot be used is bad input (NatsUrlError naming the setting), before anything is sent."""
+    tls = natstls.from_env(ca=ca, cert=cert, key=key)
+    try:
+        tls.context(target.servers)
+    except natstls.TlsSettingsError as exc:
+        raise NatsUrlError(str(exc)) from None
+    return dataclasses.replace(target, tls=tls)
+
+
+async def connect(
+    url: str, *, name: str = "faultline", connect_timeout_s: float = 2.0, tls: natstls.TlsFiles | None = None
+) -> Any:
     """A NATS connection that reconnects for a while and does not print errors by itself.
 
-    ``url`` is one URL or a comma-separated list, as faultline-agent takes them."""
+    ``url`` is one URL or a comma-separated list, as faultline-agent takes them. TLS is
+    required when a URL is tls:// or ``tls`` gives any file: never plaintext then (proto/natstls.py)."""
     try:
         servers = split_servers(url)
     except ValueError as exc:
         raise ConnectError(f"cannot connect to NATS at {redacted(url)}: not a NATS server URL: {exc}") from None
+    try:
+        ctx = (tls or natstls.TlsFiles()).context(servers)
+    except natstls.TlsSettingsError as exc:
+        raise ConnectError(f"cannot connect to NATS at {redacted(url)}: {exc}") from None
 
     seen: list[Exception] = []  # the last error only: the callback lives as long as the connection
+    fatal = asyncio.Event()
 
     async def quiet(exc: Exception) -> None:
         seen[:] = [exc]
         log.debug("nats: %s", exc)
+        if len(servers) == 1 and _tls_final(exc):
+            fatal.set()  # a certificate or a server without TLS does not change by retrying
 
-    try:
-        return await asyncio.wait_for(
-            nats.connect(
-                servers,
-                name=name,
-                connect_timeout=int(max(1, connect_timeout_s)),
-                reconnect_time_wait=1,
-                max_reconnect_attempts=30,
-                allow_reconnect=True,
-                error_cb=quiet,
-            ),
-            connect_timeout_s * 2 + 1,
+    nc = natstls.client(require_tls=ctx is not None)
+    options: dict[str, Any] = {"tls": ctx} if ctx is not None else {}
+    attempt = asyncio.ensure_future(
+        nc.connect(
+            servers,
+            name=name,
+            connect_timeout=int(max(1, connect_timeout_s)),
+            reconnect_time_wait=1,
+            max_reconnect_attempts=30,
+            allow_reconnect=True,
+            error_cb=quiet,
+            **options,
         )
+    )
+    gave_up = asyncio.ensure_future(fatal.wait())
+    try:
+        await asyncio.wait({attempt, gave_up}, timeout=connect_timeout_s * 2 + 1, return_when=asyncio.FIRST_COMPLETED)
+        if not attempt.done():
+            attempt.cancel()
+            with contextlib.suppress(BaseException):
+                await attempt
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 1.0)
+            if fatal.is_set():
+                raise ConnectError(f"cannot connect to NATS at {redacted(url)}: {redacted(_tls_why(seen[-1]))}")
+            raise TimeoutError("no connection within the timeout")
+        attempt.result()
+        return nc
+    except ConnectError:
+        raise
+    except asyncio.CancelledError:
+        # the caller gave up (Ctrl-C): leave no connect attempt running behind it
+        attempt.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(nc.close(), 1.0)
+        raise
     except (TimeoutError, OSError, nats.errors.Error) as exc:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 1.0)
         why = str(exc) or type(exc).__name__
         if seen and str(seen[-1]) and str(seen[-1]) != why:
             why += f" (last error: {seen[-1]})"  # the real cause, e.g. connection refused
         raise ConnectError(f"cannot connect to NATS at {redacted(url)}: {redacted(why)}") from None
+    finally:
+        gave_up.cancel()
+
+
+def _tls_final(exc: Exception) -> bool:
+    """A TLS failure no retry will mend: no TLS offered, a certificate refused either way (a
+    verify failure here, a TLS alert from the server). A connection cut mid-handshake is not."""
+    if isinstance(exc, (natstls.TlsNotOffered, ssl.SSLCertVerificationError)):
+        return True
+    return isinstance(exc, ssl.SSLError) and "ALERT" in str(exc.reason or "")
+
+
+def _tls_why(exc: Exception) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"TLS: the server's certificate was not accepted ({exc.verify_message}); "
+            "--tls-ca (FAULTLINE_NATS_TLS_CA) names the CA that signed it"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return (
+            f"TLS handshake failed: {exc.reason or exc} (a client certificate the server wants: --tls-cert/--tls-key)"
+        )
+    return str(exc)
 
 
 async def close(nc: Any, timeout_s: float = 2.0) -> None:

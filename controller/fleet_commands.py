@@ -14,7 +14,7 @@ from typing import Any
 from controller.console import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from controller.console import err as _err
 from controller.console import out as _out
-from controller.dispatch import ConnectError, close, connect, revert_experiment
+from controller.dispatch import ConnectError, close, connect, revert_experiment, with_tls
 from controller.fleet import JOURNAL_ISSUES_HELP, Fleet, NodeView, duplicate_line, journal_issue_lines
 from controller.halting import halt_and_confirm
 from proto.codec import DecodeError, decode, encode
@@ -23,8 +23,8 @@ from proto.natsurl import DEFAULT_NATS_URL, NatsTarget, NatsUrlError, configured
 from proto.subjects import exp_control
 
 
-async def _with_fleet(url: str) -> tuple[Any, Fleet]:
-    nc = await connect(url)
+async def _with_fleet(target: NatsTarget) -> tuple[Any, Fleet]:
+    nc = await connect(target.url, tls=target.tls)
     fleet = Fleet(nc)
     await fleet.start()
     return nc, fleet
@@ -51,8 +51,9 @@ def _agent_row(view: NodeView, now: float) -> dict[str, Any]:
 
 
 def _fleet_target(args: argparse.Namespace) -> NatsTarget:
-    """--nats, FAULTLINE_NATS_URL or the default; raises NatsUrlError naming the one that is wrong."""
-    return configured(args.nats) or default_target()
+    """--nats, FAULTLINE_NATS_URL or the default, with its TLS files; raises NatsUrlError naming
+    the setting that is wrong."""
+    return with_tls(configured(args.nats) or default_target(), args.tls_ca, args.tls_cert, args.tls_key)
 
 
 def _refuse(args: argparse.Namespace, stage: str, lines: list[str]) -> int:
@@ -87,7 +88,7 @@ async def cmd_agents(args: argparse.Namespace) -> int:
         return _bad_url(args, exc)
     url = target.url
     try:
-        nc, fleet = await _with_fleet(url)
+        nc, fleet = await _with_fleet(target)
     except ConnectError as exc:
         return _connect_failed(args, target, exc)
     try:
@@ -178,7 +179,7 @@ async def cmd_abort(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     reason = fitted_reason(args.reason, f" (by {_issuer()})")
     try:
-        nc, fleet = await _with_fleet(target.url)
+        nc, fleet = await _with_fleet(target)
     except ConnectError as exc:
         return _connect_failed(args, target, exc)
     try:
@@ -214,7 +215,7 @@ async def cmd_halt(args: argparse.Namespace) -> int:
     except NatsUrlError as exc:
         return _bad_url(args, exc)
     try:
-        nc = await connect(target.url)
+        nc = await connect(target.url, tls=target.tls)
     except ConnectError as exc:
         return _connect_failed(args, target, exc)
     try:

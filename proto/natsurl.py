@@ -14,8 +14,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
+
+from proto.natstls import TlsFiles
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 ENV_VAR = "FAULTLINE_NATS_URL"
@@ -35,6 +37,8 @@ class NatsTarget:
     """--nats, FAULTLINE_NATS_URL, or "default"."""
     servers: list[str]
     """The URLs nats-py gets, each with its scheme."""
+    tls: TlsFiles = field(default_factory=TlsFiles)
+    """The TLS files (--tls-*, FAULTLINE_NATS_TLS_*); TLS is required when any is given or a URL is tls://."""
 
 
 _USERINFO = re.compile(r"(://|^|,\s*)([^/,\s]+)@")  # to the last '@', as nats-py splits
