@@ -18,7 +18,7 @@ from agent.faults.base import Injector, Rejected
 from agent.faults_table import FaultRecord
 from proto.codec import DecodeError, decode_command, encode, peek_id
 from proto.faults import required_capabilities
-from proto.messages import Ack, FaultEvent, FaultState, Inject, PodRef, Revert, Start
+from proto.messages import Ack, FaultEvent, FaultState, Inject, PodRef, Preview, Revert, Start
 
 if TYPE_CHECKING:
     from agent.config import AgentSettings
@@ -132,9 +132,34 @@ class CommandHandler:
             ack = await self._inject(cmd)
         elif isinstance(cmd, Start):
             ack = self._start_command(cmd)
+        elif isinstance(cmd, Preview):
+            ack = await self._preview(cmd)
         else:
             ack = self._revert_command(cmd)
         return encode(ack)
+
+    async def _preview(self, cmd: Preview) -> Ack:
+        """What the spec would touch here now: the checks and the selection of an Inject, with
+        nothing applied, recorded or journaled (`faultline run --preview`)."""
+        now = time.time()
+        if cmd.expires_at <= now:
+            return self._reject(cmd.id, f"expired: expires_at passed {now - cmd.expires_at:.1f}s ago")
+        kind = cmd.spec.kind
+        injector = self.injectors.get(kind)
+        if injector is None:
+            return self._reject(cmd.id, self.unsupported.get(kind, f"{kind} faults are not supported by this agent"))
+        for cap in required_capabilities(cmd.spec):
+            if cap not in self.capabilities:
+                return self._reject(cmd.id, self.capability_notes.get(cap, f"capability {cap} not available here"))
+        ctx = self.make_context("preview", "preview", cmd.expires_at, cmd.pods)
+        try:
+            result = await injector.preview(cmd.spec, ctx)
+        except Rejected as exc:
+            return self._reject(cmd.id, str(exc))
+        except Exception as exc:
+            log.exception("preview of a %s fault failed", kind)
+            return self._reject(cmd.id, f"preview failed: {exc}")
+        return Ack(in_reply_to=cmd.id, node=self.node, accepted=True, preview=result)
 
     async def _inject(self, cmd: Inject) -> Ack:
         now = time.time()

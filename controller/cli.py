@@ -31,6 +31,7 @@ from controller.fleet import Fleet
 from controller.fleet_commands import cmd_abort, cmd_agents, cmd_halt
 from controller.halting import HALT_WAIT_HELP
 from controller.local import LocalEnvironment, LocalModeError, local_state_dir
+from controller.preview import preview_faults, preview_lines, preview_shortfalls
 from controller.report import exit_code, render_text, to_json
 from controller.targeting import TargetingError
 from controller.tracking import PreflightError
@@ -160,7 +161,8 @@ async def _run_experiment(
         return _refused(
             args, "preflight", f"faultline: cannot run {exp.metadata.name} (nothing sent):\n" + _indent(str(exc))
         )
-    if args.dry_run:
+    if args.dry_run or args.preview:
+        previews = await preview_faults(nc, fleet, list(exp.spec.faults), plan) if args.preview else None
         data = {
             "experiment": exp.metadata.name,
             "targets": plan.targets,
@@ -168,16 +170,27 @@ async def _run_experiment(
             "faults": [f.model_dump(mode="json", by_alias=True) for f in exp.spec.faults],
             "pods": {n: [p.model_dump() for p in ps] for n, ps in plan.pods.items()},
             "notes": plan.notes,
+            "preview": previews,
         }
         data.update(local() if local else {})
+        short = preview_shortfalls(previews or [])
         if args.output == "json":
             _out(json.dumps(data, indent=2))
         else:
-            _out(f"dry run: {exp.metadata.name} would target {', '.join(plan.targets)}")
-            _out("every target is ready and has the capabilities the faults need; nothing was sent")
+            _out(
+                f"{'preview' if args.preview else 'dry run'}: {exp.metadata.name} would target {', '.join(plan.targets)}"
+            )
+            _out(
+                "every target is ready and has the capabilities the faults need; "
+                + ("each answered a read-only preview, nothing was applied" if args.preview else "nothing was sent")
+            )
             for note in plan.notes:
                 _out(f"note: {note}")
-        return EXIT_OK
+            for line in preview_lines(previews or []):
+                _out(line)
+        for line in short:
+            _err(f"faultline: {line}")
+        return EXIT_FAILED if short else EXIT_OK
     say(
         f"running {runner.experiment_id}; abort it from elsewhere with: {abort_command(runner.experiment_id, url)}{tls}"
     )
@@ -328,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     nats_opt(r, local=True)
     output_opt(r)
     r.add_argument("--dry-run", action="store_true", help="resolve targets and check capabilities; send nothing")
+    r.add_argument(
+        "--preview",
+        action="store_true",
+        help="a dry run that also asks each target which processes each process fault would hit now, and which "
+        "are protected (read-only: nothing is applied); exit 1 if a fault would hit nothing on a target",
+    )
     r.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     a = sub.add_parser("agents", help="list the agents that send heartbeats")
     nats_opt(a, local=False)

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from proto.faults import FaultSpec
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 3  # 1.1: Heartbeat.ended; 1.2: Inject.await_start, Start; 1.3: Heartbeat.journal_issues, halts_done
+SCHEMA_MINOR = 4  # 1.1: Heartbeat.ended; 1.2: Inject.await_start, Start; 1.3: Heartbeat.journal_issues,
+# halts_done; 1.4: Preview, Ack.preview
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 START_SINCE_MINOR = 2
@@ -28,6 +29,9 @@ START_SINCE_MINOR = 2
 
 KEPT_ENTRIES_SINCE_MINOR = 3
 """Agents speaking 1.3 or newer list kept journal entries and finished halts in their heartbeats."""
+
+PREVIEW_SINCE_MINOR = 4
+"""Agents speaking 1.4 or newer answer a Preview (which processes a process fault would touch)."""
 
 
 def schema_minor(version: str) -> int:
@@ -122,7 +126,52 @@ class Revert(Message):
     expires_at: float
 
 
-Command = Annotated[Inject | Revert | Start, Field(discriminator="type")]
+class SkippedProcess(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+
+    pid: int
+    name: str
+    reason: str
+
+
+class Preview(Message):
+    """Which processes a fault would touch on this node now, since 1.4: read-only. The agent
+    selects as for an Inject (selector, pods, protections, count or percent) and applies
+    nothing, records nothing, journals nothing. Answered with an Ack carrying ``preview``."""
+
+    type: Literal["preview"] = "preview"
+    spec: FaultSpec
+    pods: list[PodRef] | None = Field(None, description="restrict the selection to these pods on the node")
+    expires_at: float
+
+
+Command = Annotated[Inject | Revert | Start | Preview, Field(discriminator="type")]
+
+
+class PreviewedProcess(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+
+    pid: int
+    name: str
+    user: str | None = None
+    cmdline: str = Field("", description="cut to 200 characters")
+
+
+class PreviewResult(BaseModel):
+    """What a fault would touch on one node, as of the Preview."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+
+    would_hit: int = Field(description="how many processes an Inject now would signal (count or percent applied)")
+    matched: list[PreviewedProcess] = Field(
+        default_factory=list, description="the processes that match and may be touched, by pid, at most 50"
+    )
+    matched_total: int = 0
+    skipped: list[SkippedProcess] = Field(
+        default_factory=list, description="matches never touched, with the reason, at most 50"
+    )
+    skipped_total: int = 0
+    note: str | None = Field(None, description="e.g. which of the matches are hit is picked at injection")
 
 
 class Ack(Message):
@@ -134,6 +183,7 @@ class Ack(Message):
     fault_states: dict[str, FaultState] = Field(
         default_factory=dict, description="state of each fault the command named, as the agent sees it"
     )
+    preview: PreviewResult | None = Field(None, description="since 1.4: the answer to a Preview")
 
 
 # --- broadcasts
@@ -257,14 +307,6 @@ class Heartbeat(Message):
     )
 
 
-class SkippedProcess(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
-
-    pid: int
-    name: str
-    reason: str
-
-
 class Measurements(BaseModel):
     """What a fault did, as measured by the agent. Every field optional; each kind fills its own."""
 
@@ -313,6 +355,6 @@ class FaultEvent(Message):
 
 
 AnyMessage = Annotated[
-    Inject | Revert | Start | Ack | Halt | Lease | Heartbeat | FaultEvent,
+    Inject | Revert | Start | Preview | Ack | Halt | Lease | Heartbeat | FaultEvent,
     Field(discriminator="type"),
 ]

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from proto.messages import FaultState, Measurements, PodRef
+from proto.messages import FaultState, Measurements, PodRef, PreviewResult
 
 
 class Rejected(Exception):
@@ -101,6 +101,12 @@ class Injector(abc.ABC):
     def release(self, ctx: FaultContext) -> None:  # noqa: B027 - optional hook
         """The fault's lifecycle is over, however it ended (reverted, failed before its plan,
         refused at its plan): drop what check() set aside for it. Must not raise."""
+
+    async def preview(self, spec: Any, ctx: FaultContext) -> PreviewResult | None:
+        """What spec would touch on this node now, without touching or recording anything
+        (a Preview); None when this kind has nothing to show beyond its capability. Raises
+        Rejected as check() and plan() would."""
+        return None
 
     def load_plan(self, raw: dict[str, Any]) -> Plan:
         """A journaled plan back from its JSON form (at start, to revert it)."""

@@ -31,7 +31,7 @@ from pydantic import Field
 from agent.faults.base import FaultContext, Injector, Plan, Rejected
 from agent.protect import protection_reason
 from proto.faults import ProcessKillSpec, ProcessMatch
-from proto.messages import Measurements, SkippedProcess
+from proto.messages import Measurements, PreviewedProcess, PreviewResult, SkippedProcess
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +126,28 @@ def describe(match: ProcessMatch) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
-def _choose(procs: list[psutil.Process], count: int | None, percent: float | None, default_all: bool) -> list[Any]:
+def _how_many(matched: int, count: int | None, percent: float | None, default_all: bool) -> int:
     if count is not None:
-        n = min(count, len(procs))
-    elif percent is not None:
-        n = min(len(procs), math.ceil(len(procs) * percent / 100))
-    else:
-        n = len(procs) if default_all else min(1, len(procs))
+        return min(count, matched)
+    if percent is not None:
+        return min(matched, math.ceil(matched * percent / 100))
+    return matched if default_all else min(1, matched)
+
+
+def _choose(procs: list[psutil.Process], count: int | None, percent: float | None, default_all: bool) -> list[Any]:
+    n = _how_many(len(procs), count, percent, default_all)
     return sorted(random.sample(procs, n), key=lambda p: p.pid)
+
+
+PREVIEW_LIST_MAX = 50
+
+
+def _previewed(proc: psutil.Process) -> PreviewedProcess:
+    info = proc.info
+    cmdline = " ".join(info.get("cmdline") or [])
+    return PreviewedProcess(
+        pid=proc.pid, name=str(info.get("name") or ""), user=info.get("username"), cmdline=cmdline[:200]
+    )
 
 
 def _same_start(a: float, b: float) -> bool:
@@ -204,6 +218,28 @@ class _ProcessInjector(Injector):
         )
         self._claim(plan, ctx)
         return plan
+
+    async def preview(self, spec: Any, ctx: FaultContext) -> PreviewResult:
+        """The selection plan() would make now, with nothing claimed, signalled or recorded."""
+        self.check(spec, ctx)
+        procs, skipped = await asyncio.to_thread(select, spec.match, ctx)
+        procs, taken = self._exclude(procs, ctx)
+        skipped = skipped + taken
+        procs.sort(key=lambda p: p.pid)
+        n = _how_many(len(procs), spec.count, spec.percent, self.default_all)
+        note = None
+        if not procs:
+            note = f"no process matches {describe(spec.match)} that may be touched: an Inject now would be refused"
+        elif n < len(procs):
+            note = f"{n} of the {len(procs)} matches would be hit, picked at random when the fault is applied"
+        return PreviewResult(
+            would_hit=n,
+            matched=[_previewed(p) for p in procs[:PREVIEW_LIST_MAX]],
+            matched_total=len(procs),
+            skipped=skipped[:PREVIEW_LIST_MAX],
+            skipped_total=len(skipped),
+            note=note,
+        )
 
     def _exclude(
         self, procs: list[psutil.Process], ctx: FaultContext
@@ -298,6 +334,28 @@ class ProcessPause(_ProcessInjector):
             if fid != fault_id and any(t.pid == pid and _same_start(t.create_time, create_time) for t in targets):
                 return fid
         return None
+
+    async def preview(self, spec: Any, ctx: FaultContext) -> PreviewResult:
+        """The selection plan() would make now, with nothing claimed, signalled or recorded."""
+        self.check(spec, ctx)
+        procs, skipped = await asyncio.to_thread(select, spec.match, ctx)
+        procs, taken = self._exclude(procs, ctx)
+        skipped = skipped + taken
+        procs.sort(key=lambda p: p.pid)
+        n = _how_many(len(procs), spec.count, spec.percent, self.default_all)
+        note = None
+        if not procs:
+            note = f"no process matches {describe(spec.match)} that may be touched: an Inject now would be refused"
+        elif n < len(procs):
+            note = f"{n} of the {len(procs)} matches would be hit, picked at random when the fault is applied"
+        return PreviewResult(
+            would_hit=n,
+            matched=[_previewed(p) for p in procs[:PREVIEW_LIST_MAX]],
+            matched_total=len(procs),
+            skipped=skipped[:PREVIEW_LIST_MAX],
+            skipped_total=len(skipped),
+            note=note,
+        )
 
     def _exclude(
         self, procs: list[psutil.Process], ctx: FaultContext

@@ -563,7 +563,8 @@ def test_run_example_against_a_real_agent(
     assert dry.returncode == 0, dry.stderr
     plan = json.loads(dry.stdout)
     assert plan["targets"] == ["node-a"]
-    assert set(plan) == {"experiment", "targets", "faults", "pods", "notes"}
+    assert set(plan) == {"experiment", "targets", "faults", "pods", "notes", "preview"}
+    assert plan["preview"] is None  # asked for with --preview only: a dry run sends nothing
     # every field of the fault, null when the file leaves it out
     assert plan["faults"][0]["duration"] is None and plan["faults"][0]["match"]["pid"] is None
     assert status(victim) != psutil.STATUS_STOPPED and not agent.settled_journal()

@@ -1,0 +1,127 @@
+"""Preview (schema 1.4): the agent answers which processes a fault would touch, touching,
+recording and journaling nothing; the controller shows it, and says which agents are too old.
+The agent side runs the real runtime and the real process injectors on real processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agent.config import AgentSettings
+from agent.runtime import AgentRuntime
+from controller.fleet import Fleet
+from controller.preview import preview_faults, preview_lines, preview_shortfalls
+from controller.tracking import Plan
+from proto.codec import decode, encode
+from proto.faults import ProcessKillSpec, ProcessMatch, ProcessPauseSpec
+from proto.messages import Ack, Heartbeat, Preview
+
+DETACH = (
+    "import subprocess, sys\n"
+    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', sys.argv[1]], "
+    "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)\n"
+    "print(p.pid)"
+)
+
+
+@pytest.fixture
+def sleepers() -> Iterator[tuple[str, list[psutil.Process]]]:
+    """Three victims that are not this process's children: the agent runs in this process here,
+    and it never touches its own children (they would be listed as skipped)."""
+    token = f"faultline-preview-victim-{uuid.uuid4().hex[:8]}"
+    procs: list[psutil.Process] = []
+    try:
+        for _ in range(3):
+            out = subprocess.run([sys.executable, "-c", DETACH, token], capture_output=True, text=True, timeout=30)
+            procs.append(psutil.Process(int(out.stdout)))
+        yield token, procs
+    finally:
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(procs, timeout=10)
+
+
+async def preview(rt: AgentRuntime, spec: object) -> Ack:
+    return decode(await rt.handle_command(encode(Preview(spec=spec, expires_at=time.time() + 30))), Ack)
+
+
+async def test_the_agent_previews_without_touching_recording_or_journaling(
+    tmp_path: Path, sleepers: tuple[str, list[psutil.Process]]
+) -> None:
+    token, procs = sleepers
+    rt = AgentRuntime(AgentSettings(state_dir=tmp_path, identity={"node": "p"}))
+    await rt.probe()
+    ack = await preview(rt, ProcessKillSpec(match=ProcessMatch(cmdline=f"{token}$"), count=2))
+    assert ack.accepted and ack.preview is not None, ack
+    p = ack.preview
+    assert p.would_hit == 2 and p.matched_total == 3
+    assert sorted(m.pid for m in p.matched) == sorted(x.pid for x in procs)
+    assert all(token in m.cmdline for m in p.matched)
+    assert p.note is not None and "2 of the 3 matches" in p.note
+    ack = await preview(rt, ProcessPauseSpec(match=ProcessMatch(cmdline=f"{token}$")))
+    assert ack.preview is not None and ack.preview.would_hit == 3  # pause: every match by default
+    # nothing happened: all alive and running, nothing held, nothing journaled
+    assert all(x.is_running() and x.status() != psutil.STATUS_STOPPED for x in procs)
+    assert rt.faults == {} and rt.rejected_count == 0
+    journal = tmp_path / "journal"
+    assert not journal.exists() or not list(journal.iterdir())
+
+
+@pytest.fixture
+def own_child() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    token = f"faultline-preview-child-{uuid.uuid4().hex[:8]}"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", token], stdin=subprocess.DEVNULL)
+    try:
+        yield token, child
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+
+
+async def test_protected_processes_are_listed_as_skipped_and_a_protected_pid_is_refused(
+    tmp_path: Path, own_child: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    token, child = own_child
+    rt = AgentRuntime(AgentSettings(state_dir=tmp_path, identity={"node": "p"}))
+    await rt.probe()
+    # the agent (this process) and its own child match; neither may be touched
+    ack = await preview(rt, ProcessKillSpec(match=ProcessMatch(cmdline=f"{token}$|pytest")))
+    assert ack.preview is not None
+    skipped = {s.pid: s.reason for s in ack.preview.skipped}
+    assert skipped.get(os.getpid()) == "the faultline agent itself", skipped
+    assert "a process of the faultline agent" in skipped.get(child.pid, ""), skipped
+    assert child.pid not in [m.pid for m in ack.preview.matched]
+    refused = await preview(rt, ProcessKillSpec(match=ProcessMatch(pid=os.getpid())))
+    assert not refused.accepted and "protected" in (refused.reason or "")
+
+
+async def test_nothing_matching_is_a_note_and_a_shortfall(tmp_path: Path) -> None:
+    rt = AgentRuntime(AgentSettings(state_dir=tmp_path, identity={"node": "p"}))
+    await rt.probe()
+    ack = await preview(rt, ProcessPauseSpec(match=ProcessMatch(cmdline=f"no-such-{uuid.uuid4().hex}$")))
+    assert ack.preview is not None and ack.preview.would_hit == 0
+    assert "an Inject now would be refused" in (ack.preview.note or "")
+    previews = [{"fault": 0, "kind": "process-pause", "name": None, "nodes": {"p": ack.preview.model_dump()}}]
+    assert preview_shortfalls(previews) == ["fault 0 on p: would hit no process; the run would fail there"]
+    assert any("would hit 0 of 0" in line for line in preview_lines(previews))
+
+
+async def test_agents_older_than_1_4_are_named_not_asked() -> None:
+    fleet = Fleet(None)
+    old = Heartbeat(node="old", instance_id="i", version="0.9", interval_s=1, seq=1, started_at=1.0)
+    fleet.observe(encode(old).replace(b'"schema_version":"1.4"', b'"schema_version":"1.3"'))
+    spec = ProcessPauseSpec(match=ProcessMatch(pid=12345))
+    out = await preview_faults(None, fleet, [spec], Plan(targets=["old"], pods={}, notes=[]))
+    err = out[0]["nodes"]["old"]["error"]
+    assert "0.9" in err and "schema 1.3" in err and "cannot preview" in err
+    assert preview_shortfalls(out) == [f"fault 0 on old: no preview ({err})"]
