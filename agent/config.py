@@ -105,21 +105,27 @@ class SafetySettings(_Group):
     @classmethod
     def _regexes(cls, patterns: list[str]) -> list[str]:
         # a bad pattern would make every process fault fail later: refuse it at start, naming it
+        bad = []
         for p in patterns:
             try:
                 re.compile(p)
             except re.error as exc:
-                raise ValueError(f"{p!r} is not a regular expression: {exc}") from None
+                bad.append(f"{p!r} is not a regular expression: {exc}")
+        if bad:
+            raise ValueError("; ".join(bad))  # every one, not only the first: one restart to fix them all
         return patterns
 
     @field_validator("exempt")
     @classmethod
     def _cidrs(cls, cidrs: list[str]) -> list[str]:
+        bad = []
         for c in cidrs:
             try:
                 ipaddress.ip_network(c, strict=False)
             except ValueError as exc:
-                raise ValueError(f"{c!r} is not a CIDR: {exc}") from None
+                bad.append(f"{c!r} is not a CIDR: {exc}")
+        if bad:
+            raise ValueError("; ".join(bad))
         return cidrs
 
     memory_reserve_percent: float = Field(10.0, ge=0, le=90)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from controller.engine import ExperimentRunner
 from controller.experiment import Experiment, parse_experiment
 from controller.local import LocalEnvironment
 from controller.report import Report, exit_code, render_text, to_json
+from proto.faults import signal_name
 
 VICTIM_CODE = "import time\nwhile True:\n    time.sleep(0.2)\n"
 RESTART_DELAY_S = 0.3
@@ -89,7 +89,7 @@ class Supervisor:
         code = await proc.wait()
         if self._stopping:
             return
-        why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        why = f"signal {signal_name(-code)}" if code < 0 else f"exit code {code}"
         await asyncio.sleep(RESTART_DELAY_S)  # a real supervisor's back-off; the agent measures it
         if self._stopping:
             return

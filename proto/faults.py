@@ -33,11 +33,22 @@ class SpecModel(BaseModel):
     )
 
 
+_RT = re.compile(r"^SIGRT(MIN|MAX)(?:([+-])(\d{1,3}))?$")
+
+
+def _realtime(n: int) -> bool:
+    """Linux's real-time signals (SIGRTMIN..SIGRTMAX, 34..64 with glibc): Python's Signals names
+    only the two ends, but every one between is a signal, and services use them (systemd does)."""
+    return int(_signal.SIGRTMIN) <= n <= int(_signal.SIGRTMAX)
+
+
 def signal_number(value: str | int) -> int:
-    """SIGKILL, KILL, 9 -> 9. Raises ValueError naming the bad value."""
+    """SIGKILL, KILL, 9 -> 9; SIGRTMIN+3 -> 37. Raises ValueError naming the bad value."""
     if isinstance(value, bool):
         raise ValueError("signal must be a name like SIGTERM or a number")
     if isinstance(value, int):
+        if _realtime(value):
+            return value
         try:
             return int(_signal.Signals(value))
         except ValueError:
@@ -49,10 +60,27 @@ def signal_number(value: str | int) -> int:
         return signal_number(int(name))
     if not name.startswith("SIG"):
         name = "SIG" + name
+    rt = _RT.match(name)
+    if rt is not None:
+        base = int(_signal.SIGRTMIN if rt.group(1) == "MIN" else _signal.SIGRTMAX)
+        n = base + (int(rt.group(3)) if rt.group(2) == "+" else -int(rt.group(3) or 0))
+        if not _realtime(n):
+            raise ValueError(
+                f"{value!r} is past the real-time signals (SIGRTMIN..SIGRTMAX, {_signal.SIGRTMIN}..{_signal.SIGRTMAX})"
+            )
+        return n
     try:
         return int(_signal.Signals[name])
     except KeyError:
-        raise ValueError(f"unknown signal {value!r}: expected a name like SIGTERM or a number") from None
+        raise ValueError(f"unknown signal {value!r}: expected a name like SIGTERM, SIGRTMIN+3 or a number") from None
+
+
+def signal_name(n: int) -> str:
+    """The name of a signal number, SIGRTMIN+n for real-time ones."""
+    try:
+        return _signal.Signals(n).name
+    except ValueError:
+        return f"SIGRTMIN+{n - int(_signal.SIGRTMIN)}" if _realtime(n) else str(n)
 
 
 class ProcessMatch(SpecModel):
@@ -90,7 +118,9 @@ class _FaultBase(SpecModel):
 
 
 class _CountOrPercent(_FaultBase):
-    count: int | None = Field(None, ge=1, description="how many matching processes to hit")
+    count: int | None = Field(
+        None, ge=1, le=1 << 22, description="how many matching processes to hit (at most 4194304, the kernel's pid_max)"
+    )
     percent: Percent | None = Field(None, description="share of matching processes to hit (rounded up)")
 
     @model_validator(mode="after")
@@ -215,7 +245,9 @@ class NetworkSpec(_FaultBase):
     reorder: Percent | None = None
     gap: int | None = Field(None, ge=1)
     rate_bps: Rate | None = Field(None, alias="rate", description="bandwidth, e.g. '8mbit' (bits per second)")
-    limit: int | None = Field(None, ge=1, description="queue limit in packets")
+    limit: int | None = Field(
+        None, ge=1, le=(1 << 32) - 1, description="queue limit in packets (the kernel's field is 32 bits)"
+    )
     destinations: list[str] = Field(default_factory=list, description="CIDRs; default: all traffic")
     ports: list[PortMatch] = Field(default_factory=list)
     direction: Literal["egress", "ingress"] = "egress"
@@ -227,7 +259,15 @@ class NetworkSpec(_FaultBase):
     @field_validator("destinations", "exempt")
     @classmethod
     def _cidrs(cls, v: list[str]) -> list[str]:
-        return [_check_cidr(x) for x in v]
+        out, bad = [], []
+        for x in v:
+            try:
+                out.append(_check_cidr(x))
+            except ValueError as exc:
+                bad.append(str(exc))
+        if bad:
+            raise ValueError("; ".join(bad))  # every bad entry at once, not one per edit-and-rerun
+        return out
 
     @model_validator(mode="after")
     def _some_impairment(self) -> NetworkSpec:
