@@ -319,6 +319,10 @@ class ProcessKill(_ProcessInjector):
         return m
 
 
+STOPPED = frozenset({psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP})
+ALREADY_STOPPED = "already stopped, not by this agent: resuming it at the revert would undo that stop"
+
+
 class ProcessPause(_ProcessInjector):
     kind = "process-pause"
     default_all = True
@@ -335,28 +339,6 @@ class ProcessPause(_ProcessInjector):
                 return fid
         return None
 
-    async def preview(self, spec: Any, ctx: FaultContext) -> PreviewResult:
-        """The selection plan() would make now, with nothing claimed, signalled or recorded."""
-        self.check(spec, ctx)
-        procs, skipped = await asyncio.to_thread(select, spec.match, ctx)
-        procs, taken = self._exclude(procs, ctx)
-        skipped = skipped + taken
-        procs.sort(key=lambda p: p.pid)
-        n = _how_many(len(procs), spec.count, spec.percent, self.default_all)
-        note = None
-        if not procs:
-            note = f"no process matches {describe(spec.match)} that may be touched: an Inject now would be refused"
-        elif n < len(procs):
-            note = f"{n} of the {len(procs)} matches would be hit, picked at random when the fault is applied"
-        return PreviewResult(
-            would_hit=n,
-            matched=[_previewed(p) for p in procs[:PREVIEW_LIST_MAX]],
-            matched_total=len(procs),
-            skipped=skipped[:PREVIEW_LIST_MAX],
-            skipped_total=len(skipped),
-            note=note,
-        )
-
     def _exclude(
         self, procs: list[psutil.Process], ctx: FaultContext
     ) -> tuple[list[psutil.Process], list[SkippedProcess]]:
@@ -364,11 +346,15 @@ class ProcessPause(_ProcessInjector):
         taken: list[SkippedProcess] = []
         for p in procs:
             fid = self.holder(p.pid, p.info["create_time"], ctx.fault_id)
-            if fid is None:
-                free.append(p)
-            else:
-                name = str(p.info.get("name") or "")
+            name = str(p.info.get("name") or "")
+            if fid is not None:
                 taken.append(SkippedProcess(pid=p.pid, name=name, reason=f"already paused by fault {fid}"))
+            elif p.info.get("status") in STOPPED:
+                # stopped by someone else (another agent's pause, job control, a debugger): our
+                # SIGCONT at the revert would end their stop, early and without telling them
+                taken.append(SkippedProcess(pid=p.pid, name=name, reason=ALREADY_STOPPED))
+            else:
+                free.append(p)
         return free, taken
 
     def _claim(self, plan: ProcessPlan, ctx: FaultContext) -> None:

@@ -197,3 +197,30 @@ async def test_two_plans_at_once_take_the_process_once(tmp_path: Path, victims: 
     winner = "a.0" if results[0] is plans[0] else "b.0"
     assert f"{proc.pid} (already paused by fault {winner})" in refusals[0], refusals[0]
     await inj.revert(plans[0], ctx(inj, winner))
+
+
+async def test_a_process_stopped_by_someone_else_is_never_paused_nor_resumed(tmp_path: Path, victims: Victims) -> None:
+    """Two agents on one host (a local run beside the node's DaemonSet agent), or job control,
+    or a debugger: a process already stopped is skipped, so no revert of ours ends their stop."""
+    other_agent = make_injector(tmp_path / "other")
+    ours = make_injector(tmp_path / "ours")
+    (proc,) = victims.start(1, "-shared")
+    regex = f"{victims.token}-shared$"
+    plan_other, _ = await pause(other_agent, "x.0", regex)
+    await wait_status(proc, True, "the victim paused by the other agent")
+
+    with pytest.raises(Rejected) as refused:
+        await ours.plan(spec(regex), ctx(ours, "y.0"))
+    assert "already stopped, not by this agent" in str(refused.value), refused.value
+    await assert_stays_stopped(proc, 0.2, "our refused plan resumed the other agent's pause")
+
+    # someone's plain SIGSTOP (job control) is respected the same way, and shows in a preview
+    await other_agent.revert(plan_other, ctx(other_agent, "x.0"))
+    await wait_status(proc, False, "the victim resumed by the other agent's revert")
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        await wait_status(proc, True, "the victim stopped by hand")
+        preview = await ours.preview(spec(regex), ctx(ours, "y.1"))
+        assert preview.would_hit == 0 and [s.pid for s in preview.skipped] == [proc.pid]
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
