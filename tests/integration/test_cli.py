@@ -682,13 +682,17 @@ def test_heartbeat_loss_aborts_and_reverts(
     victims: Victims,
     running: Callable[..., Running],
 ) -> None:
-    a = agent_factory("node-a")
-    b = agent_factory("node-b")
-    (victim,) = victims.start(1)
-    path = experiment_file(tmp_path, [pause(victims)], duration="30s", abort={"heartbeatTimeout": "1s"})
+    # one host, two agents: each its own victim (the other's is on its deny list), as on two nodes;
+    # a pause skips a process already stopped, so a shared victim would be paused by one agent only
+    a = agent_factory("node-a", extra=["--deny", f"{victims.token}-b$"])
+    b = agent_factory("node-b", extra=["--deny", f"{victims.token}-a$"])
+    (victim,) = victims.start(1, "-a")
+    (victim_b,) = victims.start(1, "-b")
+    path = experiment_file(tmp_path, [pause(victims, tag="-[ab]")], duration="30s", abort={"heartbeatTimeout": "1s"})
     run = running("run", str(path), "--nats", nats_url, "-o", "json")
     run.experiment_id()
-    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "node-a's victim to be paused")
+    wait_until(lambda: status(victim_b) == psutil.STATUS_STOPPED, 15, "node-b's victim to be paused")
     wait_until(lambda: "active" in run.stderr().split("node-b", 1)[-1], 10, "node-b to report active")
     b.signal(signal.SIGSTOP)
     stopped_at = time.monotonic()
@@ -702,7 +706,7 @@ def test_heartbeat_loss_aborts_and_reverts(
         assert detected <= 1.0 + 0.5 + 0.5, f"abort came {detected:.2f}s after the agent stopped"
         node_a = [f for f in report["faults"] if f["node"] == "node-a"]
         assert node_a[0]["state"] == "reverted"
-        assert status(victim) != psutil.STATUS_STOPPED  # node-a resumed it (both agents paused it)
+        assert status(victim) != psutil.STATUS_STOPPED  # node-a resumed its own
         assert a.settled_journal() == []
     finally:
         b.signal(signal.SIGCONT)
