@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import signal as _signal
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -35,24 +34,39 @@ class SpecModel(BaseModel):
 
 _RT = re.compile(r"^SIGRT(MIN|MAX)(?:([+-])(\d{1,3}))?$")
 
+LINUX_SIGNALS: dict[str, int] = {
+    "SIGHUP": 1, "SIGINT": 2, "SIGQUIT": 3, "SIGILL": 4, "SIGTRAP": 5, "SIGABRT": 6, "SIGIOT": 6,
+    "SIGBUS": 7, "SIGFPE": 8, "SIGKILL": 9, "SIGUSR1": 10, "SIGSEGV": 11, "SIGUSR2": 12, "SIGPIPE": 13,
+    "SIGALRM": 14, "SIGTERM": 15, "SIGSTKFLT": 16, "SIGCHLD": 17, "SIGCONT": 18, "SIGSTOP": 19,
+    "SIGTSTP": 20, "SIGTTIN": 21, "SIGTTOU": 22, "SIGURG": 23, "SIGXCPU": 24, "SIGXFSZ": 25,
+    "SIGVTALRM": 26, "SIGPROF": 27, "SIGWINCH": 28, "SIGIO": 29, "SIGPOLL": 29, "SIGPWR": 30, "SIGSYS": 31,
+}  # fmt: skip
+"""The agents' signal numbers (Linux on x86-64, arm64, riscv), fixed here rather than read from
+the host that parses the file: on macOS, where a controller may run, SIGUSR1 is 30, not 10."""
+_LINUX_NAMES = {n: name for name, n in reversed(LINUX_SIGNALS.items())}  # 6 -> SIGABRT, 29 -> SIGIO
+
+SIGRTMIN, SIGRTMAX = 34, 64
+"""Linux's real-time signals as glibc numbers them (the agent's image is glibc, and so is the
+usual node); musl starts at 35."""
+
+SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU, SIGCONT = 19, 20, 21, 22, 18
+
 
 def _realtime(n: int) -> bool:
-    """Linux's real-time signals (SIGRTMIN..SIGRTMAX, 34..64 with glibc): Python's Signals names
-    only the two ends, but every one between is a signal, and services use them (systemd does)."""
-    return int(_signal.SIGRTMIN) <= n <= int(_signal.SIGRTMAX)
+    """Python's Signals names only the two ends, but every one between is a signal, and
+    services use them (systemd does)."""
+    return SIGRTMIN <= n <= SIGRTMAX
 
 
 def signal_number(value: str | int) -> int:
-    """SIGKILL, KILL, 9 -> 9; SIGRTMIN+3 -> 37. Raises ValueError naming the bad value."""
+    """SIGKILL, KILL, 9 -> 9; SIGRTMIN+3 -> 37, as Linux numbers them. Raises ValueError naming
+    the bad value."""
     if isinstance(value, bool):
         raise ValueError("signal must be a name like SIGTERM or a number")
     if isinstance(value, int):
-        if _realtime(value):
+        if value in _LINUX_NAMES or _realtime(value):
             return value
-        try:
-            return int(_signal.Signals(value))
-        except ValueError:
-            raise ValueError(f"unknown signal number {value}") from None
+        raise ValueError(f"unknown signal number {value}: Linux signals are 1..31 and {SIGRTMIN}..{SIGRTMAX}")
     if not isinstance(value, str):
         raise ValueError("signal must be a name like SIGTERM or a number")
     name = value.strip().upper()
@@ -62,25 +76,23 @@ def signal_number(value: str | int) -> int:
         name = "SIG" + name
     rt = _RT.match(name)
     if rt is not None:
-        base = int(_signal.SIGRTMIN if rt.group(1) == "MIN" else _signal.SIGRTMAX)
+        base = SIGRTMIN if rt.group(1) == "MIN" else SIGRTMAX
         n = base + (int(rt.group(3)) if rt.group(2) == "+" else -int(rt.group(3) or 0))
         if not _realtime(n):
-            raise ValueError(
-                f"{value!r} is past the real-time signals (SIGRTMIN..SIGRTMAX, {_signal.SIGRTMIN}..{_signal.SIGRTMAX})"
-            )
+            raise ValueError(f"{value!r} is past the real-time signals (SIGRTMIN..SIGRTMAX, {SIGRTMIN}..{SIGRTMAX})")
         return n
-    try:
-        return int(_signal.Signals[name])
-    except KeyError:
-        raise ValueError(f"unknown signal {value!r}: expected a name like SIGTERM, SIGRTMIN+3 or a number") from None
+    if name in LINUX_SIGNALS:
+        return LINUX_SIGNALS[name]
+    raise ValueError(f"unknown signal {value!r}: expected a name like SIGTERM, SIGRTMIN+3 or a number")
 
 
 def signal_name(n: int) -> str:
-    """The name of a signal number, SIGRTMIN+n for real-time ones."""
-    try:
-        return _signal.Signals(n).name
-    except ValueError:
-        return f"SIGRTMIN+{n - int(_signal.SIGRTMIN)}" if _realtime(n) else str(n)
+    """The Linux name of a signal number, SIGRTMIN+n for real-time ones."""
+    if n in _LINUX_NAMES:
+        return _LINUX_NAMES[n]
+    if n == SIGRTMAX:
+        return "SIGRTMAX"
+    return f"SIGRTMIN+{n - SIGRTMIN}" if n != SIGRTMIN and _realtime(n) else ("SIGRTMIN" if n == SIGRTMIN else str(n))
 
 
 class ProcessMatch(SpecModel):
@@ -97,9 +109,11 @@ class ProcessMatch(SpecModel):
     @classmethod
     def _regex_compiles(cls, v: str | None) -> str | None:
         if v is not None:
+            import regex  # what the agent matches with (agent/faults/process.py); imported when used
+
             try:
-                re.compile(v)
-            except re.error as exc:
+                regex.compile(v)
+            except regex.error as exc:
                 raise ValueError(f"invalid regular expression: {exc}") from None
         return v
 
@@ -132,7 +146,7 @@ class _CountOrPercent(_FaultBase):
         return self
 
 
-STOP_SIGNALS = frozenset({_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
+STOP_SIGNALS = frozenset({SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU})
 
 
 class ProcessKillSpec(_CountOrPercent):
@@ -155,10 +169,10 @@ class ProcessKillSpec(_CountOrPercent):
     def _not_stop_or_cont(cls, v: int) -> int:
         if v in STOP_SIGNALS:
             raise ValueError(
-                f"{_signal.Signals(v).name} stops a process and process-kill never resumes it; use kind: "
+                f"{signal_name(v)} stops a process and process-kill never resumes it; use kind: "
                 "process-pause (SIGSTOP for the duration, SIGCONT at revert)"
             )
-        if v == _signal.SIGCONT:
+        if v == SIGCONT:
             raise ValueError(
                 "SIGCONT would resume processes a process-pause fault holds stopped, ending that fault early "
                 "behind its back; a pause ends with its own revert (or `faultline abort`)"

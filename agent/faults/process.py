@@ -68,16 +68,41 @@ def psutil_now() -> float:
         return time.time()
 
 
-def _matches(match: ProcessMatch, info: dict[str, Any], regex: re.Pattern[str] | None) -> bool:
+CMDLINE_MATCH_TIMEOUT_S = 0.05
+"""Longest one command line may take to match ``match.cmdline``. A pattern that backtracks
+catastrophically is refused rather than run: stdlib ``re`` holds the interpreter lock while it
+matches, so it would freeze the agent (heartbeats, lease watchdog, deadline timers)."""
+
+
+def compile_cmdline(pattern: str) -> Any:
+    """``match.cmdline`` compiled with the ``regex`` module (re-compatible; its matching can be
+    bounded in time and releases the interpreter lock). Imported on first use: an agent that
+    never matches a command line never loads it."""
+    import regex
+
+    return regex.compile(pattern)
+
+
+def _cmdline_matches(compiled: Any, cmdline: str, pid: int) -> bool:
+    try:
+        return compiled.search(cmdline, timeout=CMDLINE_MATCH_TIMEOUT_S, concurrent=True) is not None
+    except TimeoutError:
+        raise Rejected(
+            f"match.cmdline: the regular expression took over {CMDLINE_MATCH_TIMEOUT_S * 1000:.0f} ms on the "
+            f"command line of pid {pid} (nested repetition such as (a+)+ backtracks without end); simplify it"
+        ) from None
+
+
+def _matches(match: ProcessMatch, info: dict[str, Any], compiled: Any | None) -> bool:
     if match.pid is not None and info["pid"] != match.pid:
         return False
     if match.name is not None and info.get("name") != match.name:
         return False
     if match.user is not None and info.get("username") != match.user:
         return False
-    if regex is not None:
+    if compiled is not None:
         cmdline = " ".join(info.get("cmdline") or [])
-        if not regex.search(cmdline):
+        if not _cmdline_matches(compiled, cmdline, info["pid"]):
             return False
     return True
 
@@ -99,7 +124,7 @@ def _allowed_pids(ctx: FaultContext) -> set[int] | None:
 
 def select(match: ProcessMatch, ctx: FaultContext) -> tuple[list[psutil.Process], list[SkippedProcess]]:
     """Matching processes that may be touched, and those skipped with the reason."""
-    regex = re.compile(match.cmdline) if match.cmdline else None
+    compiled = compile_cmdline(match.cmdline) if match.cmdline else None
     protected = ctx.env.protected_pids()
     deny = [re.compile(p) for p in ctx.env.deny_patterns]
     allowed = _allowed_pids(ctx)
@@ -109,7 +134,7 @@ def select(match: ProcessMatch, ctx: FaultContext) -> tuple[list[psutil.Process]
         info = proc.info
         if allowed is not None and proc.pid not in allowed:
             continue
-        if not _matches(match, info, regex):
+        if not _matches(match, info, compiled):
             continue
         if info.get("status") == psutil.STATUS_ZOMBIE:
             continue
@@ -142,9 +167,34 @@ def _choose(procs: list[psutil.Process], count: int | None, percent: float | Non
 PREVIEW_LIST_MAX = 50
 
 
+_SECRETISH = re.compile(r"pass|secret|token|key|cred|auth|pwd", re.IGNORECASE)
+_USERINFO = re.compile(r"(://)[^/\s@]+@")
+
+
+def masked_cmdline(argv: list[str]) -> str:
+    """A command line for a preview, with what looks like a secret shown as ***: the value of a
+    --password=..., --token ..., PASSWORD=... argument, and the user:password@ of a URL. A preview
+    shows the controller's users processes on the node; credentials do not belong in its output."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+            continue
+        key, eq, _ = arg.partition("=")
+        if eq and _SECRETISH.search(key):
+            out.append(f"{key}=***")
+            continue
+        if arg.startswith("-") and _SECRETISH.search(arg):
+            hide_next = True  # --password VALUE
+        out.append(_USERINFO.sub(r"\1***@", arg))
+    return " ".join(out)
+
+
 def _previewed(proc: psutil.Process) -> PreviewedProcess:
     info = proc.info
-    cmdline = " ".join(info.get("cmdline") or [])
+    cmdline = masked_cmdline([str(a) for a in info.get("cmdline") or []])
     return PreviewedProcess(
         pid=proc.pid, name=str(info.get("name") or ""), user=info.get("username"), cmdline=cmdline[:200]
     )

@@ -224,3 +224,30 @@ async def test_a_process_stopped_by_someone_else_is_never_paused_nor_resumed(tmp
         assert preview.would_hit == 0 and [s.pid for s in preview.skipped] == [proc.pid]
     finally:
         os.kill(proc.pid, signal.SIGCONT)
+
+
+async def test_a_cmdline_regex_that_backtracks_without_end_is_refused_and_never_freezes_the_agent(
+    tmp_path: Path, victims: Victims
+) -> None:
+    """stdlib re would hold the interpreter lock for as long as it backtracks (hours, for a long
+    enough command line): heartbeats, the lease watchdog and every deadline timer with it."""
+    inj = make_injector(tmp_path)
+    (proc,) = victims.start(1, "-" + "a" * 40 + "!")
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(Rejected, match=r"match.cmdline: the regular expression took over 50 ms .* simplify it"):
+            await inj.plan(spec("(a|aa)+$"), ctx(inj, "slow.0"))
+        took = time.monotonic() - t0
+    finally:
+        ticker.cancel()
+    assert ticks >= took / 0.01 / 4, f"the event loop starved: {ticks} ticks in {took:.2f}s"
+    assert status(proc) != psutil.STATUS_STOPPED
