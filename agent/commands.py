@@ -83,6 +83,7 @@ class CommandHandler:
     rejected_count: int
     halt_seq: int
     stopping: bool
+    previewing: bool
 
     if TYPE_CHECKING:
         # Declared for the type checker only: at run time the mixin defines
@@ -140,25 +141,41 @@ class CommandHandler:
 
     async def _preview(self, cmd: Preview) -> Ack:
         """What the spec would touch here now: the checks and the selection of an Inject, with
-        nothing applied, recorded or journaled (`faultline run --preview`)."""
+        nothing applied, recorded or journaled (`faultline run --preview`). One at a time: each
+        scans every process. A refusal is an answer, not a rejected command (not counted)."""
+
+        def refuse(reason: str) -> Ack:
+            log.info("preview %s not answered: %s", cmd.id, reason)
+            return Ack(in_reply_to=cmd.id, node=self.node, accepted=False, reason=reason)
+
         now = time.time()
         if cmd.expires_at <= now:
-            return self._reject(cmd.id, f"expired: expires_at passed {now - cmd.expires_at:.1f}s ago")
+            return refuse(f"expired: expires_at passed {now - cmd.expires_at:.1f}s ago")
+        if self.stopping:
+            return refuse("agent is stopping")
+        if self.previewing:
+            return refuse("another preview is running on this agent; try again")
         kind = cmd.spec.kind
         injector = self.injectors.get(kind)
         if injector is None:
-            return self._reject(cmd.id, self.unsupported.get(kind, f"{kind} faults are not supported by this agent"))
+            return refuse(self.unsupported.get(kind, f"{kind} faults are not supported by this agent"))
         for cap in required_capabilities(cmd.spec):
             if cap not in self.capabilities:
-                return self._reject(cmd.id, self.capability_notes.get(cap, f"capability {cap} not available here"))
+                return refuse(self.capability_notes.get(cap, f"capability {cap} not available here"))
         ctx = self.make_context("preview", "preview", cmd.expires_at, cmd.pods)
+        self.previewing = True
         try:
             result = await injector.preview(cmd.spec, ctx)
         except Rejected as exc:
-            return self._reject(cmd.id, str(exc))
+            return refuse(str(exc))
         except Exception as exc:
             log.exception("preview of a %s fault failed", kind)
-            return self._reject(cmd.id, f"preview failed: {exc}")
+            return refuse(f"preview failed: {exc}")
+        finally:
+            self.previewing = False
+        if result is not None and len(self.faults) >= self.settings.safety.max_faults:
+            full = f"the agent holds its maximum of {self.settings.safety.max_faults} faults: an Inject now would be refused"
+            result = result.model_copy(update={"note": f"{result.note}; {full}" if result.note else full})
         return Ack(in_reply_to=cmd.id, node=self.node, accepted=True, preview=result)
 
     async def _inject(self, cmd: Inject) -> Ack:

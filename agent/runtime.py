@@ -117,6 +117,7 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         self.stop_event = asyncio.Event()
         self.ready_event = asyncio.Event()  # set once connected, recovered and subscribed
         self.stopping = False
+        self.previewing = False  # one Preview at a time (CommandHandler._preview)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending_events: list[FaultEvent] = []
         self._cleanup: list[tuple[str, str, float, bool]] = []
@@ -353,6 +354,16 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         await self.nc.flush(timeout=5)
 
     async def _on_cmd(self, msg: Msg) -> None:
+        # nats-py runs one subscription's callbacks one after the other; a preview scans every
+        # process (a second or more on a busy node), so it answers from a task of its own and the
+        # Injects, Starts and Reverts behind it are not held up. (Found by its shape: this is only
+        # about waiting, handle_command decodes and checks it like any command.)
+        if b'"type":"preview"' in msg.data:
+            self.spawn(self._answer(msg), name="preview")
+        else:
+            await self._answer(msg)
+
+    async def _answer(self, msg: Msg) -> None:
         payload = await self.handle_command(msg.data)
         if msg.reply:
             await self.publish(msg.reply, payload)

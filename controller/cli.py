@@ -340,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("file", help="experiment file (YAML); - reads it from standard input")
     nats_opt(r, local=True)
     output_opt(r)
-    r.add_argument("--dry-run", action="store_true", help="resolve targets and check capabilities; send nothing")
-    r.add_argument(
+    checks = r.add_mutually_exclusive_group()
+    checks.add_argument("--dry-run", action="store_true", help="resolve targets and check capabilities; send nothing")
+    checks.add_argument(
         "--preview",
         action="store_true",
         help="a dry run that also asks each target which processes each process fault would hit now, and which "

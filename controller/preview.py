@@ -19,7 +19,7 @@ from proto.codec import encode
 from proto.messages import PREVIEW_SINCE_MINOR, Preview, schema_minor
 
 PREVIEW_KINDS = ("process-kill", "process-pause")
-PREVIEW_TIMEOUT_S = 5.0
+PREVIEW_TIMEOUT_S = 10.0  # a scan of every process; one attempt (a second would queue behind the first)
 
 
 async def preview_faults(nc: Any, fleet: Fleet, faults: list[Any], plan: Plan) -> list[dict[str, Any]]:
@@ -40,7 +40,7 @@ async def preview_faults(nc: Any, fleet: Fleet, faults: list[Any], plan: Plan) -
                 }
                 continue
             payloads[n] = encode(Preview(spec=f, pods=plan.pods.get(n), expires_at=time.time() + 30.0))
-        results = await request_acks(nc, payloads, timeout_s=PREVIEW_TIMEOUT_S, attempts=2) if payloads else {}
+        results = await request_acks(nc, payloads, timeout_s=PREVIEW_TIMEOUT_S, attempts=1) if payloads else {}
         for n, (ack, why) in results.items():
             if ack is None:
                 nodes[n] = {"error": why or "no answer"}

@@ -28,10 +28,10 @@ from agent.runtime import AgentRuntime
 from proto import codec
 from proto.codec import DecodeError, decode
 from proto.faults import CpuSpec, MemorySpec, NetworkSpec, ProcessKillSpec, ProcessPauseSpec
-from proto.messages import Ack, Halt, Heartbeat, Inject, Lease, Revert, Start
+from proto.messages import Ack, Halt, Heartbeat, Inject, Lease, Preview, Revert, Start
 
 SPECS: list[type[BaseModel]] = [ProcessKillSpec, ProcessPauseSpec, CpuSpec, MemorySpec, NetworkSpec]
-MESSAGES: list[type[BaseModel]] = [Inject, Revert, Start, Ack, Halt, Lease, Heartbeat]
+MESSAGES: list[type[BaseModel]] = [Inject, Revert, Start, Preview, Ack, Halt, Lease, Heartbeat]
 
 junk = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),

@@ -4,8 +4,10 @@ The agent side runs the real runtime and the real process injectors on real proc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,13 +19,15 @@ import psutil
 import pytest
 
 from agent.config import AgentSettings
+from agent.faults.process import masked_cmdline
 from agent.runtime import AgentRuntime
 from controller.fleet import Fleet
 from controller.preview import preview_faults, preview_lines, preview_shortfalls
 from controller.tracking import Plan
 from proto.codec import decode, encode
 from proto.faults import ProcessKillSpec, ProcessMatch, ProcessPauseSpec
-from proto.messages import Ack, Heartbeat, Preview
+from proto.messages import Ack, Heartbeat, Inject, Preview
+from tests.conftest import async_wait_until
 
 DETACH = (
     "import subprocess, sys\n"
@@ -95,7 +99,8 @@ async def test_protected_processes_are_listed_as_skipped_and_a_protected_pid_is_
     rt = AgentRuntime(AgentSettings(state_dir=tmp_path, identity={"node": "p"}))
     await rt.probe()
     # the agent (this process) and its own child match; neither may be touched
-    ack = await preview(rt, ProcessKillSpec(match=ProcessMatch(cmdline=f"{token}$|pytest")))
+    own = re.escape(" ".join(psutil.Process().cmdline()))
+    ack = await preview(rt, ProcessKillSpec(match=ProcessMatch(cmdline=f"{token}$|^{own}$")))
     assert ack.preview is not None
     skipped = {s.pid: s.reason for s in ack.preview.skipped}
     assert skipped.get(os.getpid()) == "the faultline agent itself", skipped
@@ -125,3 +130,55 @@ async def test_agents_older_than_1_4_are_named_not_asked() -> None:
     err = out[0]["nodes"]["old"]["error"]
     assert "0.9" in err and "schema 1.3" in err and "cannot preview" in err
     assert preview_shortfalls(out) == [f"fault 0 on old: no preview ({err})"]
+
+
+def test_secrets_on_previewed_command_lines_are_masked() -> None:
+    argv = ["java", "-Dpassword=hunter2", "--token", "abc", "--db", "postgres://u:pw@h/db", "API_KEY=zzz", "run"]
+    shown = masked_cmdline(argv)
+    assert shown == "java -Dpassword=*** --token *** --db postgres://***@h/db API_KEY=*** run"
+    assert masked_cmdline(["worker", "--queue", "q1"]) == "worker --queue q1"
+
+
+class Msg:
+    def __init__(self, data: bytes, reply: str) -> None:
+        self.data, self.reply, self.subject = data, reply, "faultline.v1.agent.p.cmd"
+
+
+async def test_a_slow_preview_holds_up_no_other_command_and_runs_one_at_a_time(tmp_path: Path) -> None:
+    """nats-py hands one subscription's messages to its callback one at a time: a preview (a scan of
+    every process) answers from a task of its own, so an Inject behind it is answered first."""
+    rt = AgentRuntime(AgentSettings(state_dir=tmp_path, identity={"node": "p"}))
+    await rt.probe()
+    answered: list[tuple[str, Ack]] = []
+    gate = asyncio.Event()
+
+    async def publish(subject: str, payload: bytes) -> None:
+        if subject.startswith("r."):  # answers; the Inject's fault events go elsewhere
+            answered.append((subject, decode(payload, Ack)))
+
+    async def slow_preview(spec: object, ctx: object) -> None:
+        await gate.wait()
+        return None
+
+    rt.publish = publish  # type: ignore[method-assign]
+    rt.injectors["process-pause"].preview = slow_preview  # type: ignore[method-assign]
+    spec = ProcessPauseSpec(match=ProcessMatch(pid=424242))
+    await rt._on_cmd(Msg(encode(Preview(spec=spec, expires_at=time.time() + 30)), "r.preview"))
+    await rt._on_cmd(Msg(encode(Preview(spec=spec, expires_at=time.time() + 30)), "r.preview2"))
+    inject = Inject(experiment_id="e", fault_id="e.0", spec=spec, expires_at=time.time() + 30, lease_timeout_s=30)
+    await rt._on_cmd(Msg(encode(inject), "r.inject"))
+    await async_wait_until(lambda: len(answered) >= 2, 5, "the Inject and the second preview answered")
+    assert [s for s, _ in answered][:2] == ["r.preview2", "r.inject"] or [s for s, _ in answered][:2] == [
+        "r.inject",
+        "r.preview2",
+    ], answered
+    second = dict(answered)["r.preview2"]
+    assert not second.accepted and "another preview is running" in (second.reason or "")
+    assert dict(answered)["r.inject"].accepted
+    gate.set()
+    await async_wait_until(lambda: len(answered) == 3, 5, "the first preview answered once released")
+    assert answered[-1][0] == "r.preview" and answered[-1][1].accepted
+    for rec in rt.faults.values():
+        if rec.timer is not None:
+            rec.timer.cancel()
+    assert rt.rejected_count == 0

@@ -4,23 +4,24 @@ entry of a list named at once (experiment files and agent settings)."""
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from agent.config import AgentSettings
-from proto.faults import NetworkSpec, ProcessKillSpec, signal_name, signal_number
+from proto.faults import LINUX_SIGNALS, SIGRTMAX, SIGRTMIN, NetworkSpec, ProcessKillSpec, signal_name, signal_number
 
 
 @pytest.mark.parametrize(
     ("given", "expected"),
     [
-        ("SIGRTMIN+3", int(signal.SIGRTMIN) + 3),
-        ("rtmin+3", int(signal.SIGRTMIN) + 3),
-        ("SIGRTMAX-2", int(signal.SIGRTMAX) - 2),
-        ("RTMIN", int(signal.SIGRTMIN)),
-        (int(signal.SIGRTMIN) + 5, int(signal.SIGRTMIN) + 5),
+        ("SIGRTMIN+3", SIGRTMIN + 3),
+        ("rtmin+3", SIGRTMIN + 3),
+        ("SIGRTMAX-2", SIGRTMAX - 2),
+        ("RTMIN", SIGRTMIN),
+        (SIGRTMIN + 5, SIGRTMIN + 5),
         ("SIGTERM", 15),
         ("9", 9),
     ],
@@ -30,10 +31,19 @@ def test_signals_by_name_or_number_real_time_included(given: str | int, expected
     assert ProcessKillSpec.model_validate({"match": {"name": "x"}, "signal": given}).signal == expected
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the host's own numbers are Linux's only on Linux")
+def test_the_fixed_linux_table_agrees_with_this_linux_host() -> None:
+    """The table, not the parsing host, names signals (a controller on macOS numbers SIGUSR1 30)."""
+    assert {k: v for k, v in LINUX_SIGNALS.items() if int(getattr(signal, k, v)) != v} == {}
+    assert (int(signal.SIGRTMIN), int(signal.SIGRTMAX)) == (SIGRTMIN, SIGRTMAX)
+    for n in [*range(1, 32), *range(SIGRTMIN, SIGRTMAX + 1)]:
+        assert signal_number(signal_name(n)) == n
+
+
 def test_real_time_signals_have_names_and_bad_ones_are_refused() -> None:
-    assert signal_name(int(signal.SIGRTMIN) + 3) == "SIGRTMIN+3"
+    assert signal_name(SIGRTMIN + 3) == "SIGRTMIN+3"
     assert signal_name(9) == "SIGKILL"
-    for bad in ("SIGRTMIN+99", "SIGRTMAX+1", "SIGFOO", 0, 99):
+    for bad in ("SIGRTMIN+99", "SIGRTMAX+1", "SIGFOO", 0, 32, 99):
         with pytest.raises(ValueError):
             signal_number(bad)
 
