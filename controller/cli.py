@@ -47,13 +47,15 @@ getting started:
 
 against a fleet (agents started with `faultline-agent --nats URL --node NAME`):
   faultline agents --nats nats://10.0.0.5:4222
-  faultline run examples/zone-outage.yaml --nats nats://10.0.0.5:4222 --dry-run
+  faultline run examples/zone-outage.yaml --nats nats://10.0.0.5:4222 --preview    # what it would hit
   faultline run examples/zone-outage.yaml --nats nats://10.0.0.5:4222 -o json > report.json
   faultline abort zone-outage-3fa2c1 --nats nats://10.0.0.5:4222
   faultline halt --nats nats://10.0.0.5:4222 --reason "incident 42"
 
+  faultline agents --nats tls://controller:$PW@nats.example:4222 --tls-ca ca.pem   # TLS, a NATS user
+
 FAULTLINE_NATS_URL stands for --nats: nats://, tls:// or HOST:PORT (ws://, wss:// need aiohttp), or a
-comma-separated list of them. Exit codes of run: 0 completed, 1 aborted or failed, 2 bad
+comma-separated list of them; FAULTLINE_NATS_TLS_CA/_CERT/_KEY for --tls-ca/--tls-cert/--tls-key. Exit codes of run: 0 completed, 1 aborted or failed, 2 bad
 input (the file, the NATS URL, the targets, the fleet's capabilities, a heartbeatTimeout
 under two heartbeat intervals of a target; nothing is sent). Ctrl-C during run aborts and
 reverts.
