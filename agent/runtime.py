@@ -255,6 +255,11 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         delay = nats_cfg.reconnect_wait_s
         tls = nats_cfg.tls().context(nats_cfg.urls)  # checked at start (agent/main.py): None without TLS
         while not self.stop_event.is_set():
+            if tls is not None:
+                try:  # read again each attempt: the files may have been rotated while NATS was away
+                    tls = nats_cfg.tls().context(nats_cfg.urls) or tls
+                except natstls.TlsSettingsError as exc:
+                    log.warning("TLS files cannot be used now (%s); keeping the ones loaded before", exc)
             nc = natstls.client(require_tls=tls is not None, tls_files=nats_cfg.tls(), servers=nats_cfg.urls)
             options: dict[str, Any] = {  # nats-py annotates the timeouts as int; it takes float seconds
                 "servers": nats_cfg.urls,
