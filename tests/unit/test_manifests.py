@@ -21,7 +21,12 @@ import yaml
 from agent.config import AgentSettings
 
 ROOT = Path(__file__).resolve().parents[2]
-KUSTOMIZE_DIRS = {"base": ROOT / "deploy/kubernetes", "opt-in": ROOT / "deploy/kubernetes/overlays/opt-in"}
+KUSTOMIZE_DIRS = {
+    "base": ROOT / "deploy/kubernetes",
+    "opt-in": ROOT / "deploy/kubernetes/overlays/opt-in",
+    "secure": ROOT / "deploy/kubernetes/overlays/secure",
+}
+SECURE = ROOT / "deploy/kubernetes/overlays/secure"
 CAPABILITIES = ["KILL", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]
 
 
@@ -125,10 +130,80 @@ def test_agent_probes_target_the_health_server(rendered: tuple[str, str]) -> Non
 
 
 def test_agent_identity_and_nats_from_environment(rendered: tuple[str, str]) -> None:
-    env = {e["name"]: e for e in agent_container(documents(rendered[1]))["env"]}
+    name, text = rendered
+    env = {e["name"]: e for e in agent_container(documents(text))["env"]}
     assert env["FAULTLINE_NODE"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
-    assert env["FAULTLINE_NATS_URL"]["value"] == "nats://nats.faultline.svc:4222"
     assert env["FAULTLINE_KUBERNETES_LABELS"]["value"] == "1"
+    if name != "secure":
+        assert env["FAULTLINE_NATS_URL"]["value"] == "nats://nats.faultline.svc:4222"
+        assert "FAULTLINE_NATS_TLS_CA" not in env
+
+
+def env_order_expands(env: list[dict[str, Any]]) -> list[str]:
+    """Names used as $(VAR) before (or without) an earlier entry defining them: Kubernetes leaves
+    those unexpanded, so a password would go out as the literal text $(AGENT_PASSWORD)."""
+    seen: set[str] = set()
+    bad = []
+    for e in env:
+        for var in re.findall(r"\$\(([A-Z_][A-Z0-9_]*)\)", str(e.get("value", ""))):
+            if var not in seen:
+                bad.append(f"{e['name']} uses $({var}) before it is defined")
+        seen.add(e["name"])
+    return bad
+
+
+def test_secure_overlay_uses_tls_and_a_user_for_the_agent_and_the_controller() -> None:
+    result = subprocess.run([kubectl(), "kustomize", str(SECURE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    docs = documents(result.stdout)
+    agent_env = agent_container(docs)["env"]
+    env = {e["name"]: e for e in agent_env}
+    assert env["FAULTLINE_NATS_URL"]["value"] == "tls://agent:$(AGENT_PASSWORD)@nats.faultline.svc:4222"
+    assert env["AGENT_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "faultline-nats-users",
+        "key": "agent-password",
+    }
+    assert env["FAULTLINE_NATS_TLS_CA"]["value"] == "/etc/faultline/tls/ca.crt"
+    assert env_order_expands(agent_env) == []
+    job = one(docs, "CronJob", "faultline-controller")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (controller,) = job["containers"]
+    assert "--nats" not in controller["args"], "an explicit --nats would win over the URL with the user"
+    cenv = {e["name"]: e for e in controller["env"]}
+    assert cenv["FAULTLINE_NATS_URL"]["value"].startswith("tls://controller:$(CONTROLLER_PASSWORD)@")
+    assert env_order_expands(controller["env"]) == []
+    nats = one(docs, "StatefulSet", "nats")["spec"]["template"]["spec"]
+    (server,) = nats["containers"]
+    assert "--config=/etc/nats/config/nats.conf" in server["args"]
+    assert {e["name"] for e in server["env"]} >= {"FAULTLINE_AGENT_PASSWORD", "FAULTLINE_CONTROLLER_PASSWORD"}
+    # the users are the ones tests/integration/test_nats_auth.py runs faultline under
+    assert (SECURE / "authorization.conf").read_text() == (ROOT / "deploy/nats/authorization.conf").read_text()
+
+
+def test_secure_overlay_nats_config_is_accepted_by_a_real_nats_server(tmp_path: Path) -> None:
+    """nats-server -t checks the configuration (the TLS files, the included users) and exits."""
+    from controller.natsserver import nats_server_binary
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    key, cert = tmp_path / "tls.key", tmp_path / "tls.crt"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=nats.faultline.svc"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    conf = (SECURE / "nats.conf").read_text().replace("/etc/nats/tls/", f"{tmp_path}/")
+    (tmp_path / "nats.conf").write_text(conf)
+    shutil.copy(SECURE / "authorization.conf", tmp_path / "authorization.conf")
+    env = {"PATH": "/usr/bin:/bin", "FAULTLINE_AGENT_PASSWORD": "a", "FAULTLINE_CONTROLLER_PASSWORD": "c"}
+    checked = subprocess.run(
+        [nats_server_binary(), "-c", str(tmp_path / "nats.conf"), "-t"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_grace_period_covers_the_revert_all_bound(rendered: tuple[str, str]) -> None:
