@@ -179,6 +179,27 @@ def test_secure_overlay_uses_tls_and_a_user_for_the_agent_and_the_controller() -
     assert (SECURE / "authorization.conf").read_text() == (ROOT / "deploy/nats/authorization.conf").read_text()
 
 
+def test_every_config_map_a_workload_needs_is_rendered_beside_it(rendered: tuple[str, str]) -> None:
+    """Validation checks each document alone; this checks the references: a generated ConfigMap
+    outside the workload's namespace (or under another name) would leave its pod waiting for ever."""
+    docs = documents(rendered[1])
+    maps = {(d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs if d["kind"] == "ConfigMap"}
+    missing = []
+    for d in docs:
+        if d["kind"] not in ("DaemonSet", "StatefulSet", "Deployment", "CronJob"):
+            continue
+        spec = (
+            d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+            if d["kind"] == "CronJob"
+            else d["spec"]["template"]["spec"]
+        )
+        for v in spec.get("volumes", []):
+            cm = v.get("configMap")
+            if cm and not cm.get("optional") and (d["metadata"].get("namespace"), cm["name"]) not in maps:
+                missing.append(f"{d['kind']}/{d['metadata']['name']} mounts ConfigMap {cm['name']}")
+    assert not missing, missing
+
+
 def test_secure_overlay_nats_config_is_accepted_by_a_real_nats_server(tmp_path: Path) -> None:
     """nats-server -t checks the configuration (the TLS files, the included users) and exits."""
     from controller.natsserver import nats_server_binary
