@@ -370,6 +370,17 @@ class ProcessKill(_ProcessInjector):
 
 
 STOPPED = frozenset({psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP})
+
+
+def _stopped_now(target: Target) -> bool:
+    """The planned process (the same one: its start time is checked) is stopped right now."""
+    proc = _same_process(target)
+    if proc is None:
+        return False
+    try:
+        return proc.status() in STOPPED
+    except psutil.Error:
+        return False
 ALREADY_STOPPED = "already stopped, not by this agent: resuming it at the revert would undo that stop"
 
 
@@ -381,6 +392,8 @@ class ProcessPause(_ProcessInjector):
         super().__init__(*args, **kwargs)
         # fault id -> the processes it holds stopped, from its plan to its revert
         self._held: dict[str, list[Target]] = {}
+        # fault id -> the pids its apply did stop: its revert resumes those and no other
+        self._stopped: dict[str, set[int]] = {}
 
     def holder(self, pid: int, create_time: float, fault_id: str | None = None) -> str | None:
         """The active pause fault, other than ``fault_id``, that holds this process stopped."""
@@ -413,33 +426,51 @@ class ProcessPause(_ProcessInjector):
     def release(self, ctx: FaultContext) -> None:
         # revert drops the hold; this covers a fault whose end never reached a revert
         self._held.pop(ctx.fault_id, None)
+        self._stopped.pop(ctx.fault_id, None)
 
     def _signum(self, spec: Any) -> int:
         return int(signal.SIGSTOP)
 
     async def apply(self, spec: Any, plan: Plan, ctx: FaultContext) -> Measurements:
         assert isinstance(plan, ProcessPlan)
-        hit = [t.pid for t in plan.targets if _signal(t, signal.SIGSTOP)]
+        hit: list[int] = []
+        late: list[SkippedProcess] = []
+        for t in plan.targets:
+            # stopped by someone else since the selection (the journal's fsync lies between)
+            if _stopped_now(t):
+                late.append(SkippedProcess(pid=t.pid, name=t.name, reason=ALREADY_STOPPED))
+            elif _signal(t, signal.SIGSTOP):
+                hit.append(t.pid)
+        self._stopped[ctx.fault_id] = set(hit)
         if not hit:
-            raise RuntimeError("every selected process was gone before SIGSTOP")
-        return self._measure(plan, hit)
+            raise RuntimeError("every selected process was gone, or stopped by someone else, before SIGSTOP")
+        m = self._measure(plan, hit)
+        return m.model_copy(update={"skipped": [*plan.skipped, *late]}) if late else m
 
     async def revert(self, plan: Plan, ctx: FaultContext) -> Measurements:
         assert isinstance(plan, ProcessPlan)
         self._held.pop(ctx.fault_id, None)
-        # SIGCONT to every planned target, applied or not (harmless if it was never stopped),
-        # except one another active pause fault holds: a second revert of this fault, or one
+        # SIGCONT to what this fault's apply stopped and nothing else: a process stopped by
+        # someone else is theirs to resume. Recovered from the journal (the agent died), what
+        # apply stopped is not known: every planned target is resumed, as the journal promises.
+        # Never one another active pause fault holds: a second revert of this fault, or one
         # from the journal, must not end that fault's pause early.
+        stopped = self._stopped.get(ctx.fault_id)  # dropped once resumed: a retried revert still knows
+        if stopped is None and not ctx.recovered:
+            stopped = set()  # ended before its apply (or a second revert): it stopped nothing
         resumed: list[int] = []
         kept: list[SkippedProcess] = []
         for t in plan.targets:
+            if stopped is not None and t.pid not in stopped:
+                continue
             fid = self.holder(t.pid, t.create_time, ctx.fault_id)
             if fid is not None:
                 log.warning("fault %s: pid %d not resumed: still paused by fault %s", ctx.fault_id, t.pid, fid)
                 kept.append(SkippedProcess(pid=t.pid, name=t.name, reason=f"not resumed: still paused by fault {fid}"))
             elif _signal(t, signal.SIGCONT):
                 resumed.append(t.pid)
-        m = self._measure(plan, [t.pid for t in plan.targets])
+        self._stopped.pop(ctx.fault_id, None)
+        m = self._measure(plan, sorted(stopped) if stopped is not None else [t.pid for t in plan.targets])
         update: dict[str, Any] = {"resumed_pids": resumed}
         if kept:
             update["skipped"] = [*plan.skipped, *kept]

@@ -149,8 +149,11 @@ async def test_a_repeated_revert_never_resumes_a_process_another_fault_holds(tmp
     await wait_status(proc, True, "the victim paused by b.0")
 
     again = await inj.revert(plan_a, ctx(inj, "a.0"))  # revert is idempotent: it may come twice
-    assert again.resumed_pids == []
-    assert reasons(again) == {proc.pid: "not resumed: still paused by fault b.0"}
+    assert again.resumed_pids == []  # a.0 stops nothing any more: nothing of it to resume
+    # the same revert from the journal (what a.0 stopped is not known there): the hold is named
+    recovered = await inj.revert(plan_a, ctx(inj, "a.0", recovered=True))
+    assert recovered.resumed_pids == []
+    assert reasons(recovered) == {proc.pid: "not resumed: still paused by fault b.0"}
     await assert_stays_stopped(proc, 0.2, "a.0's second revert resumed b.0's victim")
 
     m_b = await inj.revert(plan_b, ctx(inj, "b.0"))
@@ -251,3 +254,39 @@ async def test_a_cmdline_regex_that_backtracks_without_end_is_refused_and_never_
         ticker.cancel()
     assert ticks >= took / 0.01 / 4, f"the event loop starved: {ticks} ticks in {took:.2f}s"
     assert status(proc) != psutil.STATUS_STOPPED
+
+
+async def test_a_revert_resumes_only_what_its_apply_stopped(tmp_path: Path, victims: Victims) -> None:
+    """Stopped by someone else between the selection and the SIGSTOP (the journal's fsync lies
+    between): skipped by the apply, and left stopped by the revert. A fault that ended before
+    its apply resumes nothing."""
+    inj = make_injector(tmp_path)
+    mine, theirs = victims.start(1, "-mine")[0], victims.start(1, "-theirs")[0]
+    regex = f"{victims.token}-(mine|theirs)$"
+    c = ctx(inj, "r.0")
+    plan = await inj.plan(spec(regex), c)
+    assert sorted(t.pid for t in plan.targets) == sorted([mine.pid, theirs.pid])
+    os.kill(theirs.pid, signal.SIGSTOP)  # someone else, after our selection
+    try:
+        await wait_status(theirs, True, "the second victim stopped by someone else")
+        m = await inj.apply(spec(regex), plan, c)
+        assert m.hit_pids == [mine.pid]
+        assert reasons(m) == {
+            theirs.pid: "already stopped, not by this agent: resuming it at the revert would undo that stop"
+        }
+        back = await inj.revert(plan, c)
+        assert back.resumed_pids == [mine.pid] and back.hit_pids == [mine.pid]
+        await wait_status(mine, False, "our victim resumed")
+        await assert_stays_stopped(theirs, 0.2, "our revert ended someone else's stop")
+
+        c2 = ctx(inj, "r.1")
+        os.kill(theirs.pid, signal.SIGCONT)
+        await wait_status(theirs, False, "the second victim resumed by its owner")
+        plan2 = await inj.plan(spec(regex), c2)
+        os.kill(theirs.pid, signal.SIGSTOP)  # a fault that ends before its apply stopped nothing
+        await wait_status(theirs, True, "the second victim stopped again by someone else")
+        unapplied = await inj.revert(plan2, c2)
+        assert unapplied.resumed_pids == []
+        await assert_stays_stopped(theirs, 0.2, "an unapplied fault's revert resumed a process")
+    finally:
+        os.kill(theirs.pid, signal.SIGCONT)
