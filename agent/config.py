@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from proto.faults import check_each
 from proto.natstls import TlsFiles
 from proto.natsurl import split_servers
 from proto.subjects import safe_token
@@ -105,28 +106,26 @@ class SafetySettings(_Group):
     @classmethod
     def _regexes(cls, patterns: list[str]) -> list[str]:
         # a bad pattern would make every process fault fail later: refuse it at start, naming it
-        bad = []
-        for p in patterns:
+        def compiles(p: str) -> str:
             try:
                 re.compile(p)
             except re.error as exc:
-                bad.append(f"{p!r} is not a regular expression: {exc}")
-        if bad:
-            raise ValueError("; ".join(bad))  # every one, not only the first: one restart to fix them all
-        return patterns
+                raise ValueError(f"{p!r} is not a regular expression: {exc}") from None
+            return p
+
+        return check_each(patterns, compiles)
 
     @field_validator("exempt")
     @classmethod
     def _cidrs(cls, cidrs: list[str]) -> list[str]:
-        bad = []
-        for c in cidrs:
+        def network(c: str) -> str:
             try:
                 ipaddress.ip_network(c, strict=False)
             except ValueError as exc:
-                bad.append(f"{c!r} is not a CIDR: {exc}")
-        if bad:
-            raise ValueError("; ".join(bad))
-        return cidrs
+                raise ValueError(f"{c!r} is not a CIDR: {exc}") from None
+            return c
+
+        return check_each(cidrs, network)
 
     memory_reserve_percent: float = Field(10.0, ge=0, le=90)
     """Memory faults may not leave less than this share of node memory available. Default 10."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -236,6 +237,25 @@ class PortMatch(SpecModel):
     side: Literal["destination", "source"] = Field("destination", description="which port of the packet to match")
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def check_each(values: list[T], check: Callable[[T], R]) -> list[R]:
+    """``check`` applied to every value; a ValueError naming every bad one at once, not one per
+    edit-and-rerun (experiment files and the agent's settings alike)."""
+    out: list[R] = []
+    bad: list[str] = []
+    for v in values:
+        try:
+            out.append(check(v))
+        except ValueError as exc:
+            bad.append(str(exc))
+    if bad:
+        raise ValueError("; ".join(bad))
+    return out
+
+
 def _check_cidr(value: str) -> str:
     try:
         return str(ipaddress.ip_network(value, strict=False))
@@ -273,15 +293,7 @@ class NetworkSpec(_FaultBase):
     @field_validator("destinations", "exempt")
     @classmethod
     def _cidrs(cls, v: list[str]) -> list[str]:
-        out, bad = [], []
-        for x in v:
-            try:
-                out.append(_check_cidr(x))
-            except ValueError as exc:
-                bad.append(str(exc))
-        if bad:
-            raise ValueError("; ".join(bad))  # every bad entry at once, not one per edit-and-rerun
-        return out
+        return check_each(v, _check_cidr)
 
     @model_validator(mode="after")
     def _some_impairment(self) -> NetworkSpec:

@@ -381,6 +381,8 @@ def _stopped_now(target: Target) -> bool:
         return proc.status() in STOPPED
     except psutil.Error:
         return False
+
+
 ALREADY_STOPPED = "already stopped, not by this agent: resuming it at the revert would undo that stop"
 
 
