@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.config import AgentSettings
-from agent.faults.base import AgentEnv, FaultContext
+from agent.faults.base import AgentEnv, FaultContext, Injector, Plan
 from agent.faults_table import FaultRecord, merge
 from agent.journal import Journal
 from proto.messages import EndedFault, FaultState, JournalProblem, Measurements
@@ -153,6 +153,7 @@ class Lifecycle:
                         raise RuntimeError(f"journal write failed, not acting: {exc}") from exc
                     if not rec.ended.is_set():
                         m = await within(inj.apply(spec, plan, ctx), timing.revert_timeout_s)
+                        await self._journal_narrowed(rec, inj, plan)
                         rec.measurements = merge(rec.measurements, m).model_copy(
                             update={"apply_s": round(time.monotonic() - t0, 4)}
                         )
@@ -172,6 +173,27 @@ class Lifecycle:
             rec.request_end(failure, "failed")
         await rec.ended.wait()
         await self._revert(rec)
+
+    async def _journal_narrowed(self, rec: FaultRecord, inj: Injector, plan: Plan) -> None:
+        """The apply did less than planned (a pause that found a target stopped by someone else):
+        the journal keeps only what it did, so a revert after a crash undoes that and no more.
+        A failed write keeps the first entry: that revert then covers every planned target."""
+        try:
+            narrowed = inj.applied(plan, rec.ctx)
+        except Exception:  # bookkeeping: the fault is applied, and the first entry covers it
+            log.exception("fault %s: narrowing its plan failed", rec.fault_id)
+            return
+        if narrowed is None:
+            return
+        rec.plan = narrowed
+        try:
+            await asyncio.to_thread(self.journal.write, rec.journal_entry(narrowed))
+        except OSError as exc:
+            log.warning(
+                "fault %s: journal not narrowed to what was applied (%s); a revert after a crash covers its whole plan",
+                rec.fault_id,
+                exc,
+            )
 
     def _still_injecting(self, rec: FaultRecord) -> None:
         self.spawn(self._report_injecting(rec), name="injecting-event")

@@ -108,6 +108,12 @@ class Injector(abc.ABC):
         Rejected as check() and plan() would."""
         return None
 
+    def applied(self, plan: Plan, ctx: FaultContext) -> Plan | None:
+        """After a successful apply: the plan narrowed to what the apply did, when that is less
+        than planned. The lifecycle journals it in place of the first, so a revert from the
+        journal (after a crash) undoes only that. None (the default): the plan stands. Must not raise."""
+        return None
+
     def load_plan(self, raw: dict[str, Any]) -> Plan:
         """A journaled plan back from its JSON form (at start, to revert it)."""
         return self.plan_model.model_validate(raw)

@@ -444,17 +444,30 @@ class ProcessPause(_ProcessInjector):
             elif _signal(t, signal.SIGSTOP):
                 hit.append(t.pid)
         self._stopped[ctx.fault_id] = set(hit)
+        if late and ctx.fault_id in self._held:  # someone else's stop is not ours to hold
+            self._held[ctx.fault_id] = [t for t in plan.targets if t.pid in self._stopped[ctx.fault_id]]
         if not hit:
             raise RuntimeError("every selected process was gone, or stopped by someone else, before SIGSTOP")
         m = self._measure(plan, hit)
         return m.model_copy(update={"skipped": [*plan.skipped, *late]}) if late else m
 
+    def applied(self, plan: Plan, ctx: FaultContext) -> Plan | None:
+        """Targets the apply did not stop (gone, or stopped by someone else meanwhile) leave the
+        journaled plan, so a revert after a crash resumes exactly what this fault stopped. When
+        it stopped every target (the usual case) the plan stands: no second journal write."""
+        assert isinstance(plan, ProcessPlan)
+        stopped = self._stopped.get(ctx.fault_id)
+        if stopped is None or all(t.pid in stopped for t in plan.targets):
+            return None
+        return plan.model_copy(update={"targets": [t for t in plan.targets if t.pid in stopped]})
+
     async def revert(self, plan: Plan, ctx: FaultContext) -> Measurements:
         assert isinstance(plan, ProcessPlan)
         self._held.pop(ctx.fault_id, None)
         # SIGCONT to what this fault's apply stopped and nothing else: a process stopped by
-        # someone else is theirs to resume. Recovered from the journal (the agent died), what
-        # apply stopped is not known: every planned target is resumed, as the journal promises.
+        # someone else is theirs to resume. Recovered from the journal (the agent died), the
+        # journaled targets are what the apply stopped (applied() narrowed them), or, had the
+        # agent died between its SIGSTOPs and that narrowing, what it planned to stop.
         # Never one another active pause fault holds: a second revert of this fault, or one
         # from the journal, must not end that fault's pause early.
         stopped = self._stopped.get(ctx.fault_id)  # dropped once resumed: a retried revert still knows

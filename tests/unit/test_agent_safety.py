@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import threading
 import time
@@ -16,11 +17,12 @@ import pytest
 from agent.config import AgentSettings
 from agent.faults import network
 from agent.faults.base import AgentEnv, FaultContext, Injector, Plan, Rejected
+from agent.faults.process import ProcessPause
 from agent.protect import protection_reason
 from agent.runtime import AgentRuntime
 from proto.codec import decode, encode
 from proto.messages import Ack, Inject, Measurements
-from tests.conftest import async_wait_until
+from tests.conftest import Victims, async_wait_until, status, wait_until
 
 
 class FlakyPlan(Plan):
@@ -423,3 +425,95 @@ async def test_within_bounds_an_await_as_asyncio_timeout_does() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def pausing_runtime(tmp: Path) -> tuple[AgentRuntime, ProcessPause]:
+    """The real process-pause in a runtime, against victims this test process started: its
+    children, which the agent's own protections (its descendants) would skip."""
+    rt, inj = runtime(tmp, ProcessPause)
+    rt.env.protected_pids = dict
+    return rt, inj
+
+
+async def test_the_journal_keeps_only_what_a_pause_stopped_so_recovery_resumes_no_more(
+    tmp_path: Path, victims: Victims
+) -> None:
+    """Someone else stops a planned target while the plan is journaled (its fsync lies between
+    the selection and the SIGSTOPs): the apply skips it, and the journal is narrowed to what was
+    stopped. An agent that then dies and restarts resumes its own victim and leaves the other's
+    stop alone; before, recovery resumed every planned target."""
+    mine, theirs = victims.start(1, "-mine")[0], victims.start(1, "-theirs")[0]
+    rt, _ = pausing_runtime(tmp_path)
+    first_write = rt.journal.write
+
+    def write_then_someone_stops_theirs(entry: Any) -> None:
+        first_write(entry)
+        if entry.plan is not None and len(entry.plan["targets"]) == 2:
+            os.kill(theirs.pid, signal.SIGSTOP)
+            wait_until(lambda: status(theirs) == psutil.STATUS_STOPPED, 3, "the other victim stopped by someone else")
+
+    rt.journal.write = write_then_someone_stops_theirs  # type: ignore[method-assign]
+    try:
+        pause = Inject(
+            experiment_id="e",
+            fault_id="e.0",
+            spec={"kind": "process-pause", "match": {"cmdline": f"{victims.token}-(mine|theirs)$"}},
+            expires_at=time.time() + 30,
+            lease_timeout_s=30,
+        )
+        assert decode(await rt.handle_command(encode(pause)), Ack).accepted
+        rec = rt.faults["e.0"]
+        await async_wait_until(lambda: rec.state == "active", 5, "the pause to become active")
+        assert rec.measurements.hit_pids == [mine.pid]
+        entry = rt.journal.read("e.0")
+        assert entry is not None and entry.plan is not None
+        assert [t["pid"] for t in entry.plan["targets"]] == [mine.pid], "the journal was not narrowed"
+
+        # the agent dies here (nothing reverted); the next one recovers from the journal
+        for t in list(rt.faults.values()):
+            if t.timer is not None:
+                t.timer.cancel()
+        again, _ = pausing_runtime(tmp_path)
+        await again.recover()
+        await async_wait_until(lambda: status(mine) != psutil.STATUS_STOPPED, 3, "our victim resumed at start")
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            assert status(theirs) == psutil.STATUS_STOPPED, "recovery resumed a process this agent never stopped"
+            await asyncio.sleep(0.02)
+        assert again.journal.fault_ids() == [] or again.journal.read("e.0") is None
+    finally:
+        for task in list(rt.faults.values()):
+            if task.task is not None:
+                task.task.cancel()
+        os.kill(theirs.pid, signal.SIGCONT)
+        os.kill(mine.pid, signal.SIGCONT)
+
+
+async def test_a_pause_that_stopped_every_target_writes_its_journal_once(tmp_path: Path, victims: Victims) -> None:
+    (proc,) = victims.start(1, "-all")
+    rt, _ = pausing_runtime(tmp_path)
+    writes: list[int] = []
+    first_write = rt.journal.write
+
+    def counted(entry: Any) -> None:
+        writes.append(len(entry.plan["targets"]) if entry.plan else 0)
+        first_write(entry)
+
+    rt.journal.write = counted  # type: ignore[method-assign]
+    pause = Inject(
+        experiment_id="e",
+        fault_id="e.1",
+        spec={"kind": "process-pause", "match": {"cmdline": f"{victims.token}-all$"}},
+        expires_at=time.time() + 30,
+        lease_timeout_s=30,
+    )
+    assert decode(await rt.handle_command(encode(pause)), Ack).accepted
+    rec = rt.faults["e.1"]
+    try:
+        await async_wait_until(lambda: rec.state == "active", 5, "the pause to become active")
+        assert writes == [1], f"journal writes (targets in each): {writes}"
+    finally:
+        rec.request_end("test")
+        await asyncio.wait_for(rec.finished.wait(), 5)
+        await rt.flush_cleanup()
+    assert status(proc) != psutil.STATUS_STOPPED
