@@ -28,7 +28,7 @@ from controller.dispatch import ConnectError, close, connect, with_tls
 from controller.engine import ExperimentRunner
 from controller.experiment import ExperimentError, json_schema_text, load_experiment
 from controller.fleet import Fleet
-from controller.fleet_commands import cmd_abort, cmd_agents, cmd_halt
+from controller.fleet_commands import cmd_abort, cmd_agents, cmd_experiments, cmd_halt
 from controller.halting import HALT_WAIT_HELP
 from controller.local import LocalEnvironment, LocalModeError, local_state_dir
 from controller.preview import preview_faults, preview_lines, preview_shortfalls
@@ -47,6 +47,7 @@ getting started:
 
 against a fleet (agents started with `faultline-agent --nats URL --node NAME`):
   faultline agents --nats nats://10.0.0.5:4222
+  faultline experiments --nats nats://10.0.0.5:4222                                # what chaos runs now
   faultline run examples/zone-outage.yaml --nats nats://10.0.0.5:4222 --preview    # what it would hit
   faultline run examples/zone-outage.yaml --nats nats://10.0.0.5:4222 -o json > report.json
   faultline abort zone-outage-3fa2c1 --nats nats://10.0.0.5:4222
@@ -354,8 +355,22 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("agents", help="list the agents that send heartbeats")
     nats_opt(a, local=False)
     output_opt(a)
+    ex = sub.add_parser(
+        "experiments",
+        help="list the experiments holding faults on the fleet now, from the agents' heartbeats",
+        description="Every experiment that holds faults on an agent now (also one whose controller is gone: "
+        "its faults stay until their lease lapses), with its nodes, the faults' states and kinds, and "
+        "about how long until they expire. Read from heartbeats for about 1.5 heartbeat intervals; "
+        "sends nothing to the agents.",
+    )
+    nats_opt(ex, local=False)
+    output_opt(ex)
     ab = sub.add_parser("abort", help="abort a running experiment and revert its faults")
-    ab.add_argument("experiment_id", metavar="EXPERIMENT_ID", help="as printed by `faultline run`")
+    ab.add_argument(
+        "experiment_id",
+        metavar="EXPERIMENT_ID",
+        help="as printed by `faultline run` or listed by `faultline experiments`",
+    )
     ab.add_argument("--reason", default="aborted from the command line")
     nats_opt(ab, local=False)
     h = sub.add_parser(
@@ -374,7 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-ASYNC_COMMANDS = {"run": cmd_run, "agents": cmd_agents, "abort": cmd_abort, "halt": cmd_halt, "demo": cmd_demo}
+ASYNC_COMMANDS = {
+    "run": cmd_run,
+    "agents": cmd_agents,
+    "experiments": cmd_experiments,
+    "abort": cmd_abort,
+    "halt": cmd_halt,
+    "demo": cmd_demo,
+}
 SYNC_COMMANDS = {"validate": cmd_validate, "schema": cmd_schema}
 
 

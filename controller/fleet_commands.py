@@ -141,6 +141,81 @@ async def cmd_agents(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def experiment_rows(views: dict[str, NodeView], now: float) -> list[dict[str, Any]]:
+    """The experiments that hold faults on the fleet now, from the agents' heartbeats: one row
+    each, with every fault it holds and where (also one whose controller is gone)."""
+    grouped: dict[str, list[tuple[str, Any]]] = {}
+    for node, view in sorted(views.items()):
+        for f in view.heartbeat.faults:
+            grouped.setdefault(f.experiment_id, []).append((node, f))
+    rows = []
+    for exp_id, held in sorted(grouped.items()):
+        states: dict[str, int] = {}
+        for _, f in held:
+            states[f.state] = states.get(f.state, 0) + 1
+        expires_at = max(f.expires_at for _, f in held)
+        rows.append(
+            {
+                "experiment_id": exp_id,
+                "nodes": sorted({n for n, _ in held}),
+                "kinds": sorted({f.kind for _, f in held}),
+                "states": dict(sorted(states.items())),
+                # the agents' clocks against ours: approximate, as any wall-clock figure across nodes
+                "expires_in_s": round(max(0.0, expires_at - now), 1),
+                "faults": [
+                    {"node": n, "fault_id": f.fault_id, "kind": f.kind, "state": f.state, "expires_at": f.expires_at}
+                    for n, f in held
+                ],
+            }
+        )
+    return rows
+
+
+async def cmd_experiments(args: argparse.Namespace) -> int:
+    try:
+        target = _fleet_target(args)
+    except NatsUrlError as exc:
+        return _bad_url(args, exc)
+    try:
+        nc, fleet = await _with_fleet(target)
+    except ConnectError as exc:
+        return _connect_failed(args, target, exc)
+    try:
+        views = await fleet.gather()
+    finally:
+        await fleet.stop()
+        await close(nc)
+    rows = experiment_rows(views, time.time())
+    if args.output == "json":
+        _out(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not views:
+        _out(f"no agents sent a heartbeat on {redacted(target.url)} within 5 s: no experiment can be seen")
+        return EXIT_OK
+    if not rows:
+        _out(f"no experiment holds faults on the {len(views)} agent(s) that sent a heartbeat")
+        return EXIT_OK
+    table = [["EXPERIMENT", "NODES", "FAULTS", "STATES", "KINDS", "EXPIRES IN"]]
+    for r in rows:
+        nodes = r["nodes"]
+        table.append(
+            [
+                r["experiment_id"],
+                ",".join(nodes) if len(nodes) <= 3 else f"{','.join(nodes[:3])},... ({len(nodes)})",
+                str(len(r["faults"])),
+                ",".join(f"{k}={v}" for k, v in r["states"].items()),
+                ",".join(r["kinds"]),
+                f"~{r['expires_in_s']:.0f}s",
+            ]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    _out("")
+    _out("abort one: faultline abort EXPERIMENT [--nats URL]    revert everything everywhere: faultline halt")
+    return EXIT_OK
+
+
 def _issuer() -> str:
     try:
         return f"{getpass.getuser()}@{socket.gethostname()}"[:200]

@@ -777,6 +777,53 @@ def test_abort_without_controller_reverts_on_agents(
     assert "reverted: requested: aborted from the command line (by " in agent.log(), agent.log()
 
 
+def test_experiments_lists_what_holds_faults_and_its_abort_empties_it(
+    tmp_path: Path,
+    nats_url: str,
+    agent_factory: Callable[..., AgentProcess],
+    victims: Victims,
+    running: Callable[..., Running],
+) -> None:
+    """ "What chaos runs now?": the experiment with its node and fault states, also after its
+    controller is gone (its faults wait for their lease); its id is what `abort` takes."""
+    agent_factory("node-a")
+    agent_factory("node-b")
+    (victim,) = victims.start(1)
+    path = experiment_file(tmp_path, [pause(victims)], duration="60s", targets={"nodes": ["node-a"]},
+                           abort={"leaseTimeout": "60s"})  # fmt: skip
+    run = running("run", str(path), "--nats", nats_url)
+    exp_id = run.experiment_id()
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
+    run.kill()  # its controller is gone: the faults stay until their lease lapses (60 s)
+
+    r = faultline("experiments", "--nats", nats_url, "-o", "json")
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)
+    assert row["experiment_id"] == exp_id and row["nodes"] == ["node-a"], row
+    assert row["states"] == {"active": 1} and row["kinds"] == ["process-pause"], row
+    assert 0 < row["expires_in_s"] <= 60 and row["faults"][0]["node"] == "node-a", row
+    text = faultline("experiments", "--nats", nats_url)
+    assert re.search(rf"^{re.escape(exp_id)}\s+node-a\s+1\s+active=1\s+process-pause\s+~\d+s$", text.stdout, re.M), (
+        text.stdout
+    )
+    assert "faultline abort EXPERIMENT" in text.stdout
+
+    assert faultline("abort", exp_id, "--nats", nats_url).returncode == 0
+    wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 5, "the victim to resume after the abort")
+
+    def listed() -> list[Any]:
+        return list(json.loads(faultline("experiments", "--nats", nats_url, "-o", "json").stdout))
+
+    wait_until(lambda: listed() == [], 10, "the aborted experiment to leave the list")
+    assert "no experiment holds faults on the 2 agent(s)" in faultline("experiments", "--nats", nats_url).stdout
+
+
+def test_experiments_with_no_agent_says_so(nats_url: str) -> None:
+    r = faultline("experiments", "--nats", nats_url)
+    assert r.returncode == 0 and "no agents sent a heartbeat" in r.stdout, r.stdout + r.stderr
+    assert json.loads(faultline("experiments", "--nats", nats_url, "-o", "json").stdout) == []
+
+
 def test_abort_unknown_experiment(nats_url: str, agent_factory: Callable[..., AgentProcess]) -> None:
     agent_factory("node-a")
     r = faultline("abort", "no-such-exp-123456", "--nats", nats_url)
