@@ -234,6 +234,21 @@ def _signal(target: Target, signum: int) -> bool:
         os.close(pidfd)
 
 
+def _not_signalled(target: Target, exc: Exception) -> SkippedProcess:
+    """A target the signal could not reach (EPERM from an LSM or a non-root agent, a /proc read
+    refused): skipped with the reason; the other targets go on."""
+    if isinstance(exc, PermissionError | psutil.AccessDenied):
+        why = "not permitted to signal it (the agent lacks CAP_KILL over it, or a security module refused)"
+    else:
+        why = f"could not be signalled: {exc}"
+    return SkippedProcess(pid=target.pid, name=target.name, reason=why)
+
+
+def _none_hit(what: str, skipped: list[SkippedProcess]) -> RuntimeError:
+    why = "; ".join(f"{s.pid} ({s.reason})" for s in skipped[:10])
+    return RuntimeError(f"no selected process was {what}" + (f": {why}" if why else ": every one was gone"))
+
+
 class _ProcessInjector(Injector):
     plan_model = ProcessPlan
     default_all = False
@@ -323,9 +338,16 @@ class ProcessKill(_ProcessInjector):
     async def apply(self, spec: Any, plan: Plan, ctx: FaultContext) -> Measurements:
         assert isinstance(plan, ProcessPlan) and isinstance(spec, ProcessKillSpec)
         killed_at = psutil_now()
-        hit = [t.pid for t in plan.targets if _signal(t, plan.signal)]
+        hit: list[int] = []
+        failed: list[SkippedProcess] = []
+        for t in plan.targets:
+            try:
+                if _signal(t, plan.signal):
+                    hit.append(t.pid)
+            except (OSError, psutil.Error) as exc:
+                failed.append(_not_signalled(t, exc))
         if not hit:
-            raise RuntimeError("every selected process was gone before the signal")
+            raise _none_hit("signalled", failed)
         self._hit[ctx.fault_id] = hit
         if spec.watch_restart:
             task = asyncio.create_task(self._watch(spec, plan, ctx, killed_at), name=f"watch-restart:{ctx.fault_id}")
@@ -333,7 +355,10 @@ class ProcessKill(_ProcessInjector):
             fid = ctx.fault_id
             task.add_done_callback(lambda _t: self._watches.pop(fid, None))
         m = self._measure(plan, hit)
-        return m.model_copy(update={"restarted": False} if spec.watch_restart else {})
+        update: dict[str, Any] = {"restarted": False} if spec.watch_restart else {}
+        if failed:
+            update["skipped"] = [*plan.skipped, *failed]
+        return m.model_copy(update=update)
 
     async def _watch(self, spec: ProcessKillSpec, plan: ProcessPlan, ctx: FaultContext, killed_at: float) -> None:
         old = {t.pid for t in plan.targets} | set(plan.matched_pids)
@@ -437,17 +462,23 @@ class ProcessPause(_ProcessInjector):
         assert isinstance(plan, ProcessPlan)
         hit: list[int] = []
         late: list[SkippedProcess] = []
+        # filled as each SIGSTOP lands: whatever stops the loop (an error it does not expect),
+        # the revert resumes exactly what was stopped
+        stopped = self._stopped[ctx.fault_id] = set()
         for t in plan.targets:
-            # stopped by someone else since the selection (the journal's fsync lies between)
-            if _stopped_now(t):
-                late.append(SkippedProcess(pid=t.pid, name=t.name, reason=ALREADY_STOPPED))
-            elif _signal(t, signal.SIGSTOP):
-                hit.append(t.pid)
-        self._stopped[ctx.fault_id] = set(hit)
-        if late and ctx.fault_id in self._held:  # someone else's stop is not ours to hold
-            self._held[ctx.fault_id] = [t for t in plan.targets if t.pid in self._stopped[ctx.fault_id]]
+            try:
+                # stopped by someone else since the selection (the journal's fsync lies between)
+                if _stopped_now(t):
+                    late.append(SkippedProcess(pid=t.pid, name=t.name, reason=ALREADY_STOPPED))
+                elif _signal(t, signal.SIGSTOP):
+                    stopped.add(t.pid)
+                    hit.append(t.pid)
+            except (OSError, psutil.Error) as exc:
+                late.append(_not_signalled(t, exc))
+        if late and ctx.fault_id in self._held:  # what it did not stop is not ours to hold
+            self._held[ctx.fault_id] = [t for t in plan.targets if t.pid in stopped]
         if not hit:
-            raise RuntimeError("every selected process was gone, or stopped by someone else, before SIGSTOP")
+            raise _none_hit("stopped", late)
         m = self._measure(plan, hit)
         return m.model_copy(update={"skipped": [*plan.skipped, *late]}) if late else m
 
@@ -475,6 +506,7 @@ class ProcessPause(_ProcessInjector):
             stopped = set()  # ended before its apply (or a second revert): it stopped nothing
         resumed: list[int] = []
         kept: list[SkippedProcess] = []
+        failed: list[str] = []
         for t in plan.targets:
             if stopped is not None and t.pid not in stopped:
                 continue
@@ -482,8 +514,14 @@ class ProcessPause(_ProcessInjector):
             if fid is not None:
                 log.warning("fault %s: pid %d not resumed: still paused by fault %s", ctx.fault_id, t.pid, fid)
                 kept.append(SkippedProcess(pid=t.pid, name=t.name, reason=f"not resumed: still paused by fault {fid}"))
-            elif _signal(t, signal.SIGCONT):
-                resumed.append(t.pid)
+            else:
+                try:
+                    if _signal(t, signal.SIGCONT):
+                        resumed.append(t.pid)
+                except (OSError, psutil.Error) as exc:  # the others are resumed all the same
+                    failed.append(f"{t.pid}: {_not_signalled(t, exc).reason}")
+        if failed:  # the revert fails, so the fault's journal entry is kept and retried
+            raise RuntimeError(f"not resumed: {'; '.join(failed[:10])}")
         self._stopped.pop(ctx.fault_id, None)
         m = self._measure(plan, sorted(stopped) if stopped is not None else [t.pid for t in plan.targets])
         update: dict[str, Any] = {"resumed_pids": resumed}

@@ -290,3 +290,49 @@ async def test_a_revert_resumes_only_what_its_apply_stopped(tmp_path: Path, vict
         await assert_stays_stopped(theirs, 0.2, "an unapplied fault's revert resumed a process")
     finally:
         os.kill(theirs.pid, signal.SIGCONT)
+
+
+async def test_a_target_the_agent_may_not_signal_is_skipped_and_the_others_are_paused_and_resumed(
+    tmp_path: Path, victims: Victims, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EPERM on one target (a non-root agent, a security module) must not stop the loop half way:
+    before, the apply raised with the first target stopped and unrecorded, and the revert then
+    resumed nothing, so that process stayed stopped for good."""
+    inj = make_injector(tmp_path)
+    first, denied = victims.start(1, "-ok")[0], victims.start(1, "-denied")[0]
+    regex = f"{victims.token}-(ok|denied)$"
+    real = signal.pidfd_send_signal
+    refuse = {"pid": denied.pid}
+
+    def guarded(pidfd: int, signum: int, *args: object) -> None:
+        if _pid_of(pidfd) == refuse["pid"]:
+            raise PermissionError(1, "Operation not permitted")
+        real(pidfd, signum, *args)
+
+    monkeypatch.setattr("agent.faults.process.signal.pidfd_send_signal", guarded)
+    c = ctx(inj, "eperm.0")
+    plan = await inj.plan(spec(regex), c)
+    # the denied one sorts either side of the other: the loop goes on past it either way
+    m = await inj.apply(spec(regex), plan, c)
+    assert m.hit_pids == [first.pid], m
+    assert reasons(m)[denied.pid].startswith("not permitted to signal it"), reasons(m)
+    await wait_status(first, True, "the permitted victim paused")
+    narrowed = inj.applied(plan, c)
+    assert narrowed is not None and [t.pid for t in narrowed.targets] == [first.pid]
+
+    # a revert that cannot resume one target still resumes the others, and fails (its entry is kept)
+    refuse["pid"] = first.pid
+    with pytest.raises(RuntimeError, match=f"not resumed: {first.pid}: not permitted"):
+        await inj.revert(plan, c)
+    refuse["pid"] = -1
+    back = await inj.revert(plan, c)  # the retry
+    assert back.resumed_pids == [first.pid]
+    await wait_status(first, False, "the victim resumed by the retried revert")
+
+
+def _pid_of(pidfd: int) -> int:
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    return -1
