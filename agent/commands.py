@@ -19,6 +19,7 @@ from agent.faults_table import FaultRecord
 from proto.codec import DecodeError, decode_command, encode, peek_id
 from proto.faults import required_capabilities
 from proto.messages import Ack, FaultEvent, FaultState, Inject, PodRef, Preview, Revert, Start
+from proto.units import MAX_DURATION_S
 
 if TYPE_CHECKING:
     from agent.config import AgentSettings
@@ -196,6 +197,11 @@ class CommandHandler:
             return self._reject(cmd.id, "agent is stopping", cmd)
         if cmd.expires_at <= now:
             return self._reject(cmd.id, f"expired: expires_at passed {now - cmd.expires_at:.1f}s ago", cmd)
+        if cmd.expires_at > now + MAX_DURATION_S + MAX_CLOCK_SKEW_S:
+            days = (cmd.expires_at - now) / 86400
+            return self._reject(
+                cmd.id, f"expires_at is {days:.0f} days away: a fault lasts at most {MAX_DURATION_S / 86400:.0f} days", cmd
+            )
         if cmd.sent_at > now + MAX_CLOCK_SKEW_S:
             return self._reject(cmd.id, f"sent_at is {cmd.sent_at - now:.0f}s in the future: check clocks", cmd)
         if len(self.faults) >= self.settings.safety.max_faults:
@@ -235,8 +241,8 @@ class CommandHandler:
             ctx=ctx,
             deadline_mono=time.monotonic() + (cmd.expires_at - now),
         )
+        self.arm_deadline(rec)  # first: a record is never held without its deadline timer
         self.faults[fid] = rec
-        self.arm_deadline(rec)
         if cmd.await_start:
             # nothing runs until its Start; an end asked for before then (revert, halt, lease
             # lapse, deadline, stop) launches the lifecycle, which applies nothing and reports it

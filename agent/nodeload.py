@@ -7,12 +7,15 @@ runtime in one process (the benchmarks run a thousand).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
 import psutil
 
 from proto.messages import NodeLoad
+
+log = logging.getLogger("faultline.agent")
 
 
 class LoadSampler:
@@ -22,11 +25,23 @@ class LoadSampler:
         self._last_at = 0.0
         self._cached: NodeLoad | None = None
         self._cpu_count = psutil.cpu_count() or 1
+        self._failing = False
 
-    def sample(self) -> NodeLoad:
+    def sample(self) -> NodeLoad | None:
+        """The node's load now; the last good sample (or None) when /proc cannot be read this time
+        (EMFILE, ENOMEM): a heartbeat goes out all the same."""
         now = time.monotonic()
         if self._cached is not None and now - self._last_at < self._min_interval_s:
             return self._cached
+        try:
+            return self._sample(now)
+        except (OSError, psutil.Error) as exc:
+            if not self._failing:
+                log.warning("node load not readable (%s); heartbeats carry the last sample until it is", exc)
+            self._failing = True
+            return self._cached
+
+    def _sample(self, now: float) -> NodeLoad:
         times = psutil.cpu_times()
         busy_now = sum(times) - times.idle - getattr(times, "iowait", 0.0)
         last = self._last_times
@@ -44,4 +59,5 @@ class LoadSampler:
             load1=round(os.getloadavg()[0], 2),
         )
         self._last_at = now
+        self._failing = False
         return self._cached

@@ -380,7 +380,12 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         # plain sleeps: shutdown() cancels this task, and a wait_for per tick costs a task each
         while True:
             if not self.stopping:  # the last word is shutdown()'s "leaving" heartbeat
-                await self.publish(subjects.agent_hb(self.node), encode(self.heartbeat()))
+                try:
+                    payload = encode(self.heartbeat())
+                except Exception:  # one bad tick (a /proc read failing: EMFILE, ENOMEM) is not the end of them
+                    log.exception("heartbeat not sent this time")
+                else:
+                    await self.publish(subjects.agent_hb(self.node), payload)
             # a little jitter spreads a fleet's heartbeats over time
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))
 

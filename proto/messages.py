@@ -54,7 +54,9 @@ def new_id() -> str:
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+    # No inf or nan in a message's own numbers: an Inject expiring at Infinity would hold its fault
+    # with no deadline (and its heartbeats would carry null), one at NaN would have no timer at all
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True, allow_inf_nan=False)
 
     schema_version: str = Field(SCHEMA_VERSION, pattern=r"^\d+\.\d+$")
     id: str = Field(default_factory=new_id, min_length=1, max_length=64)

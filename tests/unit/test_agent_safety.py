@@ -21,7 +21,7 @@ from agent.faults.process import ProcessPause
 from agent.protect import protection_reason
 from agent.runtime import AgentRuntime
 from proto.codec import decode, encode
-from proto.messages import Ack, Inject, Measurements
+from proto.messages import Ack, Heartbeat, Inject, Measurements
 from tests.conftest import Victims, async_wait_until, status, wait_until
 
 
@@ -517,3 +517,64 @@ async def test_a_pause_that_stopped_every_target_writes_its_journal_once(tmp_pat
         await asyncio.wait_for(rec.finished.wait(), 5)
         await rt.flush_cleanup()
     assert status(proc) != psutil.STATUS_STOPPED
+
+
+@pytest.mark.parametrize(
+    ("expires_at", "why"),
+    [
+        ("Infinity", "expires_at: Input should be a finite number"),
+        ("NaN", "expires_at: Input should be a finite number"),
+        ("1e300", "days away: a fault lasts at most 366 days"),
+    ],
+)
+async def test_an_inject_with_no_finite_deadline_is_refused_and_nothing_is_held(
+    tmp_path: Path, expires_at: str, why: str
+) -> None:
+    """Before: Infinity was accepted (a fault with no deadline, and heartbeats the controller could
+    not decode: "expires_at": null), and NaN left a record with no timer under uvloop."""
+    rt, _ = runtime(tmp_path, lambda env: FlakyRevert(env, failures=0))
+    raw = json.loads(inject("far.0"))
+    text = json.dumps(raw).replace(json.dumps(raw["expires_at"]), expires_at)
+    ack = decode(await rt.handle_command(text.encode()), Ack)
+    assert not ack.accepted and ack.reason is not None and why in ack.reason, ack.reason
+    assert rt.faults == {}
+    assert decode(encode(rt.heartbeat()), Heartbeat).faults == []
+
+
+async def test_heartbeats_go_on_when_the_node_load_or_a_heartbeat_cannot_be_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, one exception in a heartbeat (a /proc read failing with EMFILE) ended the loop for
+    good: the agent went on serving commands, silent, and every experiment on the node aborted."""
+    rt, _ = runtime(tmp_path, lambda env: FlakyRevert(env, failures=0))
+    rt.settings = rt.settings.model_copy(
+        update={"timing": rt.settings.timing.model_copy(update={"heartbeat_interval_s": 0.02})}
+    )
+    sent: list[bytes] = []
+
+    async def publish(subject: str, payload: bytes) -> None:
+        sent.append(payload)
+
+    monkeypatch.setattr(rt, "publish", publish)
+
+    def no_proc() -> Any:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr("agent.nodeload.psutil.cpu_times", no_proc)
+    real = rt.heartbeat
+    calls = {"n": 0}
+
+    def once_broken(state: Any = "ready") -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("a bad tick")
+        return real(state)
+
+    monkeypatch.setattr(rt, "heartbeat", once_broken)
+    loop = asyncio.create_task(rt.heartbeat_loop())
+    try:
+        await async_wait_until(lambda: len(sent) >= 4, 3, "heartbeats after a failing load read and a failing tick")
+    finally:
+        loop.cancel()
+    assert not loop.done() or loop.cancelled()
+    assert decode(sent[-1], Heartbeat).load is None
