@@ -99,10 +99,11 @@ class CommandHandler:
             self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
         ) -> FaultContext: ...
 
-    async def handle_command(self, data: bytes) -> bytes:
-        """Decode and act on one command; returns the encoded Ack. Never raises."""
+    async def handle_command(self, data: bytes, preview_only: bool = False) -> bytes:
+        """Decode and act on one command; returns the encoded Ack. Never raises. ``preview_only``:
+        it came in looking like a Preview and is answered beside the other commands, not in turn."""
         try:
-            return await self._handle(data)
+            return await self._handle(data, preview_only)
         except Exception as exc:  # the agent never crashes on input
             log.exception("internal error handling a command")
             return encode(self._reject(peek_id(data) or "", f"internal error: {exc}"))
@@ -123,11 +124,16 @@ class CommandHandler:
             )
         return Ack(in_reply_to=in_reply_to, node=self.node, accepted=False, reason=reason)
 
-    async def _handle(self, data: bytes) -> bytes:
+    async def _handle(self, data: bytes, preview_only: bool = False) -> bytes:
         try:
             cmd = decode_command(data)
         except DecodeError as exc:
             return encode(self._reject(peek_id(data) or "", f"rejected: {exc}"))
+        if preview_only and not isinstance(cmd, Preview):
+            # "type" given twice: only a Preview may run beside the commands handled in turn
+            return encode(
+                self._reject(cmd.id, f"rejected: a {cmd.type} that also reads as a preview (type given twice?)")
+            )
         # A command delivered twice is answered from the current state, never re-applied:
         # injects are idempotent by fault id (held -> its state; ended -> refused), and so are starts.
         if isinstance(cmd, Inject):
@@ -200,7 +206,9 @@ class CommandHandler:
         if cmd.expires_at > now + MAX_DURATION_S + MAX_CLOCK_SKEW_S:
             days = (cmd.expires_at - now) / 86400
             return self._reject(
-                cmd.id, f"expires_at is {days:.0f} days away: a fault lasts at most {MAX_DURATION_S / 86400:.0f} days", cmd
+                cmd.id,
+                f"expires_at is {days:.0f} days away: a fault lasts at most {MAX_DURATION_S / 86400:.0f} days",
+                cmd,
             )
         if cmd.sent_at > now + MAX_CLOCK_SKEW_S:
             return self._reject(cmd.id, f"sent_at is {cmd.sent_at - now:.0f}s in the future: check clocks", cmd)
@@ -216,6 +224,9 @@ class CommandHandler:
             # a halt, an abort or a stop may have come in while the pod was being located
             if self.halt_seq != halts_before or self.stopping or exp in self.ended_experiments:
                 return self._reject(cmd.id, "halted or aborted while the pod was being located; not applied", cmd)
+            # and the same fault id, delivered again meanwhile, may have been taken or ended
+            if fid in self.faults or fid in self.ended or self.keeps_entry_of(fid):
+                return self._reject(cmd.id, f"fault {fid} was taken or ended while its pod was being located")
         injector = self.injectors.get(kind)
         if injector is None:
             return self._reject(

@@ -189,16 +189,25 @@ class Journal:
     def finish_many(self, done: list[tuple[str, str, float, bool]]) -> None:
         """finish() for a batch (fault id, state, expires_at, remove), with one directory fsync."""
         removed = False
+        problems: list[str] = []
         for fault_id, state, expires_at, remove in done:
-            self.mark_ended(fault_id, state, expires_at)
-            if remove:
-                with contextlib.suppress(FileNotFoundError):
-                    self._path(fault_id).unlink()
-                    removed = True
+            # one entry's problem is that entry's: the rest of the batch is finished all the same
+            try:
+                self.mark_ended(fault_id, state, expires_at)
+                if remove:
+                    with contextlib.suppress(FileNotFoundError):
+                        self._path(fault_id).unlink()
+                        removed = True
+            except (OSError, ValueError) as exc:
+                problems.append(f"{fault_id}: {exc}")
         if removed:
             self._fsync_dir()
+        if problems:
+            raise OSError(f"{len(problems)} of {len(done)} not finished: {'; '.join(problems[:5])}")
 
     def load_ended(self) -> dict[str, tuple[str, float]]:
+        """The tombstones still in force; those past their deadline are removed (at start, and
+        from time to time while the agent runs: one file per fault, for months)."""
         out: dict[str, tuple[str, float]] = {}
         now = time.time()
         ended = self.dir / "ended"

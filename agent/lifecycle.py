@@ -28,6 +28,7 @@ MAX_REMEMBERED = 4096
 REVERT_ATTEMPTS = 3
 REVERT_BACKOFF_S = 1.0
 JOURNAL_CLEANUP_DELAY_S = 0.5
+TOMBSTONE_PRUNE_EVERY_S = 3600.0  # expired tombstones are removed at most this often while running
 INJECTING_EVENT_AFTER_S = 0.2  # an injection still going after this long says so ("injecting")
 
 
@@ -74,6 +75,7 @@ class Lifecycle:
     stopping: bool
     _cleanup: list[tuple[str, str, float, bool]]
     _cleanup_timer: asyncio.TimerHandle | None
+    _tombstones_pruned_at: float
     _cleanups: set[asyncio.Task[None]]
 
     if TYPE_CHECKING:
@@ -225,7 +227,8 @@ class Lifecycle:
         except Exception:  # an injector's bookkeeping must not stop the end of a fault
             log.exception("release of %s failed", rec.fault_id)
         rec.set_state(state)
-        self.faults.pop(rec.fault_id, None)
+        if self.faults.get(rec.fault_id) is rec:  # never another record's (the table holds one per id)
+            del self.faults[rec.fault_id]
         if not self._holds(rec.experiment_id):
             self.lease_seen.pop(rec.experiment_id, None)  # an agent lives for months: no per-experiment residue
         self.remember(self.ended, rec.fault_id, state)
@@ -283,8 +286,15 @@ class Lifecycle:
             return
         try:
             await asyncio.to_thread(self.journal.finish_many, batch)
-        except OSError as exc:
+        except Exception as exc:  # OSError, or anything else: the task must not die with the batch
             log.error("journal bookkeeping failed (%s); the next start reverts those faults again", exc)
+        now = time.monotonic()
+        if now >= self._tombstones_pruned_at + TOMBSTONE_PRUNE_EVERY_S:
+            self._tombstones_pruned_at = now
+            try:
+                await asyncio.to_thread(self.journal.load_ended)  # drops the expired ones
+            except Exception as exc:
+                log.warning("expired tombstones not removed (%s); tried again later", exc)
 
     async def _revert_with_retries(self, rec: FaultRecord) -> str | None:
         """Revert, retried with backoff: a transient failure (netlink busy, a stressor slow to die)

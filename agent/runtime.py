@@ -122,6 +122,7 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         self._pending_events: list[FaultEvent] = []
         self._cleanup: list[tuple[str, str, float, bool]] = []
         self._cleanup_timer: asyncio.TimerHandle | None = None
+        self._tombstones_pruned_at = time.monotonic()  # recovery prunes them at start
         self._cleanups: set[asyncio.Task[None]] = set()  # journal bookkeeping in flight
         self._watchdog_timer: asyncio.TimerHandle | None = None
         self._watchdog_next = math.inf  # monotonic time of the watchdog's next check; none armed
@@ -364,12 +365,12 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         # Injects, Starts and Reverts behind it are not held up. (Found by its shape: this is only
         # about waiting, handle_command decodes and checks it like any command.)
         if b'"type":"preview"' in msg.data:
-            self.spawn(self._answer(msg), name="preview")
+            self.spawn(self._answer(msg, preview_only=True), name="preview")
         else:
             await self._answer(msg)
 
-    async def _answer(self, msg: Msg) -> None:
-        payload = await self.handle_command(msg.data)
+    async def _answer(self, msg: Msg, preview_only: bool = False) -> None:
+        payload = await self.handle_command(msg.data, preview_only)
         if msg.reply:
             await self.publish(msg.reply, payload)
 

@@ -15,7 +15,7 @@ import random
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from proto.faults import FaultSpec
 
@@ -51,6 +51,12 @@ def new_id() -> str:
     time a thousand agents report at once.
     """
     return f"{random.getrandbits(128):032x}"
+
+
+def _not_dots(value: str) -> str:
+    if value in (".", ".."):
+        raise ValueError("'.' and '..' are not fault ids (they name directories)")
+    return value
 
 
 class Message(BaseModel):
@@ -93,7 +99,9 @@ class PodRef(BaseModel):
 class Inject(Message):
     type: Literal["inject"] = "inject"
     experiment_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    fault_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
+    fault_id: Annotated[
+        str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$"), AfterValidator(_not_dots)
+    ]
     spec: FaultSpec
     expires_at: float = Field(description="absolute deadline of the fault (Unix seconds)")
     lease_timeout_s: float = Field(gt=0, le=3600, description="revert if the lease is not renewed this long")

@@ -578,3 +578,50 @@ async def test_heartbeats_go_on_when_the_node_load_or_a_heartbeat_cannot_be_read
         loop.cancel()
     assert not loop.done() or loop.cancelled()
     assert decode(sent[-1], Heartbeat).load is None
+
+
+async def test_an_inject_that_also_reads_as_a_preview_is_refused_not_run_beside_the_others(tmp_path: Path) -> None:
+    """A Preview is answered from a task of its own (found by its bytes); an Inject with "type"
+    given twice would otherwise have run beside the commands handled in turn."""
+    rt, inj = runtime(tmp_path, lambda env: FlakyRevert(env, failures=0))
+    raw = inject("dup.0").decode()
+    crafted = raw.replace('{"', '{"type":"preview","', 1).encode()
+    assert b'"type":"preview"' in crafted
+    ack = decode(await rt.handle_command(crafted, preview_only=True), Ack)
+    assert not ack.accepted and "also reads as a preview" in (ack.reason or ""), ack.reason
+    assert rt.faults == {}
+
+
+@pytest.mark.parametrize("fid", [".", ".."])
+async def test_a_fault_id_that_names_a_directory_is_refused(tmp_path: Path, fid: str) -> None:
+    rt, _ = runtime(tmp_path, lambda env: FlakyRevert(env, failures=0))
+    raw = json.loads(inject("x.0"))
+    raw["fault_id"] = fid
+    ack = decode(await rt.handle_command(json.dumps(raw).encode()), Ack)
+    assert not ack.accepted and "inject.fault_id: '.' and '..' are not fault ids" in (ack.reason or ""), (
+        ack.reason
+    )
+
+
+async def test_one_entry_that_cannot_be_finished_leaves_the_rest_of_its_batch_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a ValueError from one entry ended the cleanup task half way, and the other reverted
+    faults kept their entries and got no tombstone (the next start reverted them again)."""
+    monkeypatch.setattr("agent.lifecycle.TOMBSTONE_PRUNE_EVERY_S", 0.0)
+    rt, _ = runtime(tmp_path, lambda env: FlakyRevert(env, failures=0))
+    for fid in ("a.1", "b.2"):
+        assert decode(await rt.handle_command(inject(fid)), Ack).accepted
+    recs = list(rt.faults.values())
+    await async_wait_until(lambda: all(r.state == "active" for r in recs), 3, "both faults active")
+    for r in recs:
+        r.request_end("test")
+    for r in recs:
+        await asyncio.wait_for(r.finished.wait(), 5)
+    rt._cleanup.insert(1, ("..", "failed", time.time() + 30, True))  # one entry that cannot be
+    past = time.time() - 1
+    (rt.journal.dir / "ended").mkdir(exist_ok=True)
+    (rt.journal.dir / "ended" / "old.0").write_text(json.dumps({"state": "reverted", "expires_at": past}))
+    await rt.flush_cleanup()
+    assert rt.journal.fault_ids() == []
+    assert sorted(p.name for p in (rt.journal.dir / "ended").iterdir()) == ["a.1", "b.2"], "expired tombstone pruned"
