@@ -65,6 +65,18 @@ NATS_ERROR_REPEAT_S = 60.0  # a NATS error that keeps coming is logged again thi
 ENDED_IN_HEARTBEATS_S = 120.0
 
 
+def _peer_address(nc: Any) -> tuple[str, int] | None:
+    """The address the NATS connection's socket is connected to, if nats-py shows it."""
+    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    try:
+        peer = writer.get_extra_info("peername") if writer is not None else None
+    except Exception:
+        return None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return str(peer[0]), int(peer[1])
+    return None
+
+
 class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, Broadcasts, Stopping):
     def __init__(
         self,
@@ -85,7 +97,7 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
             node=self.node,
             state_dir=settings.state_dir,
             instance_id=self.instance_id,
-            protected_pids=lambda: protected_pids(self.control_plane(), settings.safety.protect_pids),
+            protected_pids=lambda: protected_pids(self.control_plane() or [], settings.safety.protect_pids),
             deny_patterns=tuple(settings.safety.deny),
             control_plane=self.control_plane,
             exempt_cidrs=tuple(settings.safety.exempt),
@@ -147,20 +159,40 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
 
     # --- facts -------------------------------------------------------------
 
-    def control_plane(self) -> list[tuple[str, int]]:
-        """(ip, port) of the NATS server we are connected to: never cut, never killed."""
+    def control_plane(self) -> list[tuple[str, int]] | None:
+        """(ip, port) of every NATS server this agent may talk to: never cut, never killed. That is
+        the one it is connected to (the socket's peer, and its name resolved) and every other
+        server of its pool (configured, or advertised by the cluster), which a reconnect may
+        pick. None: connected, yet no address is known now (names that do not resolve); a
+        network fault is then refused. Names are resolved (DNS: call it from a worker thread)
+        and cached until the next reconnect."""
         nc = self.nc
-        url = getattr(nc, "connected_url", None) if nc is not None else None
-        if url is None:
-            return []
-        key = f"{url.hostname}:{url.port}"
-        if key not in self._cp_cache:
-            addrs: list[tuple[str, int]] = []
-            with contextlib.suppress(OSError):
-                for info in socket.getaddrinfo(url.hostname, url.port or 4222, type=socket.SOCK_STREAM):
-                    addrs.append((str(info[4][0]), int(info[4][1])))
-            self._cp_cache[key] = sorted(set(addrs))
-        return self._cp_cache[key]
+        if nc is None:
+            return []  # not connected yet: no command can come in
+        urls = []
+        connected = getattr(nc, "connected_url", None)
+        if connected is not None:
+            urls.append(connected)
+        with contextlib.suppress(Exception):
+            urls += list(nc.servers)
+        out: set[tuple[str, int]] = set()
+        peer = _peer_address(nc)
+        if peer is not None:
+            out.add(peer)
+        cache = self._cp_cache  # replaced, never cleared, on reconnect: safe from a worker thread
+        for url in urls:
+            if not url.hostname:
+                continue
+            key = f"{url.hostname}:{url.port or 4222}"
+            addrs = cache.get(key)
+            if addrs is None:
+                found: set[tuple[str, int]] = set()
+                with contextlib.suppress(OSError, UnicodeError):
+                    for info in socket.getaddrinfo(url.hostname, url.port or 4222, type=socket.SOCK_STREAM):
+                        found.add((str(info[4][0]), int(info[4][1])))
+                addrs = cache[key] = sorted(found)
+            out.update(addrs)
+        return sorted(out) if out else None
 
     def ready(self) -> tuple[bool, str]:
         if not self.recovery_done:
@@ -319,7 +351,7 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
     async def _on_reconnected(self) -> None:
         self.connected = True
         self.nats_lost_since = None
-        self._cp_cache.clear()
+        self._cp_cache = {}
         url = getattr(self.nc, "connected_url", None)
         log.info("reconnected to NATS at %s", f"{url.hostname}:{url.port}" if url is not None else "?")
         self._flush_pending()

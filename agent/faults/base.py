@@ -58,8 +58,10 @@ class AgentEnv:
     """pid -> why it is protected (PID 1, the agent, its ancestors, the NATS server, ...)."""
     deny_patterns: Sequence[str] = ()
     """Regexes over name and command line; matching processes are never touched."""
-    control_plane: Callable[[], list[tuple[str, int]]] = lambda: []
-    """(address, port) of the NATS server(s) the agent is connected to: never cut."""
+    control_plane: Callable[[], list[tuple[str, int]] | None] = lambda: []
+    """(address, port) of every NATS server the agent may talk to: never cut. None: the agent is
+    connected but no address is known now (a network fault is refused). May resolve names:
+    call it from a worker thread."""
     exempt_cidrs: Sequence[str] = ()
     """Extra network exemptions from the agent's config (DNS, API server, SSH)."""
     memory_reserve_percent: float = 10.0

@@ -206,7 +206,7 @@ class NetworkFault(Injector):
 
     async def plan(self, spec: Any, ctx: FaultContext) -> Plan:
         self.check(spec, ctx)
-        control_plane = list(self.env.control_plane()) if spec.exempt_control_plane else []
+        control_plane = await self._control_plane() if spec.exempt_control_plane else []
         try:
             plan: NetworkPlan = await self._netlink("plan", self._plan_sync, spec, ctx.fault_id, control_plane)
         except Rejected:
@@ -215,6 +215,20 @@ class NetworkFault(Injector):
             asyncio.get_running_loop().run_in_executor(None, self._forget, ctx.fault_id)
             raise
         return plan
+
+    async def _control_plane(self) -> list[tuple[str, int]]:
+        """Every NATS server the agent may talk to, resolved in a worker thread (DNS; outside the
+        netlink lock, so a slow name never holds up a revert). Unknown: the fault is refused."""
+        try:
+            known = await asyncio.wait_for(asyncio.to_thread(self.env.control_plane), NETLINK_TIMEOUT_S)
+        except TimeoutError:
+            known = None
+        if known is None:
+            raise Rejected(
+                "the address of the agent's NATS server is not known now (its name does not resolve): "
+                "the fault could cut the agent's control link; not applied"
+            )
+        return list(known)
 
     def _plan_sync(self, spec: NetworkSpec, fault_id: str, control_plane: list[tuple[str, int]]) -> NetworkPlan:
         try:

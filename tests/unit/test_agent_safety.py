@@ -16,7 +16,7 @@ import pytest
 
 from agent.config import AgentSettings
 from agent.faults import network
-from agent.faults.base import AgentEnv, FaultContext, Injector, Plan, Rejected
+from agent.faults.base import AgentEnv, Capability, FaultContext, Injector, Plan, Rejected
 from agent.faults.process import ProcessPause
 from agent.protect import protection_reason
 from agent.runtime import AgentRuntime
@@ -598,9 +598,7 @@ async def test_a_fault_id_that_names_a_directory_is_refused(tmp_path: Path, fid:
     raw = json.loads(inject("x.0"))
     raw["fault_id"] = fid
     ack = decode(await rt.handle_command(json.dumps(raw).encode()), Ack)
-    assert not ack.accepted and "inject.fault_id: '.' and '..' are not fault ids" in (ack.reason or ""), (
-        ack.reason
-    )
+    assert not ack.accepted and "inject.fault_id: '.' and '..' are not fault ids" in (ack.reason or ""), ack.reason
 
 
 async def test_one_entry_that_cannot_be_finished_leaves_the_rest_of_its_batch_finished(
@@ -625,3 +623,56 @@ async def test_one_entry_that_cannot_be_finished_leaves_the_rest_of_its_batch_fi
     await rt.flush_cleanup()
     assert rt.journal.fault_ids() == []
     assert sorted(p.name for p in (rt.journal.dir / "ended").iterdir()) == ["a.1", "b.2"], "expired tombstone pruned"
+
+
+class _Writer:
+    def __init__(self, peer: Any) -> None:
+        self.peer = peer
+
+    def get_extra_info(self, name: str) -> Any:
+        return self.peer if name == "peername" else None
+
+
+class _Transport:
+    def __init__(self, peer: Any) -> None:
+        self._io_writer = _Writer(peer)
+
+
+class _Nats:
+    """What control_plane() reads of a nats-py client: the server it is on, its pool, its socket."""
+
+    def __init__(self, connected: str | None, pool: list[str], peer: Any) -> None:
+        from urllib.parse import urlparse
+
+        self.connected_url = urlparse(connected) if connected else None
+        self.servers = [urlparse(u) for u in pool]
+        self._transport = _Transport(peer)
+
+
+def test_the_control_plane_is_every_server_a_reconnect_may_pick(tmp_path: Path) -> None:
+    """Before, only the server of the moment was exempt from network faults (and none while
+    reconnecting): a failover to another server of the cluster could land behind the fault."""
+    rt, _ = runtime(tmp_path, lambda env: FlakyRevert(env, failures=0))
+    assert rt.control_plane() == []  # not connected yet: no command can come in
+    rt.nc = _Nats(
+        "nats://127.0.0.1:4222",
+        ["nats://127.0.0.1:4222", "nats://127.0.0.2:4223", "nats://[::1]:4224"],
+        ("127.0.0.9", 4222),
+    )
+    assert rt.control_plane() == [("127.0.0.1", 4222), ("127.0.0.2", 4223), ("127.0.0.9", 4222), ("::1", 4224)]
+    rt.nc = _Nats(None, ["nats://127.0.0.2:4223"], None)  # reconnecting: the pool is still known
+    assert rt.control_plane() == [("127.0.0.2", 4223)]
+    rt.nc = _Nats(None, ["nats://nats.faultline-test.invalid:4222"], None)
+    assert rt.control_plane() is None, "connected, yet no address known: must not read as 'none to exempt'"
+
+
+async def test_a_network_fault_is_refused_while_the_nats_address_is_unknown(tmp_path: Path) -> None:
+    env = AgentEnv(node="n", state_dir=tmp_path, instance_id="t", protected_pids=dict, control_plane=lambda: None)
+    inj = network.NetworkFault(env)
+    inj.probe = lambda: [Capability(f"network{s}", True) for s in ("", ".tbf", ".htb", ".u32", ".netem")]  # type: ignore[method-assign]
+    spec = network.NetworkSpec.model_validate({"kind": "network", "rate": "1mbit", "interface": "lo"})
+    c = FaultContext(
+        fault_id="n.0", experiment_id="n", deadline=time.time() + 30, pods=None, env=env, emit=lambda *a: None
+    )
+    with pytest.raises(Rejected, match="could cut the agent's control link; not applied"):
+        await inj.plan(spec, c)
