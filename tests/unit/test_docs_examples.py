@@ -6,7 +6,6 @@ a partition example in an old shape)."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
