@@ -295,6 +295,16 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not 1 or more")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="faultline",
@@ -371,14 +381,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EXPERIMENT_ID",
         help="as printed by `faultline run` or listed by `faultline experiments`",
     )
-    ab.add_argument("--reason", default="aborted from the command line")
+    ab.add_argument(
+        "--reason", default="aborted from the command line", help="logged by every agent and in the run's report"
+    )
     nats_opt(ab, local=False)
     h = sub.add_parser(
         "halt",
         help="every agent reverts everything now; waits until each agent seen confirms it holds nothing",
         description=HALT_WAIT_HELP,
     )
-    h.add_argument("--reason", default="halt from the command line")
+    h.add_argument("--reason", default="halt from the command line", help="logged by every agent and reported")
+    h.add_argument(
+        "--expect",
+        action="append",
+        default=[],
+        metavar="NODE,...",
+        help="nodes that must confirm the halt; one that sends no heartbeat makes it not clear (exit 1). "
+        "Repeat or comma-separate",
+    )
+    h.add_argument(
+        "--expect-agents",
+        type=_positive_int,
+        metavar="N",
+        help="at least N agents must confirm (e.g. the DaemonSet's desiredNumberScheduled); fewer seen is not "
+        "clear (exit 1)",
+    )
     nats_opt(h, local=False)
     output_opt(h)
     v = sub.add_parser("validate", help="check experiment files; exit 2 with field paths if one is invalid")

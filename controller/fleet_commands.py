@@ -294,8 +294,17 @@ async def cmd_halt(args: argparse.Namespace) -> int:
     except ConnectError as exc:
         return _connect_failed(args, target, exc)
     try:
+        expect = [n.strip() for item in args.expect for n in item.split(",") if n.strip()]
         return await halt_and_confirm(
-            nc, redacted(target.url), fitted_reason(args.reason), _issuer(), args.output, _out, _err
+            nc,
+            redacted(target.url),
+            fitted_reason(args.reason),
+            _issuer(),
+            args.output,
+            _out,
+            _err,
+            expect_nodes=expect,
+            expect_agents=args.expect_agents,
         )
     finally:
         await close(nc)

@@ -36,10 +36,14 @@ HALT_WAIT_HELP = (
     f"longer, never more than {HALT_WAIT_MAX_S:g} s) until each of them sends a heartbeat listing no active "
     "fault, and prints each node's result. Exit 0 when every agent seen is clear, or when no agent is seen; "
     "1 when one still holds faults, failed a revert, keeps a journal entry unreverted (the halt first retries "
-    "failed reverts) or went silent (each is named); 2 when NATS cannot be reached."
+    "failed reverts) or went silent (each is named); 2 when NATS cannot be reached. "
+    "An agent that sends no heartbeat at all (frozen, cut off from NATS, not running) cannot be seen, so it "
+    'is not in "every agent seen": it reverts on its own once its lease lapses or it has lost NATS for a '
+    "while. Name the fleet you expect with --expect NODE,... or --expect-agents N (e.g. the DaemonSet's "
+    "desiredNumberScheduled) and the halt is not clear (exit 1) while one of them is missing."
 )
 
-NodeResult = Literal["clear", "holds-faults", "revert-failed", "journal-kept", "silent"]
+NodeResult = Literal["clear", "holds-faults", "revert-failed", "journal-kept", "silent", "never-seen"]
 HaltOutcome = Literal["clear", "not-clear", "no-agents"]
 
 
@@ -78,6 +82,10 @@ class HaltReport(_Model):
     waited_s: float
     """From sending the halt to the result."""
     nodes: list[HaltNode]
+    expected_nodes: list[str] = []
+    """--expect: nodes that must confirm; one never heard is a node with result "never-seen"."""
+    expected_agents: int | None = None
+    """--expect-agents: how many agents must confirm; fewer seen is not clear."""
 
 
 def wait_bound_s(views: Mapping[str, NodeView]) -> float:
@@ -164,28 +172,71 @@ def render_node(n: HaltNode, wait_s: float) -> str:
         if more > 0:
             lines.append(f"    ... and {more} more (the agent's log lists every one)")
         return "\n".join(lines)
+    if n.result == "never-seen":
+        return (
+            f"{n.node}: NOT CLEAR: expected, but sent no heartbeat at all (frozen, cut off from NATS, or not "
+            "running); it may still hold faults until its lease lapses"
+        )
     return (
         f"{n.node}: NOT CLEAR: silent: no heartbeat within {wait_s:g}s after the halt "
         f"(last one {n.last_seen_s:.1f}s ago); it may still hold faults"
     )
 
 
+UNSEEN_NOTE = (
+    "  (an agent that sends no heartbeat, frozen or cut off from NATS, is not seen and not counted: it reverts "
+    "on its own when its lease lapses; --expect NODE,... or --expect-agents N makes a missing one not clear)"
+)
+
+
+def _too_few(report: HaltReport) -> bool:
+    seen = sum(1 for n in report.nodes if n.result != "never-seen")
+    return report.expected_agents is not None and seen < report.expected_agents
+
+
 def render_text(report: HaltReport) -> list[str]:
     if report.outcome == "no-agents":
         return [
             f"halt sent on {report.url}, but no agent sent a heartbeat within {report.waited_s:.1f}s: "
-            "no agent is connected to this NATS server, so none holds a fault here and there is nothing to confirm"
+            "there is nothing to confirm",
+            UNSEEN_NOTE,
         ]
     lines = [render_node(n, report.wait_s) for n in report.nodes]
     bad = [n for n in report.nodes if n.result != "clear"]
-    if not bad:
+    seen = sum(1 for n in report.nodes if n.result != "never-seen")
+    if _too_few(report):
+        lines.append(
+            f"only {seen} agent(s) seen of the {report.expected_agents} expected (--expect-agents): "
+            "the others sent no heartbeat and may still hold faults"
+        )
+    if not bad and not _too_few(report):
         lines.append(f"halt confirmed: all {report.agents_seen} agent(s) seen report no active fault")
+        if not report.expected_nodes and report.expected_agents is None:
+            lines.append(UNSEEN_NOTE)
     else:
         named = ", ".join(f"{n.node} ({n.result})" for n in bad)
-        lines.append(f"halt NOT confirmed on {len(bad)} of {report.agents_seen} agent(s) seen: {named}")
+        if bad:
+            which = "seen or expected" if report.expected_nodes else "seen"
+            lines.append(f"halt NOT confirmed on {len(bad)} of {len(report.nodes)} agent(s) {which}: {named}")
+        else:
+            lines.append("halt NOT confirmed: fewer agents seen than expected")
         if any(n.result == "journal-kept" for n in bad):
             lines.append(f"  (journal-kept: {JOURNAL_ISSUES_HELP})")
     return lines
+
+
+def never_seen(node: str) -> HaltNode:
+    return HaltNode(
+        node=node,
+        result="never-seen",
+        agent_state="unknown",
+        active_faults=[],
+        ended_since_halt=[],
+        journal_issues=[],
+        journal_issues_total=0,
+        heartbeat_after_halt_s=None,
+        last_seen_s=-1.0,
+    )
 
 
 async def halt_and_confirm(
@@ -196,8 +247,12 @@ async def halt_and_confirm(
     output: str,
     out: Callable[[str], None],
     err: Callable[[str], None],
+    expect_nodes: list[str] | None = None,
+    expect_agents: int | None = None,
 ) -> int:
-    """Send the halt, confirm it; print the result. Returns the exit code (0 clear or no agents, 1 not)."""
+    """Send the halt, confirm it; print the result. Returns the exit code (0 clear or no agents, 1 not:
+    also when an expected node sent no heartbeat, or fewer agents than expected were seen)."""
+    expected = sorted(set(expect_nodes or []))
     fleet = Fleet(nc)
     await fleet.start()  # before the halt: the heartbeats around it tell who is there
     try:
@@ -218,8 +273,16 @@ async def halt_and_confirm(
                 "halt for each to report no active fault"
             )
         nodes = await confirm(fleet, halt.id, sent_mono, halt.sent_at, wait_s) if views else []
+        agents_seen = len(nodes)
+        heard = {n.node for n in nodes}
+        nodes = sorted([*nodes, *(never_seen(n) for n in expected if n not in heard)], key=lambda n: n.node)
+        short = expect_agents is not None and agents_seen < expect_agents
         outcome: HaltOutcome = (
-            "no-agents" if not nodes else "clear" if all(n.result == "clear" for n in nodes) else "not-clear"
+            "no-agents"
+            if not nodes and not short
+            else "clear"
+            if all(n.result == "clear" for n in nodes) and not short
+            else "not-clear"
         )
         report = HaltReport(
             url=url,
@@ -228,10 +291,12 @@ async def halt_and_confirm(
             halt_id=halt.id,
             sent_at=halt.sent_at,
             outcome=outcome,
-            agents_seen=len(nodes),
+            agents_seen=agents_seen,
             wait_s=wait_s,
             waited_s=round(time.monotonic() - sent_mono, 3),
             nodes=nodes,
+            expected_nodes=expected,
+            expected_agents=expect_agents,
         )
     finally:
         await fleet.stop()

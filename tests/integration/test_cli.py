@@ -867,11 +867,57 @@ def test_halt(
     assert "halt confirmed: all 2 agent(s) seen report no active fault" in text.stdout
 
 
+def test_halt_is_not_clear_while_an_expected_agent_is_frozen(
+    tmp_path: Path,
+    nats_url: str,
+    agent_factory: Callable[..., AgentProcess],
+    victims: Victims,
+    running: Callable[..., Running],
+) -> None:
+    """A frozen agent sends no heartbeat, so a halt cannot see it: before, "halt confirmed: all 1
+    agent(s) seen" and exit 0 while its victim stayed stopped. Now that says what it cannot see,
+    and naming the fleet (--expect, --expect-agents) makes the halt not clear, exit 1."""
+    a = agent_factory("node-a", extra=["--deny", f"{victims.token}-b$"])
+    agent_factory("node-b", extra=["--deny", f"{victims.token}-a$"])
+    (victim,) = victims.start(1, "-a")
+    path = experiment_file(
+        tmp_path, [pause(victims, tag="-a")], duration="60s", targets={"nodes": ["node-a"]},
+        abort={"leaseTimeout": "60s", "heartbeatTimeout": "60s"},
+    )  # fmt: skip
+    run = running("run", str(path), "--nats", nats_url)
+    run.experiment_id()
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "node-a's victim to be paused")
+    run.kill()  # the controller is gone; the lease would take 60 s
+    a.signal(signal.SIGSTOP)
+    try:
+        plain = faultline("halt", "--nats", nats_url)
+        assert plain.returncode == 0, plain.stdout + plain.stderr
+        assert "halt confirmed: all 1 agent(s) seen report no active fault" in plain.stdout
+        assert "an agent that sends no heartbeat, frozen or cut off from NATS, is not seen" in plain.stdout
+
+        named = faultline("halt", "--nats", nats_url, "--expect", "node-a,node-b", "-o", "json")
+        assert named.returncode == 1, named.stdout + named.stderr
+        result = json.loads(named.stdout)
+        assert result["outcome"] == "not-clear" and result["expected_nodes"] == ["node-a", "node-b"]
+        assert {n["node"]: n["result"] for n in result["nodes"]} == {"node-a": "never-seen", "node-b": "clear"}
+
+        counted = faultline("halt", "--nats", nats_url, "--expect-agents", "2")
+        assert counted.returncode == 1, counted.stdout + counted.stderr
+        assert "only 1 agent(s) seen of the 2 expected (--expect-agents)" in counted.stdout
+        assert status(victim) == psutil.STATUS_STOPPED  # what the halt could not confirm is so
+    finally:
+        a.signal(signal.SIGCONT)
+    # thawed, the agent reads the halts waiting on its socket and reverts
+    wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 10, "the victim to resume once its agent thawed")
+    bad = faultline("halt", "--nats", nats_url, "--expect-agents", "0")
+    assert bad.returncode == 2 and "--expect-agents: 0 is not 1 or more" in bad.stderr, bad.stderr
+
+
 def test_halt_with_no_agent_says_so(nats_url: str) -> None:
     r = faultline("halt", "--nats", nats_url)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"halt sent on {nats_url}, but no agent sent a heartbeat within" in r.stdout
-    assert "no agent is connected to this NATS server" in r.stdout
+    assert "there is nothing to confirm" in r.stdout and "is not seen and not counted" in r.stdout
     r = faultline("halt", "--nats", nats_url, "-o", "json")
     assert r.returncode == 0
     result = json.loads(r.stdout)

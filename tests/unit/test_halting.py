@@ -112,7 +112,9 @@ async def test_returns_as_soon_as_every_agent_confirmed() -> None:
     (node,) = await confirm(fleet, HALT_ID, sent_mono, sent_wall, wait_s=5.0)
     await feeder
     assert node.result == "clear" and time.monotonic() - started < 4.0, "it waited for the bound, not the beat"
-    assert render_text(report(fleet, [node], 5.0))[-1] == "halt confirmed: all 1 agent(s) seen report no active fault"
+    lines = render_text(report(fleet, [node], 5.0))
+    assert lines[-2] == "halt confirmed: all 1 agent(s) seen report no active fault"
+    assert lines[-1].startswith("  (an agent that sends no heartbeat, frozen or cut off from NATS, is not seen")
 
 
 async def test_an_end_before_the_halt_is_not_counted() -> None:
