@@ -243,7 +243,6 @@ class _signals_abort:
     def __init__(self, runner: ExperimentRunner) -> None:
         self.runner = runner
         self.count = 0
-        self.task = asyncio.current_task()
 
     def _on(self, signum: int) -> None:
         self.count += 1
@@ -251,9 +250,9 @@ class _signals_abort:
         if self.count == 1:
             _err(f"\n{name}: aborting and reverting on every target (again to stop waiting)")
             self.runner.abort(f"interrupted ({name})")
-        elif self.task is not None:
-            _err(f"{name} again: not waiting any longer; agents revert when the lease lapses")
-            self.task.cancel()
+        else:
+            _err(f"{name} again: not waiting any longer; agents revert what is left when the lease lapses")
+            self.runner.give_up(f"interrupted twice ({name})")
 
     def __enter__(self) -> _signals_abort:
         loop = asyncio.get_running_loop()
@@ -440,7 +439,16 @@ def main(argv: list[str] | None = None) -> None:
         try:
             code = uvloop.run(ASYNC_COMMANDS[args.command](args))
         except (KeyboardInterrupt, asyncio.CancelledError):
+            # before an experiment started (a run's own Ctrl-C handling takes over then): nothing sent
             code = 130
+            _err(f"faultline {args.command}: interrupted")
+            if getattr(args, "output", None) == "json" and args.command in ("run", "demo"):
+                gone = {
+                    "outcome": "interrupted",
+                    "stage": "start",
+                    "error": "interrupted before the experiment started",
+                }
+                _out(json.dumps({**gone, "sent": False, "exit_code": code}, indent=2))
     if console.output_lost and code == EXIT_OK:
         code = EXIT_FAILED  # the result did not reach its reader
     sys.exit(code)

@@ -27,6 +27,7 @@ class Ending(Phase):
     abort_info: AbortInfo | None
     problems: list[str]
     _finishing: bool
+    gave_up: str | None
 
     if TYPE_CHECKING:
         # Declared for the type checker only: ExperimentRunner defines it.
@@ -61,6 +62,8 @@ class Ending(Phase):
         why = await broadcast_revert(self.nc, self.experiment_id, reason)
         if why is not None:
             log.warning("%s; reverting node by node", why)
+        if self.gave_up:  # a second Ctrl-C: the broadcast is out; the lease lapse does the rest
+            return
         end_fast = time.monotonic() + self.broadcast_wait_s
         while time.monotonic() < end_fast:
             self._reconcile_from_heartbeats()

@@ -91,6 +91,8 @@ class ExperimentRunner(Starting, Ending):
         self.start_unsure: set[str] = set()  # a start refused, unanswered or lost there
         self._plan: Plan | None = None
         self._finishing = False
+        self.gave_up: str | None = None  # a second Ctrl-C: report now, do not wait for the reverts
+        self._finish_task: asyncio.Future[None] | None = None
 
     # --- planning (also what --dry-run runs)
 
@@ -150,6 +152,17 @@ class ExperimentRunner(Starting, Ending):
             self.progress(f"{self._t()} ABORT: {reason}")
         self._wake.set()
 
+    def give_up(self, why: str) -> None:
+        """Stop waiting for the agents (a second Ctrl-C): the revert broadcast still goes out (or
+        has), and the report is written now with what is known; the agents revert what is left
+        when the lease lapses, since this run stops renewing it."""
+        if self.gave_up is not None:
+            return
+        self.gave_up = why
+        self.abort(why)
+        if self._finish_task is not None and not self._finish_task.done():
+            self._finish_task.cancel()
+
     @property
     def aborted(self) -> bool:
         return self.abort_info is not None
@@ -189,8 +202,16 @@ class ExperimentRunner(Starting, Ending):
             raise
         finally:
             try:
-                # Unconditional: an aborted, failed or cancelled run still reverts (shielded from cancellation).
-                await asyncio.shield(self._finish(plan.targets))
+                # Unconditional: an aborted, failed or cancelled run still reverts (shielded from
+                # cancellation). give_up() cancels it on purpose: the report is written at once.
+                self._finish_task = asyncio.ensure_future(self._finish(plan.targets))
+                try:
+                    await asyncio.shield(self._finish_task)
+                except asyncio.CancelledError:
+                    if not (self.gave_up and self._finish_task.cancelled()):
+                        raise
+                if self.gave_up:
+                    self._gave_up_problem()
             finally:
                 # Also when a second Ctrl-C cancels the wait above: the lease must stop now, so
                 # the agents' dead-man's switch fires on time instead of after the teardown.
@@ -203,6 +224,16 @@ class ExperimentRunner(Starting, Ending):
                 except Exception as exc:  # noqa: BLE001 - connection may be gone; nothing to undo
                     log.debug("unsubscribe: %s", exc)
         return self._report(plan)
+
+    def _gave_up_problem(self) -> None:
+        held = [f"{t.node} {t.fault_id}" for t in self.tracks.values() if t.held_by_agent or t.accepted is None]
+        if held:
+            self.problems.append(
+                f"{self.gave_up}: stopped waiting with {len(held)} fault(s) not confirmed reverted: "
+                f"{', '.join(held[:10])}{' ...' if len(held) > 10 else ''}; the revert was broadcast, and the agents "
+                f"revert on their own within leaseTimeout ({self.experiment.spec.abort.lease_timeout_s:g}s) "
+                "now that this run no longer renews the lease"
+            )
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=f"{self.experiment_id}:{name}")

@@ -734,6 +734,38 @@ def test_sigint_aborts_and_reverts(
     assert agent.settled_journal() == []
 
 
+def test_a_second_sigint_stops_waiting_and_still_writes_the_report(
+    tmp_path: Path,
+    nats_url: str,
+    agent_factory: Callable[..., AgentProcess],
+    victims: Victims,
+    running: Callable[..., Running],
+) -> None:
+    """Before: the second Ctrl-C exited 130 with nothing on stdout, so a script reading -o json got
+    nothing. Now the report comes at once (exit 1), naming the faults not confirmed reverted."""
+    agent = agent_factory("node-a")
+    (victim,) = victims.start(1)
+    path = experiment_file(
+        tmp_path, [pause(victims)], duration="60s", abort={"heartbeatTimeout": "60s", "leaseTimeout": "3s"}
+    )
+    run = running("run", str(path), "--nats", nats_url, "-o", "json")
+    run.experiment_id()
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
+    agent.signal(signal.SIGSTOP)  # the revert cannot be confirmed: the first Ctrl-C waits for it
+    try:
+        run.proc.send_signal(signal.SIGINT)
+        wait_until(lambda: "reverting on node-a" in run.stderr(), 10, "the first SIGINT's revert to begin")
+        run.proc.send_signal(signal.SIGINT)
+        assert run.wait(10) == 1, run.stderr()
+    finally:
+        agent.signal(signal.SIGCONT)
+    report = json.loads(run.stdout())
+    assert report["outcome"] == "aborted", report
+    assert any("stopped waiting with 1 fault(s) not confirmed reverted" in p for p in report["problems"]), report
+    # thawed, the agent reverts: the broadcast waits on its socket, and the lease (3 s) has lapsed
+    wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 10, "the victim to resume")
+
+
 def test_abort_from_another_process(
     tmp_path: Path,
     nats_url: str,
