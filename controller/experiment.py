@@ -169,9 +169,32 @@ def parse_experiment(data: Any) -> Experiment:
     if not isinstance(data, dict):
         raise ExperimentError(f"(file): expected a mapping with apiVersion, kind, metadata, spec; got {_kind(data)}")
     try:
-        return Experiment.model_validate(data)
+        exp = Experiment.model_validate(data)
     except ValidationError as exc:
         raise ExperimentError("\n".join(format_errors(exc))) from None
+    unitless = _unitless_delays(data)
+    if unitless:
+        raise ExperimentError("\n".join(unitless))
+    return exp
+
+
+def _unitless_delays(data: dict[str, Any]) -> list[str]:
+    """A network delay or jitter written as a bare number: everywhere else a bare number of seconds
+    is natural (duration: 30), but `delay: 100` is a 100 s delay where milliseconds were meant."""
+    spec = data.get("spec")
+    faults = spec.get("faults") if isinstance(spec, dict) else None
+    lines = []
+    for i, f in enumerate(faults if isinstance(faults, list) else []):
+        if not isinstance(f, dict) or f.get("kind") != "network":
+            continue
+        for key in ("delay", "jitter"):
+            v = f.get(key)
+            if isinstance(v, int | float) and not isinstance(v, bool) and v != 0:
+                lines.append(
+                    f"spec.faults[{i}].{key}: give a unit, for example '{v:g}ms' or '{v:g}s' "
+                    f"(a bare number is read as seconds: {v:g} s)"
+                )
+    return lines
 
 
 def _kind(data: Any) -> str:

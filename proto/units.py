@@ -41,17 +41,21 @@ _SIZE_UNITS = {
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
-# tc's conventions: bit-based units, "bps" means bytes per second.
+# Bit-based units only. tc's "bps" family means BYTES per second, while in networking "Mbps" is
+# megabits: "8Mbps" would silently be 64 mbit. Those spellings are refused with that explanation.
 _RATE_UNITS = {
     "bit": 1,
     "kbit": 10**3,
     "mbit": 10**6,
     "gbit": 10**9,
     "tbit": 10**12,
-    "bps": 8,
-    "kbps": 8 * 10**3,
-    "mbps": 8 * 10**6,
-    "gbps": 8 * 10**9,
+}
+_BYTE_RATE_UNITS = {
+    "bps": ("", ""),
+    "kbps": ("k", "kilo"),
+    "mbps": ("m", "mega"),
+    "gbps": ("g", "giga"),
+    "tbps": ("t", "tera"),
 }
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*$")
 _PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%?\s*$")
@@ -98,6 +102,8 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
+        if value.strip().startswith("-"):
+            raise ValueError(f"invalid duration {value!r}: must be >= 0")
         if not _DURATION_RE.match(value):
             raise ValueError(
                 f"invalid duration {value!r}: expected a number with a unit "
@@ -124,6 +130,8 @@ def parse_size(value: Any) -> int:
             raise ValueError(f"invalid size {value!r}: must be finite")
         size = int(value)
     elif isinstance(value, str):
+        if value.strip().startswith("-"):
+            raise ValueError(f"invalid size {value!r}: must be > 0")
         m = _SIZE_RE.match(value)
         unit = m.group(2).lower() if m else None
         if not m or unit not in _SIZE_UNITS:
@@ -161,17 +169,26 @@ def parse_percent(value: Any) -> float:
 
 @_bounded("rate")
 def parse_rate(value: Any) -> int:
-    """Bits per second from 8000000, "8mbit", "1gbit", "100kbps" (tc units)."""
+    """Bits per second from 8000000, "8mbit", "1gbit" (tc's bit units; its byte units are refused)."""
     _reject_bool(value, "a rate")
     if isinstance(value, int):
         rate = value
     elif isinstance(value, str):
+        if value.strip().startswith("-"):
+            raise ValueError(f"invalid rate {value!r}: must be > 0")
         m = _RATE_RE.match(value)
         unit = m.group(2).lower() if m else None
+        if m and unit in _BYTE_RATE_UNITS:
+            n, (prefix, word) = m.group(1), _BYTE_RATE_UNITS[unit]
+            raise ValueError(
+                f"invalid rate {value!r}: ambiguous: tc reads {m.group(2)} as {word}bytes per second "
+                f"({n}{m.group(2)} = {float(n) * 8:g}{prefix}bit), networking as {word}bits; "
+                f"write '{n}{prefix}bit' for {word}bits per second"
+            )
         if not m or unit not in _RATE_UNITS:
             raise ValueError(
                 f"invalid rate {value!r}: expected bits per second or a number with a "
-                "tc unit (bit, kbit, mbit, gbit, bps, kbps, mbps, gbps), for example '8mbit'"
+                "unit (bit, kbit, mbit, gbit, tbit), for example '8mbit'"
             )
         rate = int(float(m.group(1)) * _RATE_UNITS[unit])
     else:

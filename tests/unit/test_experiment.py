@@ -228,3 +228,14 @@ def test_schema_accepts_examples() -> None:
 @pytest.mark.parametrize(("pct", "total", "count"), [(50, 3, 2), (30, 10, 3), (1, 10, 1), (100, 4, 4), (10, 0, 0)])
 def test_percent_count_rounds_up(pct: float, total: int, count: int) -> None:
     assert percent_count(pct, total) == count
+
+
+def test_a_network_delay_needs_a_unit_where_a_bare_number_would_be_seconds() -> None:
+    """`delay: 100` read as 100 s, where an SRE used to tc or Chaos Mesh means milliseconds."""
+    net = {"kind": "network", "delay": 100, "jitter": 5}
+    text = error_of(base(faults=[{"kind": "process-pause", "match": {"pid": 42}}, net]))
+    assert text.splitlines() == [
+        "spec.faults[1].delay: give a unit, for example '100ms' or '100s' (a bare number is read as seconds: 100 s)",
+        "spec.faults[1].jitter: give a unit, for example '5ms' or '5s' (a bare number is read as seconds: 5 s)",
+    ]
+    parse_experiment(base(duration=30, faults=[{"kind": "network", "delay": "100ms", "jitter": 0}]))  # fine

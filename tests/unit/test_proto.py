@@ -44,7 +44,12 @@ def test_sizes_rates_percents() -> None:
     assert parse_size("1G") == 10**9
     assert parse_size(4096) == 4096
     assert parse_rate("8mbit") == 8_000_000
-    assert parse_rate("1kbps") == 8000
+    for ambiguous, bits in (("8Mbps", "64mbit"), ("1kbps", "8kbit"), ("10bps", "80bit")):
+        with pytest.raises(ValueError, match=f"ambiguous: tc reads .*bytes per second .*= {bits}\\), networking as"):
+            parse_rate(ambiguous)
+    for negative, parse in (("-5s", parse_duration), ("-512Mi", parse_size), ("-8mbit", parse_rate)):
+        with pytest.raises(ValueError, match="must be "):
+            parse(negative)  # type: ignore[operator]
     assert parse_percent("5%") == 5.0
     for bad in ("-1", "lots", 0, "12XB"):
         with pytest.raises(ValueError):
