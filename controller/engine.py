@@ -40,6 +40,7 @@ from controller.tracking import (
     Track,
     capability_refusals,
     heartbeat_timeout_refusal,
+    memory_refusals,
 )
 from proto.codec import DecodeError, decode, encode, peek_id
 from proto.messages import TERMINAL_STATES, Ack, FaultEvent, Lease, PodRef, Revert
@@ -134,7 +135,7 @@ class ExperimentRunner(Starting, Ending):
                     f"{n} keeps {v.heartbeat.journal_issues_total} journal entry(ies) it has not reverted; "
                     "what they guarded may still be in place (see `faultline agents`)"
                 )
-        refusals = capability_refusals(list(spec.faults), views)
+        refusals = capability_refusals(list(spec.faults), views) + memory_refusals(list(spec.faults), views)
         refusals += [duplicate_line(n, ids) for n in sorted(views) if (ids := self.fleet.duplicate(n))]
         too_short = heartbeat_timeout_refusal(spec.abort.heartbeat_timeout_s, views)
         if too_short is not None:

@@ -65,8 +65,9 @@ def preview_lines(previews: list[dict[str, Any]]) -> list[str]:
                 lines.append(f"  {node}: cannot preview: {r['error']}")
                 continue
             lines.append(
-                f"  {node}: would hit {r['would_hit']} of {r['matched_total']} matching process(es)"
-                + (f", {r['skipped_total']} protected or taken" if r["skipped_total"] else "")
+                f"  {node}: would hit {r['would_hit']} of {r['matched_total'] + r['skipped_total']} matching "
+                "process(es)"
+                + (f"; {r['skipped_total']} skipped (protected, held or already stopped)" if r["skipped_total"] else "")
             )
             for m in r["matched"]:
                 who = f" [{m['user']}]" if m.get("user") else ""

@@ -14,6 +14,7 @@ from controller.fleet import NodeView
 from controller.report import FaultOutcome, StateChange
 from proto.faults import required_capabilities
 from proto.messages import TERMINAL_STATES, Measurements, PodRef
+from proto.units import format_size
 
 # States the controller itself records before the agent says anything.
 PRE_ACK = frozenset({"not-dispatched", "dispatched"})
@@ -116,6 +117,25 @@ def capability_refusals(specs: list[Any], views: dict[str, NodeView]) -> list[st
             if missing:
                 why = "; ".join(hb.capability_notes.get(c, "not supported by this agent") for c in missing)
                 reasons.append(f"node {node}: spec.faults[{i}] ({spec.kind}) needs {', '.join(missing)}: {why}")
+    return reasons
+
+
+def memory_refusals(specs: list[Any], views: dict[str, NodeView]) -> list[str]:
+    """A memory fault asking for more than a target has at all (its heartbeat's total): refused
+    before anything is sent, as the agent would refuse it at dispatch. What is available moves,
+    so that is left to the agent's own check."""
+    reasons = []
+    for i, spec in enumerate(specs):
+        size = getattr(spec, "size_bytes", None) if spec.kind == "memory" else None
+        if size is None or getattr(spec, "allow_overcommit", False):
+            continue
+        for node, view in sorted(views.items()):
+            load = view.heartbeat.load
+            if load is not None and size > load.memory_total_bytes:
+                reasons.append(
+                    f"node {node}: spec.faults[{i}].size: {format_size(size)} is more than the node's memory "
+                    f"({format_size(load.memory_total_bytes)}); set allowOvercommit: true to force it"
+                )
     return reasons
 
 

@@ -107,3 +107,27 @@ async def test_a_controller_cut_off_from_nats_blames_itself_not_an_agent() -> No
     await asyncio.wait_for(monitor, 3)
     assert runner.abort_info is not None and runner.abort_info.node is None
     assert runner.abort_info.reason.startswith("this controller lost its NATS connection"), runner.abort_info
+
+
+def test_a_memory_fault_larger_than_a_target_is_refused_before_anything_is_sent() -> None:
+    from controller.tracking import memory_refusals
+    from proto.faults import MemorySpec
+    from proto.messages import NodeLoad
+
+    def loaded(node: str, total: int) -> NodeView:
+        load = NodeLoad(
+            cpu_percent=1, cpu_count=2, memory_total_bytes=total, memory_available_bytes=total // 2,
+            memory_percent=50, load1=0.1,
+        )  # fmt: skip
+        hb = Heartbeat(node=node, instance_id="i", version="1", interval_s=1, seq=1, started_at=1.0, load=load)
+        return NodeView(hb, time.monotonic(), time.time())
+
+    views = {"small": loaded("small", 8 * 2**30), "big": loaded("big", 256 * 2**30)}
+    big = MemorySpec.model_validate({"kind": "memory", "size": "100Gi"})
+    assert memory_refusals([big], views) == [
+        "node small: spec.faults[0].size: 100Gi is more than the node's memory (8Gi); "
+        "set allowOvercommit: true to force it"
+    ]
+    forced = MemorySpec.model_validate({"kind": "memory", "size": "100Gi", "allowOvercommit": True})
+    share = MemorySpec.model_validate({"kind": "memory", "percent": 50})
+    assert memory_refusals([forced, share], views) == []

@@ -106,6 +106,12 @@ async def test_protected_processes_are_listed_as_skipped_and_a_protected_pid_is_
     assert skipped.get(os.getpid()) == "the faultline agent itself", skipped
     assert "a process of the faultline agent" in skipped.get(child.pid, ""), skipped
     assert child.pid not in [m.pid for m in ack.preview.matched]
+    previews = [{"fault": 0, "kind": "process-kill", "name": None, "nodes": {"p": ack.preview.model_dump()}}]
+    total = ack.preview.matched_total + ack.preview.skipped_total
+    assert (
+        f"  p: would hit 0 of {total} matching process(es); {ack.preview.skipped_total} skipped (protected, "
+        in (preview_lines(previews)[1])
+    )
     refused = await preview(rt, ProcessKillSpec(match=ProcessMatch(pid=os.getpid())))
     assert not refused.accepted and "protected" in (refused.reason or "")
 
