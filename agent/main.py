@@ -84,6 +84,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, indent_increment, max_help_position, width or terminal_columns() - 2)
 
 
+def _interval(text: str) -> float:
+    from proto.units import parse_duration
+
+    try:
+        return parse_duration(float(text) if text.replace(".", "", 1).isdigit() else text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="faultline-agent",
@@ -91,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--nats", metavar="URL", help="NATS server URL(s), comma-separated [FAULTLINE_NATS_URL]")
+    p.add_argument(
+        "--nats",
+        metavar="URL",
+        help="NATS server URL(s), comma-separated [FAULTLINE_NATS_URL; default: nats://127.0.0.1:4222]",
+    )
     p.add_argument("--node", help="node name [FAULTLINE_NODE; default: host name]")
     p.add_argument(
         "--tls-ca",
@@ -109,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--state-dir", type=Path, help="journal directory [FAULTLINE_STATE_DIR; default /var/lib/faultline as root]"
     )
-    p.add_argument("--heartbeat-interval", type=float, metavar="SECONDS", help="heartbeat period [default 1]")
+    p.add_argument(
+        "--heartbeat-interval",
+        type=_interval,
+        metavar="DURATION",
+        help="heartbeat period: 1, 1s, 500ms [default 1s]; a controller's heartbeatTimeout must cover two",
+    )
     p.add_argument("--http-addr", metavar="HOST:PORT", help="serve /healthz and /readyz [FAULTLINE_HTTP_ADDR]")
     p.add_argument(
         "--kubernetes-labels",
@@ -123,8 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exempt", action="append", default=[], metavar="CIDR", help="never affect this network, repeatable"
     )
-    p.add_argument("--config", type=Path, help="YAML or JSON settings file (see agent/config.py)")
-    p.add_argument("--log-level", default=os.environ.get("FAULTLINE_LOG_LEVEL", "INFO"))
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="YAML or JSON settings file; flags and FAULTLINE_* variables override it. --print-config "
+        "shows every setting, so its output is a starting point for one",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the settings this agent would run with (defaults, file, variables and flags; passwords "
+        "masked) as YAML and exit",
+    )
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("FAULTLINE_LOG_LEVEL", "INFO"),
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR [FAULTLINE_LOG_LEVEL; default INFO]",
+    )
     p.add_argument("--version", action="version", version=f"faultline-agent {__version__}")
     return p
 
@@ -297,11 +332,24 @@ def main(argv: list[str] | None = None) -> None:
     except TlsSettingsError as exc:
         print(f"faultline-agent: invalid settings: {exc}", file=sys.stderr)
         sys.exit(2)
+    if args.print_config:
+        print_config(settings)
+        sys.exit(0)
     why = state_dir_problem(settings.state_dir)
     if why is not None:
         print(f"faultline-agent: --state-dir / FAULTLINE_STATE_DIR {settings.state_dir}: {why}", file=sys.stderr)
         sys.exit(2)
     sys.exit(uvloop.run(serve(settings)))
+
+
+def print_config(settings: AgentSettings) -> None:
+    """The effective settings as YAML, in the shape --config reads (passwords in URLs masked)."""
+    import yaml
+
+    data = settings.model_dump(mode="json")
+    data["nats"]["urls"] = [redacted(u) for u in data["nats"]["urls"]]
+    print("# faultline-agent settings: --config reads this shape; flags and FAULTLINE_* variables override it")
+    print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False), end="")
 
 
 def settings_errors(exc: ValidationError) -> list[str]:

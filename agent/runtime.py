@@ -365,7 +365,8 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         since, repeats = self._nats_errors.get(text, (-math.inf, 0))
         if now - since >= NATS_ERROR_REPEAT_S:
             more = f" (and {repeats} more time(s) since the last report)" if repeats else ""
-            log.warning("NATS: %s%s", text, more)
+            where = ", ".join(redacted(u) for u in self.settings.nats.urls)
+            log.warning("NATS (%s): %s%s", where, text, more)
             self._nats_errors[text] = (now, 0)
             if len(self._nats_errors) > 64:  # texts carry addresses: bounded all the same
                 del self._nats_errors[next(iter(self._nats_errors))]

@@ -62,6 +62,18 @@ under two heartbeat intervals of a target; nothing is sent). Ctrl-C during run a
 reverts.
 """
 
+RUN_EPILOG = """examples:
+  faultline run examples/pause-worker.yaml                  # no NATS configured: embedded server + local agent
+  faultline run exp.yaml --nats nats://10.0.0.5:4222 --preview     # which processes each fault would hit now
+  faultline run exp.yaml --nats nats://10.0.0.5:4222 -o json > report.json
+  kubectl get cm exp -o jsonpath='{.data.exp\\.yaml}' | faultline run - --nats nats://nats:4222
+
+exit codes: 0 completed, 1 aborted or failed (the report says why), 2 bad input or refused before
+anything was sent (with -o json, an object with "outcome": "refused" and the reason).
+Ctrl-C once: abort and revert on every target, then the report; twice: the report at once, and
+the agents revert what is left when the lease lapses (abort.leaseTimeout, default 5s).
+"""
+
 
 # --- validate / schema
 
@@ -175,7 +187,7 @@ async def _run_experiment(
             "notes": plan.notes,
             "preview": previews,
         }
-        data.update(local() if local else {})
+        data.update(local() if local else LocalEnvironment.absent_json())
         short = preview_shortfalls(previews or [])
         if args.output == "json":
             _out(json.dumps(data, indent=2))
@@ -199,7 +211,11 @@ async def _run_experiment(
     )
     with _signals_abort(runner):
         report = await runner.run()
-    _out(to_json(report, extra=local() if local else None) if args.output == "json" else render_text(report))
+    _out(
+        to_json(report, extra=local() if local else LocalEnvironment.absent_json())
+        if args.output == "json"
+        else render_text(report)
+    )
     return exit_code(report)
 
 
@@ -341,13 +357,25 @@ def build_parser() -> argparse.ArgumentParser:
     def output_opt(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("-o", "--output", choices=["text", "json"], default="text", help="result format")
 
-    d = sub.add_parser("demo", help="run a short experiment on this machine, against its own processes")
+    raw = argparse.RawDescriptionHelpFormatter
+    d = sub.add_parser(
+        "demo",
+        help="run a short experiment on this machine, against its own processes",
+        description="Start an embedded nats-server on loopback and a local agent, start a few victim processes "
+        "of its own (nothing else on the machine is touched), run a short experiment against them (pause, then "
+        "kill with watchRestart) with live progress, print the report and tear everything down. Exit 0 when "
+        "it all went as expected.",
+    )
     output_opt(d)
     r = sub.add_parser(
         "run",
         help="run an experiment file to its end",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run an experiment file to its end: dispatch every fault to its targets, start them together, "
+        "renew the lease, watch the targets' heartbeats (one silent for heartbeatTimeout aborts the run), "
+        "revert, and report. Durations take us, ms, s, m, h (30s, 1m30s); sizes 512Mi, 1G; rates 8mbit; "
+        "percentages 5%%. `faultline schema` has every field.",
+        epilog=RUN_EPILOG,
+        formatter_class=raw,
     )
     r.add_argument("file", help="experiment file (YAML); - reads it from standard input")
     nats_opt(r, local=True)
@@ -361,7 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
         "are protected (read-only: nothing is applied); exit 1 if a fault would hit nothing on a target",
     )
     r.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
-    a = sub.add_parser("agents", help="list the agents that send heartbeats")
+    a = sub.add_parser(
+        "agents",
+        help="list the agents that send heartbeats",
+        description="Every agent that sends a heartbeat within about 1.5 heartbeat intervals: node, version, "
+        "state, labels, capabilities (and why one is missing), active faults, CPU and memory, last seen; then "
+        "node names two agents share and journal entries an agent keeps unreverted.",
+        epilog="examples:\n  faultline agents --nats nats://10.0.0.5:4222\n"
+        "  faultline agents -o json | jq -r '.[] | select(.faults != []) | .node'   # nodes holding faults",
+        formatter_class=raw,
+    )
     nats_opt(a, local=False)
     output_opt(a)
     ex = sub.add_parser(
@@ -371,10 +408,22 @@ def build_parser() -> argparse.ArgumentParser:
         "its faults stay until their lease lapses), with its nodes, the faults' states and kinds, and "
         "about how long until they expire. Read from heartbeats for about 1.5 heartbeat intervals; "
         "sends nothing to the agents.",
+        epilog="examples:\n  faultline experiments --nats nats://10.0.0.5:4222\n"
+        "  faultline experiments -o json | jq -r '.[].experiment_id'",
+        formatter_class=raw,
     )
     nats_opt(ex, local=False)
     output_opt(ex)
-    ab = sub.add_parser("abort", help="abort a running experiment and revert its faults")
+    ab = sub.add_parser(
+        "abort",
+        help="abort a running experiment and revert its faults",
+        description="Ask the experiment's controller to abort (it reverts on every target and writes its report); "
+        "if no controller answers (it died, or runs elsewhere), revert directly on every agent that holds the "
+        "experiment's faults. Exit 0 done, 1 an agent did not answer, 2 unknown experiment.",
+        epilog="examples:\n  faultline abort kill-workers-3fa2c1 --nats nats://10.0.0.5:4222 --reason 'latency SLO'\n"
+        "  faultline experiments --nats nats://10.0.0.5:4222      # the ids of what runs now",
+        formatter_class=raw,
+    )
     ab.add_argument(
         "experiment_id",
         metavar="EXPERIMENT_ID",
@@ -407,11 +456,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nats_opt(h, local=False)
     output_opt(h)
-    v = sub.add_parser("validate", help="check experiment files; exit 2 with field paths if one is invalid")
+    v = sub.add_parser(
+        "validate",
+        help="check experiment files; exit 2 with field paths if one is invalid",
+        description="Check experiment files offline (no NATS, nothing sent): every error names the file, the "
+        "field path and the reason. Exit 0 when all are valid, 2 when one is not.",
+        epilog="examples:\n  faultline validate examples/*.yaml\n  cat exp.yaml | faultline validate -",
+        formatter_class=raw,
+    )
     v.add_argument(
         "files", nargs="+", metavar="FILE", help="experiment file(s) (YAML), - for standard input; each is reported"
     )
-    sub.add_parser("schema", help="print the JSON Schema of the experiment file")
+    sub.add_parser(
+        "schema",
+        help="print the JSON Schema of the experiment file",
+        description="Print the JSON Schema of the experiment file, for editors and CI linting.",
+        epilog="examples:\n  faultline schema > experiment.schema.json\n"
+        "  # VS Code (YAML extension): # yaml-language-server: $schema=./experiment.schema.json",
+        formatter_class=raw,
+    )
     return p
 
 

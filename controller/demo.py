@@ -138,6 +138,7 @@ async def run_demo(say: Say, output: str = "text", on_runner: Callable[[Experime
             say(line)
         sup = Supervisor(token, say)
         report: Report | None = None
+        local_json = LocalEnvironment.absent_json()
         status: asyncio.Task[None] | None = None
         try:
             await sup.start("a")
@@ -154,6 +155,7 @@ async def run_demo(say: Say, output: str = "text", on_runner: Callable[[Experime
                 on_runner(runner)
             status = asyncio.create_task(_status_lines(sup, say), name="demo-status")
             report = await runner.run()
+            local_json = env.recovery_json()  # the same keys as a local run's -o json
         finally:
             if status is not None:
                 status.cancel()
@@ -165,5 +167,5 @@ async def run_demo(say: Say, output: str = "text", on_runner: Callable[[Experime
         f"torn down: agent (exit {env.agent_exit_code}), nats-server, victims ({time.monotonic() - started:.1f}s total)"
     )
     assert report is not None
-    print(to_json(report) if output == "json" else render_text(report), flush=True)
+    print(to_json(report, extra=local_json) if output == "json" else render_text(report), flush=True)
     return exit_code(report)

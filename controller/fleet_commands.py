@@ -125,6 +125,12 @@ async def cmd_agents(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    lacking = [(r["node"], cap, note) for r in rows for cap, note in sorted(r["capability_notes"].items())]
+    if lacking:
+        _out("")
+        _out("not available (faults that need these are refused before anything is sent):")
+        for node, cap, note in lacking:
+            _out(f"  {node}: {cap}: {note}")
     twice = [duplicate_line(n, ids) for n in sorted(views) if (ids := fleet.duplicate(n))]
     if twice:
         _out("")

@@ -148,6 +148,13 @@ class LocalEnvironment:
     def recovery_lines(self, left_by: str = "an earlier run") -> list[str]:
         return recovery_lines(self.recovered, self.state_dir, self.ready_heartbeat, left_by)
 
+    @staticmethod
+    def absent_json() -> dict[str, Any]:
+        """The same keys, null, for a run against a fleet: -o json keeps one shape."""
+        return dict.fromkeys(
+            ("local_recovery", "local_journal_issues", "local_journal_issues_total", "local_agent_restarts")
+        )
+
     def recovery_json(self) -> dict[str, Any]:
         """The same for -o json, as the agent reported once ready: ``local_recovery`` (faults
         reverted at its start), ``local_journal_issues`` and ``_total`` (entries it keeps unreverted)."""

@@ -676,3 +676,29 @@ async def test_a_network_fault_is_refused_while_the_nats_address_is_unknown(tmp_
     )
     with pytest.raises(Rejected, match="could cut the agent's control link; not applied"):
         await inj.plan(spec, c)
+
+
+def test_print_config_shows_the_effective_settings_in_the_shape_config_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The settings file was documented only as "see agent/config.py" (a source path)."""
+    import yaml
+
+    from agent.main import build_parser, load_settings, print_config
+
+    args = build_parser().parse_args(
+        ["--nats", "nats://agent:s3cret@nats:4222", "--heartbeat-interval", "500ms", "--state-dir", str(tmp_path)]
+    )
+    print_config(load_settings(args, {"FAULTLINE_NODE": "node-7"}))
+    text = capsys.readouterr().out
+    assert "s3cret" not in text
+    data = yaml.safe_load(text)
+    assert data["timing"]["heartbeat_interval_s"] == 0.5 and data["identity"]["node"] == "node-7"
+    assert data["nats"]["urls"] == ["nats://***@nats:4222"]
+    # what it prints is a settings file the agent reads back (with the password given again)
+    data["nats"]["urls"] = ["nats://agent:s3cret@nats:4222"]
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(data))
+    again = load_settings(build_parser().parse_args(["--config", str(tmp_path / "agent.yaml")]), {})
+    assert again.timing.heartbeat_interval_s == 0.5 and again.identity.node == "node-7"
+    for good, seconds in (("2", 2.0), ("1.5", 1.5), ("250ms", 0.25)):
+        assert build_parser().parse_args(["--heartbeat-interval", good]).heartbeat_interval == seconds

@@ -67,11 +67,12 @@ async def test_a_nats_error_that_keeps_coming_is_logged_once_then_counted(
         await rt._on_error(ConnectionRefusedError(111, "Connection refused"))
     await rt._on_error(OSError("something else"))
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["NATS: [Errno 111] Connection refused", "NATS: something else"], lines
+    at = "NATS (nats://127.0.0.1:4222)"
+    assert lines == [f"{at}: [Errno 111] Connection refused", f"{at}: something else"], lines
     caplog.clear()
     await rt._on_error(OSError("something else"))  # again, within the minute: counted, not logged
     monkeypatch.setattr("agent.runtime.NATS_ERROR_REPEAT_S", 0.0)
     await rt._on_error(OSError("something else"))
     assert [r.getMessage() for r in caplog.records] == [
-        "NATS: something else (and 1 more time(s) since the last report)"
+        f"{at}: something else (and 1 more time(s) since the last report)"
     ]
