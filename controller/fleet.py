@@ -73,6 +73,9 @@ RESTART_SEQ_MAX = 5
 """A new instance whose first heartbeat seen has a higher seq did not just start."""
 DUPLICATE_WINDOW_INTERVALS = 10
 """An instance seen again within this many heartbeat intervals of being replaced is a second agent."""
+DUPLICATE_SETTLE_INTERVALS = 1.5
+"""A node whose agent changed while heartbeats were gathered: how long to wait for the old one to
+speak again (two agents under one name) before taking it for a restart."""
 
 
 def duplicate_line(node: str, ids: set[str]) -> str:
@@ -100,6 +103,7 @@ class Fleet:
         self.last_garbage_reason: str | None = None
         self._replaced: dict[str, dict[str, float]] = {}  # node -> instance ids it had before, when replaced
         self._duplicates: dict[str, tuple[set[str], float]] = {}  # node -> instance ids seen at once, until
+        self._switched: dict[str, float] = {}  # node -> when another instance took over (not after a "leaving")
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(ALL_HEARTBEATS, cb=self._on_msg)
@@ -144,6 +148,7 @@ class Fleet:
                 del replaced[iid]
         if old.state != "leaving":  # a stopping agent's last heartbeat: it is not coming back
             replaced[old.instance_id] = now
+            self._switched[node] = now
         # A restarted agent counts its heartbeats from 1. One far along that takes over from an
         # instance heard a moment ago, and not leaving, was running beside it all along.
         prev = self._nodes.get(node)
@@ -224,4 +229,10 @@ class Fleet:
         remaining = window - (time.monotonic() - start)
         if remaining > 0:
             await asyncio.sleep(remaining)  # a collection window, not synchronisation: we want all who speak
+        # A node whose agent changed during the window is a restart, or two agents under one name
+        # taking turns: the old one heartbeats again if it is alive. Wait for that, a little longer.
+        switched = [n for n, at in self._switched.items() if at >= start and not self.duplicate(n)]
+        if switched:
+            extra = DUPLICATE_SETTLE_INTERVALS * max(self._nodes[n].heartbeat.interval_s for n in switched)
+            await self.wait_until(lambda: all(self.duplicate(n) for n in switched), min(extra, max_wait_s))
         return self.nodes()

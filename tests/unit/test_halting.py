@@ -228,3 +228,39 @@ def test_two_agents_running_side_by_side_are_caught_at_the_first_switch() -> Non
     assert fleet.duplicate("n") == set()
     fleet.observe(hb("c", 70))  # far along, right after b: it was running all along
     assert fleet.duplicate("n") == {"b", "c"}
+
+
+async def test_gather_waits_a_little_to_tell_two_new_agents_under_one_name_from_a_restart() -> None:
+    """Two agents started together under one name (both count from 1) were missed when the
+    1.5-interval window saw each once: that looks like a restart. Seen switching in the window,
+    gather waits for the old one to speak again, and a restart costs that wait only."""
+
+    def hb(iid: str, seq: int) -> bytes:
+        return encode(Heartbeat(node="n", instance_id=iid, version="1", interval_s=0.2, seq=seq, started_at=1.0))
+
+    fleet = Fleet(None)
+
+    async def first_only_then_b() -> None:
+        fleet.observe(hb("a", 1))
+        await asyncio.sleep(0.25)
+        fleet.observe(hb("b", 1))  # a then b, each once in the window: a restart, or not
+        await asyncio.sleep(0.2)  # the window (1.5 intervals = 0.3 s) ends here
+        fleet.observe(hb("a", 2))  # a speaks again: two agents
+
+    feeder = asyncio.create_task(first_only_then_b())
+    await fleet.gather(min_wait_s=0.3, max_wait_s=2.0)
+    assert fleet.duplicate("n") == {"a", "b"}, "gather returned before the old agent could speak again"
+    await feeder
+
+    restarted = Fleet(None)
+    restarted.observe(hb("x", 7))
+
+    async def restart() -> None:
+        await asyncio.sleep(0.05)
+        restarted.observe(hb("y", 1))  # x is gone for good
+
+    feeder = asyncio.create_task(restart())
+    t0 = time.monotonic()
+    await restarted.gather(min_wait_s=0.3, max_wait_s=2.0)
+    await feeder
+    assert restarted.duplicate("n") == set() and time.monotonic() - t0 < 0.3 + 0.3 + 0.5
