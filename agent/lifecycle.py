@@ -28,6 +28,7 @@ MAX_REMEMBERED = 4096
 REVERT_ATTEMPTS = 3
 REVERT_BACKOFF_S = 1.0
 JOURNAL_CLEANUP_DELAY_S = 0.5
+MAX_ENDED_REASON = 500  # characters of an ended fault's reason in heartbeats (its event has it whole)
 TOMBSTONE_PRUNE_EVERY_S = 3600.0  # expired tombstones are removed at most this often while running
 INJECTING_EVENT_AFTER_S = 0.2  # an injection still going after this long says so ("injecting")
 
@@ -326,6 +327,9 @@ class Lifecycle:
     def record_end(self, fault_id: str, experiment_id: str, kind: str, state: FaultState, reason: str | None) -> None:
         # kept raw; the next heartbeat builds the model (an abort ends a thousand faults at once,
         # and their reports go out first)
+        # bounded: heartbeats carry up to 200 of these, and a heartbeat past NATS's max_payload is lost
+        if reason is not None and len(reason) > MAX_ENDED_REASON:
+            reason = reason[: MAX_ENDED_REASON - 1] + "…"
         self._ended_raw.append((fault_id, experiment_id, kind, state, reason, time.time()))
 
     def ended_faults(self, since: float) -> list[EndedFault]:

@@ -153,6 +153,9 @@ class NetworkFault(Injector):
         self._holders: dict[tuple[int, str], str] = {}
         self._lock = threading.Lock()  # holders are touched from worker threads
         self._ops = threading.Lock()  # one netlink operation at a time (see _serialized)
+        # faults whose revert has begun: an apply still queued for the lock (it timed out) must not
+        # install after that revert found nothing to remove (the lock's waiters are not served in order)
+        self._reverting: set[str] = set()
 
     def probe(self) -> list[Capability]:
         caps = probe_kernel()
@@ -195,6 +198,9 @@ class NetworkFault(Injector):
         # it removes what that apply installed instead of finding nothing and leaving it.
         with self._ops:
             return func(*args)
+
+    def release(self, ctx: FaultContext) -> None:
+        self._reverting.discard(ctx.fault_id)
 
     def _forget(self, fault_id: str) -> None:
         with self._ops, self._lock:
@@ -303,7 +309,7 @@ class NetworkFault(Injector):
     async def apply(self, spec: Any, plan: Plan, ctx: FaultContext) -> Measurements:
         assert isinstance(plan, NetworkPlan)
         started = time.monotonic()
-        await self._netlink("apply", self._apply_sync, plan)
+        await self._netlink("apply", self._apply_sync, plan, ctx.fault_id)
         note = f"replaced (force): {', '.join(plan.replaced)}" if plan.replaced else None
         return Measurements(
             interface=plan.interface,
@@ -313,7 +319,9 @@ class NetworkFault(Injector):
             note=note,
         )
 
-    def _apply_sync(self, plan: NetworkPlan) -> None:
+    def _apply_sync(self, plan: NetworkPlan, fault_id: str) -> None:
+        if fault_id in self._reverting:  # under the netlink lock: checked before anything is installed
+            raise Rejected("its revert began before the apply got its turn; nothing was installed")
         with iproute(plan.netns) as ipr:
             try:
                 index = tc.link_index(ipr, plan.interface)
@@ -340,7 +348,10 @@ class NetworkFault(Injector):
     async def revert(self, plan: Plan, ctx: FaultContext) -> Measurements:
         assert isinstance(plan, NetworkPlan)
         started = time.monotonic()
+        self._reverting.add(ctx.fault_id)
         removed: list[str] = await self._netlink("revert", self._revert_sync, plan)
+        if ctx.recovered:  # from the journal: no apply of this agent's life can be queued
+            self._reverting.discard(ctx.fault_id)
         with self._lock:
             for key, holder in list(self._holders.items()):
                 if holder == ctx.fault_id or key[1] == plan.interface and self._netns_matches(key[0], plan.netns):

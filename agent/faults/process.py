@@ -267,7 +267,9 @@ class _ProcessInjector(Injector):
         procs, taken = self._exclude(procs, ctx)
         skipped = skipped + taken
         if not procs:
-            why = f"; skipped: {', '.join(f'{s.pid} ({s.reason})' for s in skipped)}" if skipped else ""
+            shown = ", ".join(f"{s.pid} ({s.reason})" for s in skipped[:10])
+            more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+            why = f"; skipped: {shown}{more}" if skipped else ""
             raise Rejected(f"no process matches {describe(spec.match)} that may be touched{why}")
         chosen = _choose(procs, spec.count, spec.percent, self.default_all)
         targets = []

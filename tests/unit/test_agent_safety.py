@@ -337,7 +337,7 @@ def test_a_nats_url_no_nats_server_speaks_is_refused_at_start(tmp_path: Path) ->
         (["--http-addr", "nonsense"], "http_addr: 'nonsense' is not HOST:PORT"),
         (["--log-level", "LOUD"], "--log-level / FAULTLINE_LOG_LEVEL 'LOUD': one of DEBUG, INFO"),
         (["--heartbeat-interval", "0"], "timing.heartbeat_interval_s: Input should be greater than or equal to 0.05"),
-        (["--heartbeat-interval", "inf"], "timing.heartbeat_interval_s: "),
+        (["--heartbeat-interval", "90s"], "timing.heartbeat_interval_s: Input should be less than or equal to 60"),
         (["--nats", "nats://u:s3cret@"], "nats.urls: no host in nats://***@"),
         (["--node", ""], "identity.node: name '' has no usable characters"),
         (["--config", "BAD_YAML"], "not valid YAML (line 2)"),
@@ -702,3 +702,21 @@ def test_print_config_shows_the_effective_settings_in_the_shape_config_reads(
     assert again.timing.heartbeat_interval_s == 0.5 and again.identity.node == "node-7"
     for good, seconds in (("2", 2.0), ("1.5", 1.5), ("250ms", 0.25)):
         assert build_parser().parse_args(["--heartbeat-interval", good]).heartbeat_interval == seconds
+
+
+async def test_a_timed_out_network_apply_that_gets_the_lock_after_its_revert_installs_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A threading.Lock does not serve its waiters in order: an apply that timed out, still queued,
+    could run after the revert that found nothing to remove, and leave the fault installed."""
+    inj = network.NetworkFault(AgentEnv(node="n", state_dir=tmp_path, instance_id="t", protected_pids=dict))
+    plan = network.NetworkPlan.model_construct(interface="lo", netns=None, direction="egress")
+    c = FaultContext(
+        fault_id="f.0", experiment_id="f", deadline=time.time() + 30, pods=None, env=inj.env, emit=lambda *a: None
+    )
+    monkeypatch.setattr(inj, "_revert_sync", lambda plan: [])
+    await inj.revert(plan, c)  # the revert got the lock first
+    with pytest.raises(Rejected, match="its revert began before the apply got its turn; nothing was installed"):
+        inj._apply_sync(plan, "f.0")  # the queued apply, when its turn comes
+    inj.release(c)
+    assert inj._reverting == set()
