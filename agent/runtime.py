@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -306,6 +307,7 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
                 "disconnected_cb": self._on_disconnected,
                 "reconnected_cb": self._on_reconnected,
                 "error_cb": self._on_error,
+                "closed_cb": functools.partial(self._on_closed, nc),
             }
             if tls is not None:
                 options["tls"] = tls
@@ -347,6 +349,29 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         self.connected = False
         self.nats_lost_since = time.monotonic()
         self.poke_watchdog(self.nats_lost_since + self.settings.timing.nats_lost_timeout_s)
+
+    async def _on_closed(self, nc: Any) -> None:
+        """nats-py gives up on a connection for good on some server errors (an -ERR such as
+        'Authorization Violation' or 'Maximum Connections Exceeded'), whatever the reconnect
+        settings: the agent would stay cut off, unready, until restarted. Connect afresh instead
+        (its faults meanwhile: the NATS-lost watchdog reverts them, as for any loss)."""
+        if nc is not self.nc or self.stopping or self.stop_event.is_set():
+            return  # our own close (a stop, a failed attempt), or a client already replaced
+        self.connected = False
+        if self.nats_lost_since is None:
+            self.nats_lost_since = time.monotonic()
+            self.poke_watchdog(self.nats_lost_since + self.settings.timing.nats_lost_timeout_s)
+        why = redacted(str(getattr(nc, "last_error", None) or "closed"))
+        log.error("NATS closed the connection for good (%s); connecting again", why)
+        self.spawn(self._connect_again(), name="nats-connect-again")
+
+    async def _connect_again(self) -> None:
+        self._subs.clear()
+        self._cp_cache = {}
+        if await self.connect():
+            await self.subscribe()
+            self._flush_pending()
+            log.info("connected to NATS again")
 
     async def _on_reconnected(self) -> None:
         self.connected = True
