@@ -21,6 +21,12 @@ answer what those imports look up:
   the validation of fault commands. pydantic then never calls it.
 - ``email.parser.BytesParser``: a class whose construction imports the real
   module and returns a real parser, so JetStream would work as before.
+- ``nats.js``: nats-py's core client imports its JetStream package (seven
+  modules, about 0.85 MiB with what they import) and touches it only for a
+  message with headers or a JetStream call, neither of which an agent makes.
+  The stand-in imports the real package on its first attribute lookup and
+  puts it in its place (in ``sys.modules`` and on the ``nats`` package) for
+  good; until then it is the one stand-in that stays.
 
 Anything else, or a lookup a stand-in cannot answer, imports the real module
 and asks it, so behaviour never changes, only the cost. The stand-ins leave
@@ -38,11 +44,12 @@ import contextlib
 import ctypes
 import gc
 import importlib
+import importlib.machinery
 import os
 import re
 import sys
 import types
-from typing import Any
+from typing import Any, cast
 
 SHIMMED = ("nats.aio.client", "pydantic.plugin._loader")
 
@@ -106,6 +113,65 @@ def _stand_in(name: str, **attrs: Any) -> types.ModuleType:
     return shim
 
 
+def _real_jetstream() -> types.ModuleType:
+    """Put the real ``nats.js`` in the stand-in's place for good (in ``sys.modules`` and on the
+    ``nats`` package) and return it."""
+    if getattr(sys.modules.get("nats.js"), "__lean_stand_in__", False):
+        del sys.modules["nats.js"]
+    with contextlib.suppress(ValueError):
+        sys.meta_path.remove(_JETSTREAM_FINDER)
+    real = importlib.import_module("nats.js")
+    sys.modules["nats"].js = real  # type: ignore[attr-defined]
+    return real
+
+
+class _Loaded:
+    """A loader for a module that is already loaded: the import statement gets it as it is."""
+
+    def __init__(self, module: types.ModuleType) -> None:
+        self.module = module
+
+    def create_module(self, spec: Any) -> types.ModuleType:
+        return self.module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        pass
+
+
+class _JetStreamSubmodules:
+    """``import nats.js.api`` (or any submodule) while the stand-in is in place: the real package
+    is imported first (it imports its submodules), and the statement gets the real module."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if not name.startswith("nats.js.") or not getattr(sys.modules.get("nats.js"), "__lean_stand_in__", False):
+            return None
+        real = _real_jetstream()
+        module = sys.modules.get(name)
+        if module is not None:
+            return importlib.machinery.ModuleSpec(name, cast(Any, _Loaded(module)))
+        return importlib.machinery.PathFinder.find_spec(name, real.__path__)
+
+
+_JETSTREAM_FINDER = _JetStreamSubmodules()
+
+
+def _lazy_jetstream() -> types.ModuleType:
+    """A stand-in for the ``nats.js`` package: its first attribute lookup, or the first import of
+    one of its submodules (``_JetStreamSubmodules``), imports the real one in its place."""
+
+    def load(attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)  # the import system probes __path__ and friends
+        return getattr(_real_jetstream(), attr)
+
+    shim = types.ModuleType("nats.js", "stand-in, see agent.lean")
+    shim.__path__ = []  # a package, so `import nats.js` accepts it
+    setattr(shim, "__getattr__", load)  # noqa: B010
+    shim.__lean_stand_in__ = True  # type: ignore[attr-defined]
+    sys.meta_path.insert(0, _JETSTREAM_FINDER)
+    return shim
+
+
 def import_lean() -> bool:
     """Import nats-py and pydantic's plugin loader behind the stand-ins. True if they were used."""
     if "importlib.metadata" in sys.modules or any(m in sys.modules for m in SHIMMED):
@@ -115,9 +181,13 @@ def import_lean() -> bool:
     if "email.parser" not in sys.modules:
         shims["email.parser"] = _stand_in("email.parser", BytesParser=_BytesParser)
     sys.modules.update(shims)
+    jetstream = _lazy_jetstream() if "nats.js" not in sys.modules else sys.modules["nats.js"]
+    sys.modules["nats.js"] = jetstream  # stays until JetStream is used: see _lazy_jetstream
     try:
         for name in SHIMMED:
             importlib.import_module(name)
+        if getattr(jetstream, "__lean_stand_in__", False):
+            sys.modules["nats"].js = jetstream  # type: ignore[attr-defined]  # `nats.js.api` finds it
     finally:
         for name, shim in shims.items():
             if sys.modules.get(name) is shim:

@@ -17,10 +17,14 @@ PROBE = textwrap.dedent(
     import json, sys
     import agent.main  # what faultline-agent imports
     agent.main.build_parser().format_help()  # and what it runs before it is ready
-    watched = ("importlib.metadata", "zipfile", "csv", "email", "email.parser", "shutil", "nats.aio.client")
+    watched = (
+        "importlib.metadata", "zipfile", "csv", "email", "email.parser", "shutil", "nats.aio.client", "nats.js.api"
+    )
     loaded = {m: m in sys.modules for m in watched}
     import nats.aio.client
     seen_version = nats.aio.client.__version__
+    status = str(nats.aio.client.nats.js.api.Header.STATUS.value)  # the client's own lookup: the real package
+    js_real = not getattr(sys.modules["nats.js"], "__lean_stand_in__", False) and "nats.js.api" in sys.modules
     import nats.js.client
     parser = nats.js.client.BytesParser()  # JetStream's header parser: a real one, made on demand
     parsed = dict(parser.parsebytes(b"Nats-Msg-Id: 7\\r\\n\\r\\n"))
@@ -36,6 +40,8 @@ PROBE = textwrap.dedent(
         "parsed": parsed,
         "real_email_parser": hasattr(email.parser, "HeaderParser"),
         "plugins": __import__("os").environ.get("PYDANTIC_DISABLE_PLUGINS"),
+        "status_header": status,
+        "jetstream_real": js_real,
     }))
     """
 )
@@ -64,6 +70,24 @@ def test_agent_imports_without_importlib_metadata_and_versions_are_unchanged() -
     assert r["parser_is_real"] is True, "the BytesParser stand-in did not give a real email parser"
     assert r["parsed"] == {"Nats-Msg-Id": "7"}
     assert r["real_email_parser"] is True, "a later import of email.parser did not get the real module"
+    assert loaded["nats.js.api"] is False, "nats-py's JetStream package was loaded by an idle agent's imports"
+    assert r["status_header"] == "Status" and r["jetstream_real"] is True, "JetStream is not real once used"
+
+
+def test_a_jetstream_submodule_imported_first_gets_the_real_package() -> None:
+    probe = textwrap.dedent(
+        """
+        import sys
+        import agent.main
+        from nats.js.errors import NotFoundError  # a submodule first, before any attribute lookup
+        import nats.js
+        assert not getattr(nats.js, "__lean_stand_in__", False) and sys.modules["nats.js"] is nats.js
+        assert sys.modules["nats.js.errors"].NotFoundError is NotFoundError is nats.js.errors.NotFoundError
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_dist_version_reads_the_dist_info_name() -> None:
