@@ -172,7 +172,10 @@ class CommandHandler:
         ctx = self.make_context("preview", "preview", cmd.expires_at, cmd.pods)
         self.previewing = True
         try:
-            result = await injector.preview(cmd.spec, ctx)
+            spec = cmd.spec
+            if cmd.pods and kind in ("cpu", "memory", "network"):  # as an Inject: in the pod's cgroup or netns
+                spec = await asyncio.to_thread(pod_scoped, spec, cmd.pods)
+            result = await injector.preview(spec, ctx)
         except Rejected as exc:
             return refuse(str(exc))
         except Exception as exc:

@@ -385,8 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     checks.add_argument(
         "--preview",
         action="store_true",
-        help="a dry run that also asks each target which processes each process fault would hit now, and which "
-        "are protected (read-only: nothing is applied); exit 1 if a fault would hit nothing on a target",
+        help="a dry run that also asks each target what each fault would touch now (read-only: nothing is "
+        "applied): the processes a process fault would hit and those it would skip; a network fault's interface, "
+        "what it would replace and what stays untouched; a cpu or memory fault's stressors and the memory room. "
+        "Exit 1 if a fault would hit nothing or would be refused on a target",
     )
     r.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     a = sub.add_parser(

@@ -20,8 +20,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from proto.faults import FaultSpec
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 4  # 1.1: Heartbeat.ended; 1.2: Inject.await_start, Start; 1.3: Heartbeat.journal_issues,
-# halts_done; 1.4: Preview, Ack.preview
+SCHEMA_MINOR = 5  # 1.1: Heartbeat.ended; 1.2: Inject.await_start, Start; 1.3: Heartbeat.journal_issues,
+# halts_done; 1.4: Preview, Ack.preview; 1.5: previews of network, cpu and memory faults
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 START_SINCE_MINOR = 2
@@ -32,6 +32,10 @@ KEPT_ENTRIES_SINCE_MINOR = 3
 
 PREVIEW_SINCE_MINOR = 4
 """Agents speaking 1.4 or newer answer a Preview (which processes a process fault would touch)."""
+
+PREVIEW_ALL_KINDS_SINCE_MINOR = 5
+"""Agents speaking 1.5 or newer also preview network, cpu and memory faults (PreviewResult.network,
+.stress); older ones are not asked about those kinds."""
 
 
 def schema_minor(version: str) -> int:
@@ -167,12 +171,47 @@ class PreviewedProcess(BaseModel):
     cmdline: str = Field("", description="cut to 200 characters")
 
 
+class NetworkPreview(BaseModel):
+    """Where a network fault would go on one node, as of the Preview (since 1.5)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+
+    interface: str
+    netns: str | None = Field(None, description="the network namespace, when not the node's own")
+    direction: Literal["egress", "ingress"]
+    device: str = Field(description="where the qdiscs go: the interface, or its ifb device for ingress")
+    replaces: list[str] = Field(
+        default_factory=list, description="qdiscs faultline did not create that force: true deletes (not restored)"
+    )
+    unaffected: list[str] = Field(
+        default_factory=list,
+        description="what the fault never touches: every NATS server the agent may use (address:port), exempt CIDRs",
+    )
+    filters: int = Field(0, description="tc filters the fault installs")
+
+
+class StressPreview(BaseModel):
+    """What a cpu or memory fault would run on one node, as of the Preview (since 1.5)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+
+    cgroup: str = Field(description="where the stressors run: 'the node', or the cgroup (a pod's, or named)")
+    workers: int | None = Field(None, description="cpu: how many workers")
+    load_percent: float | None = Field(None, description="cpu: percent of one core per worker")
+    size_bytes: int | None = Field(None, description="memory: what it would allocate")
+    available_bytes: int | None = Field(None, description="memory: available on the node now")
+    reserve_bytes: int | None = Field(None, description="memory: the agent's reserve, never allocated")
+    promised_bytes: int | None = Field(None, description="memory: what this agent's other memory faults may still take")
+
+
 class PreviewResult(BaseModel):
     """What a fault would touch on one node, as of the Preview."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
-    would_hit: int = Field(description="how many processes an Inject now would signal (count or percent applied)")
+    would_hit: int = Field(
+        0, description="process faults: how many processes an Inject now would signal (count or percent applied)"
+    )
     matched: list[PreviewedProcess] = Field(
         default_factory=list, description="the processes that match and may be touched, by pid, at most 50"
     )
@@ -182,6 +221,8 @@ class PreviewResult(BaseModel):
     )
     skipped_total: int = 0
     note: str | None = Field(None, description="e.g. which of the matches are hit is picked at injection")
+    network: NetworkPreview | None = Field(None, description="since 1.5: a network fault's interface and exemptions")
+    stress: StressPreview | None = Field(None, description="since 1.5: a cpu or memory fault's stressors")
 
 
 class Ack(Message):

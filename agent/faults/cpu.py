@@ -16,7 +16,7 @@ from agent import cgroups
 from agent.faults.base import FaultContext, Plan, Rejected
 from agent.faults.stressor import UNTIL_GRACE_S, CpuSampler, StressInjector, StressPlan
 from proto.faults import CpuSpec
-from proto.messages import Measurements
+from proto.messages import Measurements, PreviewResult, StressPreview
 
 
 class CpuPlan(StressPlan):
@@ -60,6 +60,17 @@ class CpuStress(StressInjector):
             if quota is not None:
                 return quota
         return len(node_cores())
+
+    async def preview(self, spec: Any, ctx: FaultContext) -> PreviewResult:
+        """What plan() would run: how many workers, at what load, where."""
+        self.check(spec, ctx)
+        assert isinstance(spec, CpuSpec)
+        workers = self.default_workers(spec)
+        note = f"on cores {', '.join(map(str, spec.cores))}" if spec.cores else None
+        return PreviewResult(
+            stress=StressPreview(cgroup=spec.cgroup or "the node", workers=workers, load_percent=spec.load_percent),
+            note=note,
+        )
 
     async def plan(self, spec: Any, ctx: FaultContext) -> CpuPlan:
         self.check(spec, ctx)

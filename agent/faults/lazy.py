@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from agent.faults.base import Capability, FaultContext, Injector, Plan
 from agent.faults.stress_marks import agent_tag, find_marked, make_marker, stress_capabilities
-from proto.messages import Measurements
+from proto.messages import Measurements, PreviewResult
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ class LazyInjector(Injector):
 
     async def plan(self, spec: Any, ctx: FaultContext) -> Plan:
         return await self._load().plan(spec, ctx)
+
+    async def preview(self, spec: Any, ctx: FaultContext) -> PreviewResult | None:
+        return await self._load().preview(spec, ctx)
 
     async def apply(self, spec: Any, plan: Plan, ctx: FaultContext) -> Measurements:
         return await self._load().apply(spec, plan, ctx)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import signal
 import time
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import psutil
 
@@ -21,13 +21,19 @@ from agent import cgroups
 from agent.faults.base import AgentEnv, FaultContext, Plan, Rejected
 from agent.faults.stressor import UNTIL_GRACE_S, Running, StressInjector, StressPlan, rss_bytes
 from proto.faults import MemorySpec
-from proto.messages import Measurements
+from proto.messages import Measurements, PreviewResult, StressPreview
 from proto.units import format_size
 
 log = logging.getLogger(__name__)
 
 REACHED_FRACTION = 0.98
 """RSS counts as reached at this share of the requested size."""
+
+
+class _Room(NamedTuple):
+    available: int
+    reserve: int
+    others: int
 
 
 class MemoryPlan(StressPlan):
@@ -89,18 +95,38 @@ class MemoryStress(StressInjector):
         return max(4096, int(base * spec.percent / 100)), "percent"
 
     def check(self, spec: Any, ctx: FaultContext) -> None:
+        size, _ = self._fits(spec, ctx)
+        self._promised[ctx.fault_id] = size  # counted against the next memory fault until release()
+
+    async def preview(self, spec: Any, ctx: FaultContext) -> PreviewResult:
+        """What check() decides, with nothing set aside: the size, where, and the room for it."""
+        size, room = self._fits(spec, ctx)
+        assert isinstance(spec, MemorySpec)
+        return PreviewResult(
+            stress=StressPreview(
+                cgroup=spec.cgroup or "the node",
+                size_bytes=size,
+                available_bytes=room.available,
+                reserve_bytes=room.reserve,
+                promised_bytes=room.others,
+            ),
+            note="allowOvercommit: true: not checked against available memory" if spec.allow_overcommit else None,
+        )
+
+    def _fits(self, spec: Any, ctx: FaultContext) -> tuple[int, _Room]:
+        """(the size, the room for it); raises Rejected, with the reason, when it does not fit."""
         if not isinstance(spec, MemorySpec):
             raise Rejected(f"memory injector got a {type(spec).__name__}")
         target = self.resolve_cgroup(spec.cgroup)
         size, field_name = self._size(spec, target)
         if spec.ramp_s is not None and spec.ramp_s < 0:
             raise Rejected("ramp: must be >= 0")
+        vm = psutil.virtual_memory()
+        reserve = int(vm.total * self.env.memory_reserve_percent / 100)
+        others = self._outstanding(ctx.fault_id)
+        room = _Room(vm.available, reserve, others)
         if not spec.allow_overcommit:
-            vm = psutil.virtual_memory()
-            reserve = int(vm.total * self.env.memory_reserve_percent / 100)
-            others = self._outstanding(ctx.fault_id)
-            room = vm.available - reserve - others
-            if size > room:
+            if size > vm.available - reserve - others:
                 held = (
                     f", minus {format_size(others)} that this agent's other memory faults may still take"
                     if others
@@ -111,7 +137,7 @@ class MemoryStress(StressInjector):
                     f"minus the agent's reserve {format_size(reserve)} ({self.env.memory_reserve_percent:g}% of total)"
                     f"{held}; set allowOvercommit: true to force it"
                 )
-        self._promised[ctx.fault_id] = size  # counted against the next memory fault until release()
+        return size, room
 
     async def plan(self, spec: Any, ctx: FaultContext) -> MemoryPlan:
         self.check(spec, ctx)

@@ -31,7 +31,7 @@ from agent.netlink import tc
 from agent.netlink.netns import NetnsError, iproute, netns_inode
 from agent.netlink.probe import probe as probe_kernel
 from proto.faults import NetworkSpec, PortMatch, required_capabilities
-from proto.messages import Measurements
+from proto.messages import Measurements, NetworkPreview, PreviewResult
 
 NETLINK_TIMEOUT_S = 5.0
 MAX_RULES = 512
@@ -235,6 +235,46 @@ class NetworkFault(Injector):
                 "the fault could cut the agent's control link; not applied"
             )
         return list(known)
+
+    async def preview(self, spec: Any, ctx: FaultContext) -> PreviewResult:
+        """The plan an Inject would make now (the interface, what it would replace, what stays
+        untouched), with nothing claimed or installed. Refusals are the plan's own."""
+        self.check(spec, ctx)
+        control_plane = await self._control_plane() if spec.exempt_control_plane else []
+        plan, rules = await self._netlink("preview", self._preview_sync, spec, control_plane)
+        unaffected = []
+        for r in rules:
+            if r.target == "pass" and r.cidr is not None:
+                addr = r.cidr.removesuffix("/32").removesuffix("/128")
+                if r.port is None:
+                    where = addr
+                else:
+                    where = f"[{addr}]:{r.port}" if ":" in addr else f"{addr}:{r.port}"
+                unaffected.append(f"{where} ({r.why})")
+        return PreviewResult(
+            network=NetworkPreview(
+                interface=plan.interface,
+                netns=plan.netns,
+                direction=plan.direction,
+                device=plan.device,
+                replaces=list(plan.replaced),
+                unaffected=unaffected,
+                filters=len(rules),
+            ),
+            note=None if spec.exempt_control_plane else "exemptControlPlane: false: the NATS link is not exempt",
+        )
+
+    def _preview_sync(
+        self, spec: NetworkSpec, control_plane: list[tuple[str, int]]
+    ) -> tuple[NetworkPlan, list[tc.U32Rule]]:
+        try:
+            with iproute(spec.netns) as ipr:
+                plan = self._plan_in(ipr, spec, control_plane)
+        except NetnsError as exc:
+            raise Rejected(str(exc)) from None
+        except (NetlinkError, OSError) as exc:
+            raise Rejected(f"cannot inspect the network: {_kernel_text(exc)}") from None
+        return plan, build_rules(spec, control_plane, list(self.env.exempt_cidrs))
 
     def _plan_sync(self, spec: NetworkSpec, fault_id: str, control_plane: list[tuple[str, int]]) -> NetworkPlan:
         try:

@@ -284,3 +284,33 @@ async def test_revert_of_a_plan_whose_namespace_is_gone_is_fine(tmp_path: Path) 
     assert bed.ns_a not in pr_netns.listnetns()
     measured = await inj.revert(plan, ctx)
     assert measured.note == "nothing left to remove"
+
+
+async def test_a_preview_shows_the_interface_and_what_stays_untouched_and_installs_nothing(
+    bed: Testbed, tmp_path: Path
+) -> None:
+    """`faultline run --preview` of a network fault: the default route's interface in the pod's
+    namespace, the NATS server and the exemptions left untouched, what force would delete; the
+    refusal an Inject would get; and nothing installed or claimed."""
+    env = make_env(bed, tmp_path)
+    env.exempt_cidrs = ("10.99.0.0/16",)
+    inj = NetworkFault(env)
+    spec = NetworkSpec(rate="8mbit", netns=bed.ns_a, destinations=[f"{bed.addrs_b[0]}/32"])  # no interface given
+    shown = await inj.preview(spec, ctx_for(env, "preview"))
+    net = shown.network
+    assert net is not None and (net.interface, net.netns, net.direction, net.device) == (
+        bed.dev_a, bed.ns_a, "egress", bed.dev_a
+    )  # fmt: skip
+    assert f"{bed.addrs_b[1]}:{CONTROL_PORT} (control plane {bed.addrs_b[1]}:{CONTROL_PORT})" in net.unaffected
+    assert "10.99.0.0/16 (agent config exempt)" in net.unaffected and net.replaces == []
+    assert net.filters >= 3
+    await assert_clean(bed.ns_a, bed.dev_a)
+    assert inj._holders == {}, "a preview claimed the interface"
+
+    await asyncio.to_thread(add_foreign_tbf, bed.ns_a, bed.dev_a)
+    with pytest.raises(Rejected, match="root qdisc faultline did not create \\(tbf 1:\\)"):
+        await inj.preview(spec, ctx_for(env, "preview"))
+    forced = await inj.preview(spec.model_copy(update={"force": True}), ctx_for(env, "preview"))
+    assert forced.network is not None and forced.network.replaces == ["root tbf 1:"]
+    state = await asyncio.to_thread(tc_state, bed.ns_a, bed.dev_a)
+    assert state["root"] == ("tbf", 0x10000), "a preview touched the qdisc"

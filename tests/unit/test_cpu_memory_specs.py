@@ -284,3 +284,31 @@ def test_shares_cgroupns_with_ourselves_and_when_unreadable() -> None:
     assert cgroups.shares_cgroupns("/proc/self/ns/cgroup")
     assert cgroups.shares_cgroupns("/nonexistent/ns")  # cannot tell: write from where we are
     assert not cgroups.shares_cgroupns("/proc/self/ns/net")
+
+
+async def test_a_memory_preview_shows_the_room_and_sets_nothing_aside(tmp_path: Path) -> None:
+    """A preview decides as check() does, and an Inject after it is checked as if it never ran."""
+    env = make_env(tmp_path)
+    inj = MemoryStress(env)
+    vm = psutil.virtual_memory()
+    share = int(0.6 * (vm.available - vm.total * env.memory_reserve_percent / 100))
+    first = make_ctx(env, "e.0")
+    inj.check(MemorySpec(size=share), first)  # a fault held: it counts against what a preview sees
+    shown = await inj.preview(MemorySpec(size=4096), make_ctx(env, "preview"))
+    assert shown.stress is not None and shown.stress.size_bytes == 4096 and shown.stress.cgroup == "the node"
+    assert shown.stress.promised_bytes == share and shown.stress.reserve_bytes == int(
+        vm.total * env.memory_reserve_percent / 100
+    )
+    with pytest.raises(Rejected, match=r"^size: .*other memory faults may still take"):
+        await inj.preview(MemorySpec(size=share), make_ctx(env, "preview"))  # as an Inject would be
+    assert set(inj._promised) == {"e.0"}, "a preview set memory aside"
+    forced = await inj.preview(MemorySpec(size=share, allow_overcommit=True), make_ctx(env, "preview"))
+    assert forced.note is not None and "not checked" in forced.note
+
+
+async def test_a_cpu_preview_shows_its_workers(tmp_path: Path) -> None:
+    env = make_env(tmp_path)
+    shown = await CpuStress(env).preview(CpuSpec(load="40%", workers=3), make_ctx(env, "preview"))
+    assert shown.stress is not None and (shown.stress.workers, shown.stress.load_percent) == (3, 40.0)
+    every = await CpuStress(env).preview(CpuSpec(load=10), make_ctx(env, "preview"))
+    assert every.stress is not None and every.stress.workers == len(os.sched_getaffinity(0))

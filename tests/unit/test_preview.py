@@ -1,4 +1,4 @@
-"""Preview (schema 1.4): the agent answers which processes a fault would touch, touching,
+"""Preview (schema 1.4, all fault kinds since 1.5): the agent answers which processes a fault would touch, touching,
 recording and journaling nothing; the controller shows it, and says which agents are too old.
 The agent side runs the real runtime and the real process injectors on real processes."""
 
@@ -25,8 +25,8 @@ from controller.fleet import Fleet
 from controller.preview import preview_faults, preview_lines, preview_shortfalls
 from controller.tracking import Plan
 from proto.codec import decode, encode
-from proto.faults import ProcessKillSpec, ProcessMatch, ProcessPauseSpec
-from proto.messages import Ack, Heartbeat, Inject, Preview
+from proto.faults import MemorySpec, ProcessKillSpec, ProcessMatch, ProcessPauseSpec
+from proto.messages import SCHEMA_VERSION, Ack, Heartbeat, Inject, Preview
 from tests.conftest import async_wait_until
 
 DETACH = (
@@ -127,15 +127,57 @@ async def test_nothing_matching_is_a_note_and_a_shortfall(tmp_path: Path) -> Non
     assert any("would hit 0 of 0" in line for line in preview_lines(previews))
 
 
+def _agent_speaking(fleet: Fleet, node: str, minor: int) -> None:
+    hb = Heartbeat(node=node, instance_id=node, version="0.9", interval_s=1, seq=1, started_at=1.0)
+    fleet.observe(
+        encode(hb).replace(f'"schema_version":"{SCHEMA_VERSION}"'.encode(), f'"schema_version":"1.{minor}"'.encode())
+    )
+
+
 async def test_agents_older_than_1_4_are_named_not_asked() -> None:
     fleet = Fleet(None)
-    old = Heartbeat(node="old", instance_id="i", version="0.9", interval_s=1, seq=1, started_at=1.0)
-    fleet.observe(encode(old).replace(b'"schema_version":"1.4"', b'"schema_version":"1.3"'))
+    _agent_speaking(fleet, "old", 3)
     spec = ProcessPauseSpec(match=ProcessMatch(pid=12345))
     out = await preview_faults(None, fleet, [spec], Plan(targets=["old"], pods={}, notes=[]))
     err = out[0]["nodes"]["old"]["error"]
-    assert "0.9" in err and "schema 1.3" in err and "cannot preview" in err
+    assert "0.9" in err and "schema 1.3" in err and "cannot preview process-pause faults" in err
     assert preview_shortfalls(out) == [f"fault 0 on old: no preview ({err})"]
+
+
+async def test_agents_older_than_1_5_are_not_asked_about_network_cpu_or_memory_faults() -> None:
+    """A 1.4 agent answers process previews only: its PreviewResult has no network or stress."""
+    fleet = Fleet(None)
+    _agent_speaking(fleet, "n14", 4)
+    spec = MemorySpec.model_validate({"kind": "memory", "size": "4Mi"})
+    out = await preview_faults(None, fleet, [spec], Plan(targets=["n14"], pods={}, notes=[]))
+    err = out[0]["nodes"]["n14"]["error"]
+    assert "schema 1.4" in err and "cannot preview memory faults; upgrade it to schema 1.5" in err
+
+
+def test_network_and_stress_previews_read_as_where_the_fault_would_go() -> None:
+    net = {
+        "network": {
+            "interface": "eth0", "netns": None, "direction": "ingress", "device": "flifb0a1b2c3d",
+            "replaces": ["ingress ffff:"], "unaffected": ["10.0.0.5:4222 (control plane nats:4222)"], "filters": 4,
+        },
+        "note": None,
+    }  # fmt: skip
+    mem = {"stress": {"cgroup": "/kubepods/pod1", "size_bytes": 2**30, "available_bytes": 8 * 2**30,
+                      "reserve_bytes": 2**30, "promised_bytes": 0}}  # fmt: skip
+    previews = [
+        {"fault": 0, "kind": "network", "name": None, "nodes": {"n1": net}},
+        {"fault": 1, "kind": "memory", "name": "m", "nodes": {"n1": mem, "n2": {"error": "no", "refused": True}}},
+    ]
+    assert preview_lines(previews) == [
+        "fault 0 (network):",
+        "  n1: would shape eth0, ingress (through flifb0a1b2c3d), 4 filter(s)",
+        "    untouched: 10.0.0.5:4222 (control plane nats:4222)",
+        "    force: true deletes ingress ffff: (not restored)",
+        "fault 1 (memory, m):",
+        "  n1: would allocate 1Gi in /kubepods/pod1; available 8Gi, reserve 1Gi",
+        "  n2: would be refused: no",
+    ]
+    assert preview_shortfalls(previews) == ["fault 1 on n2: would be refused: no"]
 
 
 def test_secrets_on_previewed_command_lines_are_masked() -> None:
