@@ -81,12 +81,12 @@ def _connect_failed(args: argparse.Namespace, target: NatsTarget, exc: ConnectEr
     return _refuse(args, "connect", lines)
 
 
-async def cmd_agents(args: argparse.Namespace) -> int:
+async def _gathered(args: argparse.Namespace) -> tuple[NatsTarget, Fleet, dict[str, NodeView]] | int:
+    """The fleet's heartbeats, gathered for a listing; an exit code when NATS cannot be used."""
     try:
         target = _fleet_target(args)
     except NatsUrlError as exc:
         return _bad_url(args, exc)
-    url = target.url
     try:
         nc, fleet = await _with_fleet(target)
     except ConnectError as exc:
@@ -96,6 +96,15 @@ async def cmd_agents(args: argparse.Namespace) -> int:
     finally:
         await fleet.stop()
         await close(nc)
+    return target, fleet, views
+
+
+async def cmd_agents(args: argparse.Namespace) -> int:
+    gathered = await _gathered(args)
+    if isinstance(gathered, int):
+        return gathered
+    target, fleet, views = gathered
+    url = target.url
     now = time.monotonic()
     rows = [_agent_row(v, now) for _, v in sorted(views.items())]
     for r in rows:
@@ -178,19 +187,10 @@ def experiment_rows(views: dict[str, NodeView], now: float) -> list[dict[str, An
 
 
 async def cmd_experiments(args: argparse.Namespace) -> int:
-    try:
-        target = _fleet_target(args)
-    except NatsUrlError as exc:
-        return _bad_url(args, exc)
-    try:
-        nc, fleet = await _with_fleet(target)
-    except ConnectError as exc:
-        return _connect_failed(args, target, exc)
-    try:
-        views = await fleet.gather()
-    finally:
-        await fleet.stop()
-        await close(nc)
+    gathered = await _gathered(args)
+    if isinstance(gathered, int):
+        return gathered
+    target, _, views = gathered
     rows = experiment_rows(views, time.time())
     if args.output == "json":
         _out(json.dumps(rows, indent=2))

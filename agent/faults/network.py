@@ -267,24 +267,22 @@ class NetworkFault(Injector):
     def _preview_sync(
         self, spec: NetworkSpec, control_plane: list[tuple[str, int]]
     ) -> tuple[NetworkPlan, list[tc.U32Rule]]:
-        try:
-            with iproute(spec.netns) as ipr:
-                plan = self._plan_in(ipr, spec, control_plane)
-        except NetnsError as exc:
-            raise Rejected(str(exc)) from None
-        except (NetlinkError, OSError) as exc:
-            raise Rejected(f"cannot inspect the network: {_kernel_text(exc)}") from None
+        _, plan = self._inspect(spec, control_plane)
         return plan, build_rules(spec, control_plane, list(self.env.exempt_cidrs))
 
-    def _plan_sync(self, spec: NetworkSpec, fault_id: str, control_plane: list[tuple[str, int]]) -> NetworkPlan:
+    def _inspect(self, spec: NetworkSpec, control_plane: list[tuple[str, int]]) -> tuple[int, NetworkPlan]:
+        """(the namespace's inode, the plan) from what the kernel shows now; claims nothing."""
         try:
             inode = netns_inode(spec.netns)
             with iproute(spec.netns) as ipr:
-                plan = self._plan_in(ipr, spec, control_plane)
+                return inode, self._plan_in(ipr, spec, control_plane)
         except NetnsError as exc:
             raise Rejected(str(exc)) from None
         except (NetlinkError, OSError) as exc:
             raise Rejected(f"cannot inspect the network: {_kernel_text(exc)}") from None
+
+    def _plan_sync(self, spec: NetworkSpec, fault_id: str, control_plane: list[tuple[str, int]]) -> NetworkPlan:
+        inode, plan = self._inspect(spec, control_plane)
         key = (inode, plan.interface)
         with self._lock:
             holder = self._holders.get(key)
