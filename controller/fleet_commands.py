@@ -50,6 +50,13 @@ def _agent_row(view: NodeView, now: float) -> dict[str, Any]:
     }
 
 
+def _print_table(table: list[list[str]]) -> None:
+    """Rows of text cells, the first the header, in columns as wide as their widest cell."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
 def _fleet_target(args: argparse.Namespace) -> NatsTarget:
     """--nats, FAULTLINE_NATS_URL or the default, with its TLS files; raises NatsUrlError naming
     the setting that is wrong."""
@@ -131,9 +138,7 @@ async def cmd_agents(args: argparse.Namespace) -> int:
                 f"{r['last_seen_s']:.1f}s ago",
             ]
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    _print_table(table)
     lacking = [(r["node"], cap, note) for r in rows for cap, note in sorted(r["capability_notes"].items())]
     if lacking:
         _out("")
@@ -214,9 +219,7 @@ async def cmd_experiments(args: argparse.Namespace) -> int:
                 f"~{r['expires_in_s']:.0f}s",
             ]
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    _print_table(table)
     _out("")
     _out("abort one: faultline abort EXPERIMENT [--nats URL]    revert everything everywhere: faultline halt")
     return EXIT_OK
