@@ -215,9 +215,10 @@ class NetworkFault(Injector):
         control_plane = await self._control_plane() if spec.exempt_control_plane else []
         try:
             plan: NetworkPlan = await self._netlink("plan", self._plan_sync, spec, ctx.fault_id, control_plane)
-        except Rejected:
-            # a plan thread that timed out may still claim the interface for this fault, which
-            # will never be reverted (it has no plan): drop the claim once that thread is done
+        except (Rejected, asyncio.CancelledError):
+            # a plan thread that timed out (or whose caller gave up: the lifecycle's own bound can be
+            # the shorter) may still claim the interface for this fault, which will never be
+            # reverted (it has no plan): drop the claim once that thread is done
             asyncio.get_running_loop().run_in_executor(None, self._forget, ctx.fault_id)
             raise
         return plan

@@ -720,3 +720,32 @@ async def test_a_timed_out_network_apply_that_gets_the_lock_after_its_revert_ins
         inj._apply_sync(plan, "f.0")  # the queued apply, when its turn comes
     inj.release(c)
     assert inj._reverting == set()
+
+
+async def test_a_network_plan_given_up_by_its_caller_leaves_no_claim_on_the_interface(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lifecycle bounds a plan by revert_timeout_s; when that is shorter than the netlink
+    timeout, the plan is cancelled while its thread goes on and claims the interface. Before, the
+    claim stayed until a restart: every later fault on that interface was 'conflict: fault X'."""
+    inj = network.NetworkFault(AgentEnv(node="n", state_dir=tmp_path, instance_id="t", protected_pids=dict))
+    inj.probe = lambda: [Capability(f"network{s}", True) for s in ("", ".tbf", ".htb", ".u32")]  # type: ignore[method-assign]
+    go, claimed = threading.Event(), threading.Event()
+
+    def slow_plan(spec: Any, fault_id: str, control_plane: Any) -> Any:
+        go.wait(5)
+        with inj._lock:
+            inj._holders[(1, "eth9")] = fault_id  # what _plan_sync does once the kernel answered
+        claimed.set()
+        return None
+
+    monkeypatch.setattr(inj, "_plan_sync", slow_plan)
+    spec = network.NetworkSpec.model_validate({"kind": "network", "rate": "1mbit", "exemptControlPlane": False})
+    c = FaultContext(
+        fault_id="slow.0", experiment_id="s", deadline=time.time() + 30, pods=None, env=inj.env, emit=lambda *a: None
+    )
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(inj.plan(spec, c), 0.2)  # the caller gives up first
+    go.set()
+    assert await asyncio.to_thread(claimed.wait, 5), "the plan thread never finished"
+    await async_wait_until(lambda: inj._holders == {}, 5, "the late claim to be dropped")
