@@ -71,7 +71,8 @@ RUN_EPILOG = """examples:
 exit codes: 0 completed, 1 aborted or failed (the report says why), 2 bad input or refused before
 anything was sent (with -o json, an object with "outcome": "refused" and the reason).
 Ctrl-C once: abort and revert on every target, then the report; twice: the report at once, and
-the agents revert what is left when the lease lapses (abort.leaseTimeout, default 5s).
+the agents revert what is left when the lease lapses (abort.leaseTimeout, default 5s); three
+times: exit at once (130), no report.
 """
 
 
@@ -254,11 +255,13 @@ def abort_command(experiment_id: str, url: str) -> str:
 
 
 class _signals_abort:
-    """First SIGINT/SIGTERM aborts the experiment (which reverts); a second one stops waiting."""
+    """First SIGINT/SIGTERM aborts the experiment (which reverts); a second one stops waiting and
+    writes the report; a third exits at once."""
 
     def __init__(self, runner: ExperimentRunner) -> None:
         self.runner = runner
         self.count = 0
+        self.task = asyncio.current_task()
 
     def _on(self, signum: int) -> None:
         self.count += 1
@@ -266,9 +269,12 @@ class _signals_abort:
         if self.count == 1:
             _err(f"\n{name}: aborting and reverting on every target (again to stop waiting)")
             self.runner.abort(f"interrupted ({name})")
-        else:
+        elif self.count == 2:
             _err(f"{name} again: not waiting any longer; agents revert what is left when the lease lapses")
             self.runner.give_up(f"interrupted twice ({name})")
+        elif self.task is not None:  # a third: out now, report or not
+            _err(f"{name} a third time: exiting without a report")
+            self.task.cancel()
 
     def __enter__(self) -> _signals_abort:
         loop = asyncio.get_running_loop()
