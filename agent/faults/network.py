@@ -153,9 +153,10 @@ class NetworkFault(Injector):
         self._holders: dict[tuple[int, str], str] = {}
         self._lock = threading.Lock()  # holders are touched from worker threads
         self._ops = threading.Lock()  # one netlink operation at a time (see _serialized)
-        # faults whose revert has begun: an apply still queued for the lock (it timed out) must not
-        # install after that revert found nothing to remove (the lock's waiters are not served in order)
-        self._reverting: set[str] = set()
+        # faults whose apply may still install: set by apply() before its thread is queued, taken back
+        # by revert() before its own. An apply that timed out and is still queued for the lock (its
+        # waiters are not served in order) must not install after a revert that found nothing.
+        self._may_install: set[str] = set()
 
     def probe(self) -> list[Capability]:
         caps = probe_kernel()
@@ -199,11 +200,12 @@ class NetworkFault(Injector):
         with self._ops:
             return func(*args)
 
-    def release(self, ctx: FaultContext) -> None:
-        self._reverting.discard(ctx.fault_id)
-
     def _forget(self, fault_id: str) -> None:
-        with self._ops, self._lock:
+        with self._ops:
+            self._drop_claims(fault_id)
+
+    def _drop_claims(self, fault_id: str) -> None:
+        with self._lock:
             for key, holder in list(self._holders.items()):
                 if holder == fault_id:
                     del self._holders[key]
@@ -213,12 +215,23 @@ class NetworkFault(Injector):
     async def plan(self, spec: Any, ctx: FaultContext) -> Plan:
         self.check(spec, ctx)
         control_plane = await self._control_plane() if spec.exempt_control_plane else []
+        # A plan thread that timed out (or whose caller gave up: the lifecycle's own bound can be
+        # the shorter) may still claim the interface for this fault, which will never be reverted
+        # (it has no plan). Whichever runs last drops that claim: the thread itself, seeing the
+        # caller gone, or _forget queued after it.
+        gone = threading.Event()
+
+        def plan_unless_gone() -> NetworkPlan:
+            plan = self._plan_sync(spec, ctx.fault_id, control_plane)
+            if gone.is_set():
+                self._drop_claims(ctx.fault_id)
+                raise Rejected("planned after its caller had given up; nothing claimed")
+            return plan
+
         try:
-            plan: NetworkPlan = await self._netlink("plan", self._plan_sync, spec, ctx.fault_id, control_plane)
+            plan: NetworkPlan = await self._netlink("plan", plan_unless_gone)
         except (Rejected, asyncio.CancelledError):
-            # a plan thread that timed out (or whose caller gave up: the lifecycle's own bound can be
-            # the shorter) may still claim the interface for this fault, which will never be
-            # reverted (it has no plan): drop the claim once that thread is done
+            gone.set()
             asyncio.get_running_loop().run_in_executor(None, self._forget, ctx.fault_id)
             raise
         return plan
@@ -348,6 +361,7 @@ class NetworkFault(Injector):
     async def apply(self, spec: Any, plan: Plan, ctx: FaultContext) -> Measurements:
         assert isinstance(plan, NetworkPlan)
         started = time.monotonic()
+        self._may_install.add(ctx.fault_id)
         await self._netlink("apply", self._apply_sync, plan, ctx.fault_id)
         note = f"replaced (force): {', '.join(plan.replaced)}" if plan.replaced else None
         return Measurements(
@@ -359,7 +373,7 @@ class NetworkFault(Injector):
         )
 
     def _apply_sync(self, plan: NetworkPlan, fault_id: str) -> None:
-        if fault_id in self._reverting:  # under the netlink lock: checked before anything is installed
+        if fault_id not in self._may_install:  # under the netlink lock: checked before anything is installed
             raise Rejected("its revert began before the apply got its turn; nothing was installed")
         with iproute(plan.netns) as ipr:
             try:
@@ -387,10 +401,8 @@ class NetworkFault(Injector):
     async def revert(self, plan: Plan, ctx: FaultContext) -> Measurements:
         assert isinstance(plan, NetworkPlan)
         started = time.monotonic()
-        self._reverting.add(ctx.fault_id)
+        self._may_install.discard(ctx.fault_id)  # before the revert is queued: see _may_install
         removed: list[str] = await self._netlink("revert", self._revert_sync, plan)
-        if ctx.recovered:  # from the journal: no apply of this agent's life can be queued
-            self._reverting.discard(ctx.fault_id)
         with self._lock:
             for key, holder in list(self._holders.items()):
                 if holder == ctx.fault_id or key[1] == plan.interface and self._netns_matches(key[0], plan.netns):

@@ -708,44 +708,103 @@ async def test_a_timed_out_network_apply_that_gets_the_lock_after_its_revert_ins
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A threading.Lock does not serve its waiters in order: an apply that timed out, still queued,
-    could run after the revert that found nothing to remove, and leave the fault installed."""
+    could run after the revert that found nothing to remove (and after the lifecycle's release()),
+    and leave the fault installed."""
     inj = network.NetworkFault(AgentEnv(node="n", state_dir=tmp_path, instance_id="t", protected_pids=dict))
     plan = network.NetworkPlan.model_construct(interface="lo", netns=None, direction="egress")
     c = FaultContext(
         fault_id="f.0", experiment_id="f", deadline=time.time() + 30, pods=None, env=inj.env, emit=lambda *a: None
     )
     monkeypatch.setattr(inj, "_revert_sync", lambda plan: [])
+    inj._may_install.add("f.0")  # what apply() does before its (then timed-out) thread is queued
     await inj.revert(plan, c)  # the revert got the lock first
+    inj.release(c)  # as the lifecycle does right after a revert
     with pytest.raises(Rejected, match="its revert began before the apply got its turn; nothing was installed"):
         inj._apply_sync(plan, "f.0")  # the queued apply, when its turn comes
-    inj.release(c)
-    assert inj._reverting == set()
+    assert inj._may_install == set()
 
 
+@pytest.mark.parametrize("forget_first", [False, True], ids=["thread-first", "forget-first"])
 async def test_a_network_plan_given_up_by_its_caller_leaves_no_claim_on_the_interface(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forget_first: bool
 ) -> None:
     """The lifecycle bounds a plan by revert_timeout_s; when that is shorter than the netlink
     timeout, the plan is cancelled while its thread goes on and claims the interface. Before, the
-    claim stayed until a restart: every later fault on that interface was 'conflict: fault X'."""
+    claim stayed until a restart: every later fault on that interface was 'conflict: fault X'.
+    The lock's waiters are not served in order, so _forget may also run before the plan thread."""
     inj = network.NetworkFault(AgentEnv(node="n", state_dir=tmp_path, instance_id="t", protected_pids=dict))
     inj.probe = lambda: [Capability(f"network{s}", True) for s in ("", ".tbf", ".htb", ".u32")]  # type: ignore[method-assign]
-    go, claimed = threading.Event(), threading.Event()
+    go, done = threading.Event(), threading.Event()
 
-    def slow_plan(spec: Any, fault_id: str, control_plane: Any) -> Any:
-        go.wait(5)
+    def claim(spec: Any, fault_id: str, control_plane: Any) -> Any:
         with inj._lock:
             inj._holders[(1, "eth9")] = fault_id  # what _plan_sync does once the kernel answered
-        claimed.set()
         return None
 
-    monkeypatch.setattr(inj, "_plan_sync", slow_plan)
+    def serialized(func: Any, *args: Any) -> Any:
+        go.wait(5)  # queued for the netlink lock
+        try:
+            if forget_first:
+                return func(*args)
+            with inj._ops:
+                return func(*args)
+        finally:
+            done.set()
+
+    monkeypatch.setattr(inj, "_plan_sync", claim)
+    monkeypatch.setattr(inj, "_serialized", serialized)
     spec = network.NetworkSpec.model_validate({"kind": "network", "rate": "1mbit", "exemptControlPlane": False})
     c = FaultContext(
         fault_id="slow.0", experiment_id="s", deadline=time.time() + 30, pods=None, env=inj.env, emit=lambda *a: None
     )
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(inj.plan(spec, c), 0.2)  # the caller gives up first
+    if forget_first:
+        await asyncio.to_thread(inj._forget, "slow.0")  # served before the plan thread: nothing to drop yet
     go.set()
-    assert await asyncio.to_thread(claimed.wait, 5), "the plan thread never finished"
+    assert await asyncio.to_thread(done.wait, 5), "the plan thread never finished"
     await async_wait_until(lambda: inj._holders == {}, 5, "the late claim to be dropped")
+
+
+def test_a_failed_lookup_of_a_nats_server_is_not_remembered_as_no_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, one DNS hiccup cached [] for that server until the next reconnect: the server a
+    failover would pick was then not exempt from network faults."""
+    import socket as socket_mod
+
+    rt, _ = runtime(tmp_path, lambda env: FlakyRevert(env, failures=0))
+    rt.nc = _Nats("nats://127.0.0.1:4222", ["nats://nats-2.faultline-test:4222"], ("127.0.0.1", 4222))
+    answers: list[Any] = [OSError("temporary failure in name resolution"), "10.9.0.2", OSError("down again")]
+    real = socket_mod.getaddrinfo
+
+    def getaddrinfo(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "nats-2.faultline-test":
+            return real(host, port, *args, **kwargs)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return [(2, 1, 6, "", (answer, port))]
+
+    monkeypatch.setattr("agent.runtime.socket.getaddrinfo", getaddrinfo)
+    assert rt.control_plane() == [("127.0.0.1", 4222)]  # the hiccup: nats-2 unknown this time
+    assert rt.control_plane() == [("10.9.0.2", 4222), ("127.0.0.1", 4222)]  # asked again, not cached as none
+    monkeypatch.setattr("agent.runtime.CONTROL_PLANE_TTL_S", 0.0)
+    assert rt.control_plane() == [("10.9.0.2", 4222), ("127.0.0.1", 4222)]  # failing again: kept as it was
+
+
+def test_a_tombstone_is_written_whole_and_a_pruning_pass_never_reads_one_half_written(tmp_path: Path) -> None:
+    """Pruning runs while the agent runs now: a tombstone read half written (empty) would be taken
+    for expired and deleted, and a replayed command could then re-inject an ended fault."""
+    from agent.journal import Journal
+
+    journal = Journal(tmp_path)
+    journal.mark_ended("a.1", "reverted", time.time() + 60)
+    ended = journal.dir / "ended"
+    assert sorted(p.name for p in ended.iterdir()) == ["a.1"], "a temporary file was left"
+    (ended / ".b.2.tmp").write_text("")  # one being written right now
+    stale = ended / ".c.3.tmp"
+    stale.write_text("{")  # left by a crash mid-write, long ago
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert journal.load_ended() == {"a.1": ("reverted", pytest.approx(time.time() + 60, abs=5))}
+    assert sorted(p.name for p in ended.iterdir()) == [".b.2.tmp", "a.1"]
