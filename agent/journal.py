@@ -177,8 +177,16 @@ class Journal:
     def mark_ended(self, fault_id: str, state: str, expires_at: float) -> None:
         ended = self.dir / "ended"
         ended.mkdir(exist_ok=True)
-        with contextlib.suppress(OSError):
-            (ended / fault_id).write_text(json.dumps({"state": state, "expires_at": expires_at}))
+        # whole or not at all (a temporary name, then a rename): a pruning pass reading it half
+        # written would take it for expired and delete it
+        self._path(fault_id)  # the same ids as entries: nothing that names a directory
+        tmp = ended / f".{fault_id}.tmp"
+        try:
+            tmp.write_text(json.dumps({"state": state, "expires_at": expires_at}))
+            os.replace(tmp, ended / fault_id)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def finish(self, fault_id: str, state: str, expires_at: float, remove: bool) -> None:
         """Tombstone first, then drop the entry: a crash in between only repeats an idempotent revert."""
@@ -214,6 +222,11 @@ class Journal:
         if not ended.is_dir():
             return out
         for path in ended.iterdir():
+            if path.name.startswith("."):  # one being written (or left by a crash mid-write)
+                if path.name.endswith(".tmp") and path.stat().st_mtime < now - 3600:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                continue
             try:
                 obj = json.loads(path.read_text())
                 state, expires_at = str(obj["state"]), float(obj["expires_at"])

@@ -64,6 +64,7 @@ log = logging.getLogger("faultline.agent")
 NATS_ERROR_REPEAT_S = 60.0  # a NATS error that keeps coming is logged again this often
 
 ENDED_IN_HEARTBEATS_S = 120.0
+CONTROL_PLANE_TTL_S = 60.0  # NATS servers' resolved addresses are asked again this often (pods move)
 
 
 def _peer_address(nc: Any) -> tuple[str, int] | None:
@@ -142,7 +143,7 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         self._watchdog_closed = False
         self._hb_seq = 0
         self._load = load_sampler or LoadSampler()
-        self._cp_cache: dict[str, list[tuple[str, int]]] = {}
+        self._cp_cache: dict[str, tuple[float, list[tuple[str, int]]]] = {}
         self._subs: list[Any] = []
 
     # --- owned tasks -------------------------------------------------------
@@ -165,8 +166,9 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         the one it is connected to (the socket's peer, and its name resolved) and every other
         server of its pool (configured, or advertised by the cluster), which a reconnect may
         pick. None: connected, yet no address is known now (names that do not resolve); a
-        network fault is then refused. Names are resolved (DNS: call it from a worker thread)
-        and cached until the next reconnect."""
+        network fault is then refused. Names are resolved (DNS: call it from a worker thread) and
+        cached for CONTROL_PLANE_TTL_S or until the next reconnect; a lookup that fails is not
+        cached, and keeps the addresses the name had before."""
         nc = self.nc
         if nc is None:
             return []  # not connected yet: no command can come in
@@ -185,14 +187,19 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
             if not url.hostname:
                 continue
             key = f"{url.hostname}:{url.port or 4222}"
-            addrs = cache.get(key)
-            if addrs is None:
-                found: set[tuple[str, int]] = set()
-                with contextlib.suppress(OSError, UnicodeError):
-                    for info in socket.getaddrinfo(url.hostname, url.port or 4222, type=socket.SOCK_STREAM):
-                        found.add((str(info[4][0]), int(info[4][1])))
-                addrs = cache[key] = sorted(found)
-            out.update(addrs)
+            cached = cache.get(key)
+            if cached is not None and time.monotonic() - cached[0] < CONTROL_PLANE_TTL_S:
+                out.update(cached[1])
+                continue
+            found: set[tuple[str, int]] = set()
+            with contextlib.suppress(OSError, UnicodeError):
+                for info in socket.getaddrinfo(url.hostname, url.port or 4222, type=socket.SOCK_STREAM):
+                    found.add((str(info[4][0]), int(info[4][1])))
+            if found:  # a failed lookup is asked again next time, not remembered as "no address"
+                cache[key] = (time.monotonic(), sorted(found))
+            elif cached is not None:
+                found.update(cached[1])  # DNS failing now: the addresses it gave last stay exempt
+            out.update(found)
         return sorted(out) if out else None
 
     def ready(self) -> tuple[bool, str]:
@@ -366,12 +373,30 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         self.spawn(self._connect_again(), name="nats-connect-again")
 
     async def _connect_again(self) -> None:
-        self._subs.clear()
-        self._cp_cache = {}
-        if await self.connect():
-            await self.subscribe()
+        """A fresh client, subscribed, or none: one whose subscriptions failed would look ready
+        while commands, halts and leases went unheard. Retried until it works or the agent stops."""
+        delay = self.settings.nats.reconnect_wait_s
+        while not self.stop_event.is_set():
+            self._subs.clear()
+            self._cp_cache = {}
+            if not await self.connect():
+                return  # stopping
+            try:
+                await self.subscribe()
+            except Exception as exc:
+                log.warning("subscribing on the fresh NATS connection failed (%s); connecting again", exc)
+                nc, self.nc = self.nc, None  # not ours any more: its close must not start another round
+                self.connected = False
+                if nc is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(nc.close(), 1.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), delay)
+                delay = min(delay * 2, 5.0)
+                continue
             self._flush_pending()
             log.info("connected to NATS again")
+            return
 
     async def _on_reconnected(self) -> None:
         self.connected = True

@@ -75,6 +75,9 @@ class LazyInjector(Injector):
     async def apply(self, spec: Any, plan: Plan, ctx: FaultContext) -> Measurements:
         return await self._load().apply(spec, plan, ctx)
 
+    def applied(self, plan: Plan, ctx: FaultContext) -> Plan | None:
+        return self._real.applied(plan, ctx) if self._real is not None else None
+
     async def revert(self, plan: Plan, ctx: FaultContext) -> Measurements:
         return await self._load().revert(plan, ctx)
 
