@@ -18,7 +18,19 @@ from agent.faults.base import Injector, Rejected
 from agent.faults_table import FaultRecord
 from proto.codec import DecodeError, decode_command, encode, peek_id
 from proto.faults import required_capabilities
-from proto.messages import Ack, FaultEvent, FaultState, Inject, PodRef, Preview, Revert, Start
+from proto.messages import (
+    PREVIEW_ALL_KINDS_SINCE_MINOR,
+    Ack,
+    FaultEvent,
+    FaultState,
+    Inject,
+    PodRef,
+    Preview,
+    PreviewResult,
+    Revert,
+    Start,
+    schema_minor,
+)
 from proto.units import MAX_DURATION_S
 
 if TYPE_CHECKING:
@@ -155,6 +167,13 @@ class CommandHandler:
             log.info("preview %s not answered: %s", cmd.id, reason)
             return Ack(in_reply_to=cmd.id, node=self.node, accepted=False, reason=reason)
 
+        def would_refuse(reason: str) -> Ack:
+            """What an Inject of the fault would get: an answer, for a controller that tells it apart
+            (1.5); a refusal of the preview itself for an older one, as before."""
+            if schema_minor(cmd.schema_version) < PREVIEW_ALL_KINDS_SINCE_MINOR:
+                return refuse(reason)
+            return Ack(in_reply_to=cmd.id, node=self.node, accepted=True, preview=PreviewResult(refused=reason))
+
         now = time.time()
         if cmd.expires_at <= now:
             return refuse(f"expired: expires_at passed {now - cmd.expires_at:.1f}s ago")
@@ -165,10 +184,10 @@ class CommandHandler:
         kind = cmd.spec.kind
         injector = self.injectors.get(kind)
         if injector is None:
-            return refuse(self.unsupported.get(kind, f"{kind} faults are not supported by this agent"))
+            return would_refuse(self.unsupported.get(kind, f"{kind} faults are not supported by this agent"))
         for cap in required_capabilities(cmd.spec):
             if cap not in self.capabilities:
-                return refuse(self.capability_notes.get(cap, f"capability {cap} not available here"))
+                return would_refuse(self.capability_notes.get(cap, f"capability {cap} not available here"))
         ctx = self.make_context("preview", "preview", cmd.expires_at, cmd.pods)
         self.previewing = True
         try:
@@ -177,7 +196,7 @@ class CommandHandler:
                 spec = await asyncio.to_thread(pod_scoped, spec, cmd.pods)
             result = await injector.preview(spec, ctx)
         except Rejected as exc:
-            return refuse(str(exc))
+            return would_refuse(str(exc))
         except Exception as exc:
             log.exception("preview of a %s fault failed", kind)
             return refuse(f"preview failed: {exc}")

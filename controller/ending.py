@@ -28,6 +28,7 @@ class Ending(Phase):
     problems: list[str]
     _finishing: bool
     gave_up: str | None
+    revert_broadcast: bool
 
     if TYPE_CHECKING:
         # Declared for the type checker only: ExperimentRunner defines it.
@@ -60,6 +61,7 @@ class Ending(Phase):
         # Fast path: one broadcast reaches every agent at NATS fan-out speed. Then, for any node
         # whose faults have not all been seen to end, the per-node request with its Ack.
         why = await broadcast_revert(self.nc, self.experiment_id, reason)
+        self.revert_broadcast = True
         if why is not None:
             log.warning("%s; reverting node by node", why)
         if self.gave_up:  # a second Ctrl-C: the broadcast is out; the lease lapse does the rest

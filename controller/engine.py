@@ -93,6 +93,7 @@ class ExperimentRunner(Starting, Ending):
         self._plan: Plan | None = None
         self._finishing = False
         self.gave_up: str | None = None  # a second Ctrl-C: report now, do not wait for the reverts
+        self.revert_broadcast = False  # the revert broadcast has been sent (or failed to be)
         self._finish_task: asyncio.Future[None] | None = None
 
     # --- planning (also what --dry-run runs)
@@ -161,7 +162,8 @@ class ExperimentRunner(Starting, Ending):
             return
         self.gave_up = why
         self.abort(why)
-        if self._finish_task is not None and not self._finish_task.done():
+        # once the revert broadcast is out (before, _finish returns right after sending it)
+        if self._finish_task is not None and not self._finish_task.done() and self.revert_broadcast:
             self._finish_task.cancel()
 
     @property

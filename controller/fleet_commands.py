@@ -20,7 +20,7 @@ from controller.halting import halt_and_confirm
 from proto.codec import DecodeError, decode, encode
 from proto.messages import Ack, Revert
 from proto.natsurl import DEFAULT_NATS_URL, NatsTarget, NatsUrlError, configured, default_target, redacted
-from proto.subjects import exp_control
+from proto.subjects import exp_control, safe_token
 
 
 async def _with_fleet(target: NatsTarget) -> tuple[Any, Fleet]:
@@ -299,11 +299,16 @@ async def cmd_halt(args: argparse.Namespace) -> int:
     except NatsUrlError as exc:
         return _bad_url(args, exc)
     try:
+        # as the agents name themselves on NATS (faultline-agent makes --node one subject token:
+        # ip-10-0-1-23.ec2.internal heartbeats as ip-10-0-1-23_ec2_internal)
+        expect = [safe_token(n) for item in args.expect for n in item.split(",") if n.strip()]
+    except ValueError as exc:
+        return _refuse(args, "expect", [f"faultline: --expect: {exc}"])
+    try:
         nc = await connect(target.url, tls=target.tls)
     except ConnectError as exc:
         return _connect_failed(args, target, exc)
     try:
-        expect = [n.strip() for item in args.expect for n in item.split(",") if n.strip()]
         return await halt_and_confirm(
             nc,
             redacted(target.url),

@@ -46,14 +46,19 @@ async def preview_faults(nc: Any, fleet: Fleet, faults: list[Any], plan: Plan) -
                     "error": f"agent {view.heartbeat.version} (schema {view.heartbeat.schema_version}) cannot "
                     f"preview {f.kind} faults; upgrade it to schema 1.{since} or newer"
                 }
+                if f.kind not in PROCESS_KINDS:
+                    # nothing to show, and nothing wrong: a mixed fleet mid-rollout is not a failed preview
+                    nodes[n]["unsupported"] = True
                 continue
             payloads[n] = encode(Preview(spec=f, pods=plan.pods.get(n), expires_at=time.time() + 30.0))
         results = await request_acks(nc, payloads, timeout_s=PREVIEW_TIMEOUT_S, attempts=1) if payloads else {}
         for n, (ack, why) in results.items():
             if ack is None:
                 nodes[n] = {"error": why or "no answer"}
-            elif not ack.accepted:  # what an Inject would get: the fault cannot go there now
-                nodes[n] = {"error": ack.reason or "refused", "refused": True}
+            elif not ack.accepted:  # the preview itself not answered (busy, stopping, too old a kind)
+                nodes[n] = {"error": ack.reason or "refused"}
+            elif ack.preview is not None and ack.preview.refused is not None:  # what an Inject would get
+                nodes[n] = {"error": ack.preview.refused, "refused": True}
             elif ack.preview is None:
                 nodes[n] = {"error": "the agent answered without a preview"}
             else:
@@ -133,7 +138,7 @@ def preview_shortfalls(previews: list[dict[str, Any]]) -> list[str]:
         for node, r in p["nodes"].items():
             if r.get("refused"):
                 out.append(f"fault {p['fault']} on {node}: would be refused: {r['error']}")
-            elif "error" in r:
+            elif "error" in r and not r.get("unsupported"):
                 out.append(f"fault {p['fault']} on {node}: no preview ({r['error']})")
             elif p["kind"] in PROCESS_KINDS and r["would_hit"] == 0:
                 out.append(f"fault {p['fault']} on {node}: would hit no process; the run would fail there")

@@ -221,6 +221,9 @@ class PreviewResult(BaseModel):
     )
     skipped_total: int = 0
     note: str | None = Field(None, description="e.g. which of the matches are hit is picked at injection")
+    refused: str | None = Field(
+        None, description="since 1.5: why an Inject of this fault would be refused on this node now (nothing else set)"
+    )
     network: NetworkPreview | None = Field(None, description="since 1.5: a network fault's interface and exemptions")
     stress: StressPreview | None = Field(None, description="since 1.5: a cpu or memory fault's stressors")
 

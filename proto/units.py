@@ -180,6 +180,11 @@ def parse_rate(value: Any) -> int:
         unit = m.group(2).lower() if m else None
         if m and unit in _BYTE_RATE_UNITS:
             n, (prefix, word) = m.group(1), _BYTE_RATE_UNITS[unit]
+            if "B" in m.group(2):  # MBps: bytes, as everyone reads it
+                raise ValueError(
+                    f"invalid rate {value!r}: {m.group(2)} is {word}bytes per second; "
+                    f"write it in bits: '{float(n) * 8:g}{prefix}bit'"
+                )
             raise ValueError(
                 f"invalid rate {value!r}: ambiguous: tc reads {m.group(2)} as {word}bytes per second "
                 f"({n}{m.group(2)} = {float(n) * 8:g}{prefix}bit), networking as {word}bits; "

@@ -926,7 +926,7 @@ def test_halt_is_not_clear_while_an_expected_agent_is_frozen(
     agent(s) seen" and exit 0 while its victim stayed stopped. Now that says what it cannot see,
     and naming the fleet (--expect, --expect-agents) makes the halt not clear, exit 1."""
     a = agent_factory("node-a", extra=["--deny", f"{victims.token}-b$"])
-    agent_factory("node-b", extra=["--deny", f"{victims.token}-a$"])
+    agent_factory("node.b", extra=["--deny", f"{victims.token}-a$"])  # on NATS: node_b
     (victim,) = victims.start(1, "-a")
     path = experiment_file(
         tmp_path, [pause(victims, tag="-a")], duration="60s", targets={"nodes": ["node-a"]},
@@ -943,11 +943,12 @@ def test_halt_is_not_clear_while_an_expected_agent_is_frozen(
         assert "halt confirmed: all 1 agent(s) seen report no active fault" in plain.stdout
         assert "an agent that sends no heartbeat, frozen or cut off from NATS, is not seen" in plain.stdout
 
-        named = faultline("halt", "--nats", nats_url, "--expect", "node-a,node-b", "-o", "json")
+        # named as the operator knows them (kubectl get nodes): node.b is node_b on NATS
+        named = faultline("halt", "--nats", nats_url, "--expect", "node-a,node.b", "-o", "json")
         assert named.returncode == 1, named.stdout + named.stderr
         result = json.loads(named.stdout)
-        assert result["outcome"] == "not-clear" and result["expected_nodes"] == ["node-a", "node-b"]
-        assert {n["node"]: n["result"] for n in result["nodes"]} == {"node-a": "never-seen", "node-b": "clear"}
+        assert result["outcome"] == "not-clear" and result["expected_nodes"] == ["node-a", "node_b"]
+        assert {n["node"]: n["result"] for n in result["nodes"]} == {"node-a": "never-seen", "node_b": "clear"}
 
         counted = faultline("halt", "--nats", nats_url, "--expect-agents", "2")
         assert counted.returncode == 1, counted.stdout + counted.stderr

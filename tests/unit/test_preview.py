@@ -113,7 +113,7 @@ async def test_protected_processes_are_listed_as_skipped_and_a_protected_pid_is_
         in (preview_lines(previews)[1])
     )
     refused = await preview(rt, ProcessKillSpec(match=ProcessMatch(pid=os.getpid())))
-    assert not refused.accepted and "protected" in (refused.reason or "")
+    assert refused.accepted and refused.preview is not None and "protected" in (refused.preview.refused or "")
 
 
 async def test_nothing_matching_is_a_note_and_a_shortfall(tmp_path: Path) -> None:
@@ -152,6 +152,28 @@ async def test_agents_older_than_1_5_are_not_asked_about_network_cpu_or_memory_f
     out = await preview_faults(None, fleet, [spec], Plan(targets=["n14"], pods={}, notes=[]))
     err = out[0]["nodes"]["n14"]["error"]
     assert "schema 1.4" in err and "cannot preview memory faults; upgrade it to schema 1.5" in err
+    assert preview_shortfalls(out) == [], "a mixed fleet mid-rollout must not fail the preview"
+
+
+async def test_a_preview_that_an_inject_would_refuse_is_an_answer_for_1_5_and_a_refusal_for_1_4(
+    tmp_path: Path,
+) -> None:
+    """A busy or stopping agent does not answer a preview; a fault it would refuse (no such
+    process, too much memory) is an answer: "would be refused". A 1.4 controller, which knows no
+    PreviewResult.refused, gets the refusal as before."""
+    rt = AgentRuntime(AgentSettings(state_dir=tmp_path, identity={"node": "p"}))
+    await rt.probe()
+    protected = ProcessKillSpec(match=ProcessMatch(pid=os.getpid()))
+    new = decode(await rt.handle_command(encode(Preview(spec=protected, expires_at=time.time() + 30))), Ack)
+    assert new.accepted and new.preview is not None and "protected" in (new.preview.refused or "")
+    old_cmd = encode(Preview(spec=protected, expires_at=time.time() + 30)).replace(
+        f'"schema_version":"{SCHEMA_VERSION}"'.encode(), b'"schema_version":"1.4"'
+    )
+    old = decode(await rt.handle_command(old_cmd), Ack)
+    assert not old.accepted and "protected" in (old.reason or "") and old.preview is None
+    rt.stopping = True
+    busy = decode(await rt.handle_command(encode(Preview(spec=protected, expires_at=time.time() + 30))), Ack)
+    assert not busy.accepted and busy.reason == "agent is stopping"
 
 
 def test_network_and_stress_previews_read_as_where_the_fault_would_go() -> None:

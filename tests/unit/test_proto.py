@@ -47,6 +47,8 @@ def test_sizes_rates_percents() -> None:
     for ambiguous, bits in (("8Mbps", "64mbit"), ("1kbps", "8kbit"), ("10bps", "80bit")):
         with pytest.raises(ValueError, match=f"ambiguous: tc reads .*bytes per second .*= {bits}\\), networking as"):
             parse_rate(ambiguous)
+    with pytest.raises(ValueError, match="'8MBps': MBps is megabytes per second; write it in bits: '64mbit'"):
+        parse_rate("8MBps")
     for negative, parse in (("-5s", parse_duration), ("-512Mi", parse_size), ("-8mbit", parse_rate)):
         with pytest.raises(ValueError, match="must be "):
             parse(negative)  # type: ignore[operator]
