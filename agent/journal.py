@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,9 @@ class Journal:
     def __init__(self, state_dir: Path) -> None:
         self.dir = Path(state_dir) / "journal"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # writes and removals one at a time (they run in worker threads): a late write of an
+        # entry (replace_only) never brings back one its fault's end has removed
+        self._lock = threading.RLock()
 
     def _path(self, fault_id: str) -> Path:
         # fault ids are validated to [A-Za-z0-9_.-]; refuse anything that could escape the directory
@@ -83,21 +87,27 @@ class Journal:
     def entry_name(self, fault_id: str) -> str:
         return self._path(fault_id).name
 
-    def write(self, entry: JournalEntry) -> None:
+    def write(self, entry: JournalEntry, replace_only: bool = False) -> bool:
+        """Write the entry (fsync'd). ``replace_only``: only in place of one that is still there;
+        False when there was none (the fault has ended and its entry is gone), nothing written."""
         path = self._path(entry.fault_id)
         tmp = path.with_suffix(".json.tmp")
         data = entry.model_dump_json(by_alias=True).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        self._fsync_dir()
+        with self._lock:
+            if replace_only and not path.exists():
+                return False
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            self._fsync_dir()
+        return True
 
     def remove(self, fault_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with self._lock, contextlib.suppress(FileNotFoundError):
             self._path(fault_id).unlink()
             self._fsync_dir()
 
@@ -196,6 +206,10 @@ class Journal:
 
     def finish_many(self, done: list[tuple[str, str, float, bool]]) -> None:
         """finish() for a batch (fault id, state, expires_at, remove), with one directory fsync."""
+        with self._lock:
+            self._finish_many(done)
+
+    def _finish_many(self, done: list[tuple[str, str, float, bool]]) -> None:
         removed = False
         problems: list[str] = []
         for fault_id, state, expires_at, remove in done:

@@ -156,7 +156,7 @@ class Lifecycle:
                         raise RuntimeError(f"journal write failed, not acting: {exc}") from exc
                     if not rec.ended.is_set():
                         m = await within(inj.apply(spec, plan, ctx), timing.revert_timeout_s)
-                        await self._journal_narrowed(rec, inj, plan)
+                        self._journal_narrowed(rec, inj, plan)
                         rec.measurements = merge(rec.measurements, m).model_copy(
                             update={"apply_s": round(time.monotonic() - t0, 4)}
                         )
@@ -177,10 +177,13 @@ class Lifecycle:
         await rec.ended.wait()
         await self._revert(rec)
 
-    async def _journal_narrowed(self, rec: FaultRecord, inj: Injector, plan: Plan) -> None:
+    def _journal_narrowed(self, rec: FaultRecord, inj: Injector, plan: Plan) -> None:
         """The apply did less than planned (a pause that found a target stopped by someone else):
         the journal keeps only what it did, so a revert after a crash undoes that and no more.
-        A failed write keeps the first entry: that revert then covers every planned target."""
+        Written beside the lifecycle, not in its way: the fault is applied, and a stalled disk
+        must not hold up its revert. A write that fails, or comes too late, leaves the first
+        entry: a revert from it covers every planned target. One that comes after the fault's
+        end has removed the entry writes nothing (Journal.write, replace_only)."""
         try:
             narrowed = inj.applied(plan, rec.ctx)
         except Exception:  # bookkeeping: the fault is applied, and the first entry covers it
@@ -189,12 +192,15 @@ class Lifecycle:
         if narrowed is None:
             return
         rec.plan = narrowed
+        self.spawn(self._write_narrowed(rec.fault_id, rec.journal_entry(narrowed)), name=f"narrow:{rec.fault_id}")
+
+    async def _write_narrowed(self, fault_id: str, entry: Any) -> None:
         try:
-            await asyncio.to_thread(self.journal.write, rec.journal_entry(narrowed))
+            await asyncio.to_thread(self.journal.write, entry, True)
         except OSError as exc:
             log.warning(
                 "fault %s: journal not narrowed to what was applied (%s); a revert after a crash covers its whole plan",
-                rec.fault_id,
+                fault_id,
                 exc,
             )
 

@@ -446,11 +446,12 @@ async def test_the_journal_keeps_only_what_a_pause_stopped_so_recovery_resumes_n
     rt, _ = pausing_runtime(tmp_path)
     first_write = rt.journal.write
 
-    def write_then_someone_stops_theirs(entry: Any) -> None:
-        first_write(entry)
+    def write_then_someone_stops_theirs(entry: Any, replace_only: bool = False) -> bool:
+        written = first_write(entry, replace_only)
         if entry.plan is not None and len(entry.plan["targets"]) == 2:
             os.kill(theirs.pid, signal.SIGSTOP)
             wait_until(lambda: status(theirs) == psutil.STATUS_STOPPED, 3, "the other victim stopped by someone else")
+        return written
 
     rt.journal.write = write_then_someone_stops_theirs  # type: ignore[method-assign]
     try:
@@ -465,9 +466,13 @@ async def test_the_journal_keeps_only_what_a_pause_stopped_so_recovery_resumes_n
         rec = rt.faults["e.0"]
         await async_wait_until(lambda: rec.state == "active", 5, "the pause to become active")
         assert rec.measurements.hit_pids == [mine.pid]
-        entry = rt.journal.read("e.0")
-        assert entry is not None and entry.plan is not None
-        assert [t["pid"] for t in entry.plan["targets"]] == [mine.pid], "the journal was not narrowed"
+
+        def journaled() -> list[int]:
+            entry = rt.journal.read("e.0")
+            assert entry is not None and entry.plan is not None
+            return [t["pid"] for t in entry.plan["targets"]]
+
+        await async_wait_until(lambda: journaled() == [mine.pid], 3, "the journal to be narrowed")
 
         # the agent dies here (nothing reverted); the next one recovers from the journal
         for t in list(rt.faults.values()):
@@ -495,9 +500,9 @@ async def test_a_pause_that_stopped_every_target_writes_its_journal_once(tmp_pat
     writes: list[int] = []
     first_write = rt.journal.write
 
-    def counted(entry: Any) -> None:
+    def counted(entry: Any, replace_only: bool = False) -> bool:
         writes.append(len(entry.plan["targets"]) if entry.plan else 0)
-        first_write(entry)
+        return first_write(entry, replace_only)
 
     rt.journal.write = counted  # type: ignore[method-assign]
     pause = Inject(
@@ -808,3 +813,51 @@ def test_a_tombstone_is_written_whole_and_a_pruning_pass_never_reads_one_half_wr
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     assert journal.load_ended() == {"a.1": ("reverted", pytest.approx(time.time() + 60, abs=5))}
     assert sorted(p.name for p in ended.iterdir()) == [".b.2.tmp", "a.1"]
+
+
+async def test_a_stalled_narrowing_write_neither_delays_the_revert_nor_brings_the_entry_back(
+    tmp_path: Path, victims: Victims
+) -> None:
+    """The narrowed plan is written beside the lifecycle: a state directory whose fsync stalls
+    must not keep a paused process stopped past its fault's end. A write that comes after the
+    fault's end removed the entry writes nothing."""
+    mine, theirs = victims.start(1, "-mine")[0], victims.start(1, "-theirs")[0]
+    rt, _ = pausing_runtime(tmp_path)
+    first_write = rt.journal.write
+    stall = threading.Event()
+
+    def write(entry: Any, replace_only: bool = False) -> bool:
+        if replace_only:  # the narrowing write: the disk stalls
+            stall.wait(10)
+            return first_write(entry, replace_only)
+        written = first_write(entry, replace_only)
+        if entry.plan is not None and len(entry.plan["targets"]) == 2:
+            os.kill(theirs.pid, signal.SIGSTOP)  # so that the apply does less than planned
+            wait_until(lambda: status(theirs) == psutil.STATUS_STOPPED, 3, "the other victim stopped")
+        return written
+
+    rt.journal.write = write  # type: ignore[method-assign]
+    pause = Inject(
+        experiment_id="e",
+        fault_id="e.2",
+        spec={"kind": "process-pause", "match": {"cmdline": f"{victims.token}-(mine|theirs)$"}},
+        expires_at=time.time() + 30,
+        lease_timeout_s=30,
+    )
+    try:
+        assert decode(await rt.handle_command(encode(pause)), Ack).accepted
+        rec = rt.faults["e.2"]
+        await async_wait_until(lambda: rec.state == "active", 5, "the pause to become active")
+        rec.request_end("test")
+        await asyncio.wait_for(rec.finished.wait(), 5)  # not held up by the stalled write
+        assert status(mine) != psutil.STATUS_STOPPED
+        await rt.flush_cleanup()
+        assert rt.journal.fault_ids() == []
+        stall.set()  # the disk comes back; the late write finds no entry to replace
+        await asyncio.sleep(0)
+        await async_wait_until(lambda: not any(t.get_name() == "narrow:e.2" for t in rt._tasks), 5, "the write")
+        assert rt.journal.fault_ids() == [], "a late narrowing write brought the entry back"
+    finally:
+        stall.set()
+        os.kill(theirs.pid, signal.SIGCONT)
+        os.kill(mine.pid, signal.SIGCONT)
