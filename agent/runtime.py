@@ -338,17 +338,22 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
                 log.warning(
                     "cannot reach NATS at %s: %s; retrying", redacted(",".join(nats_cfg.urls)), redacted(str(exc))
                 )
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(nc.close(), 1.0)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop_event.wait(), delay)
-                delay = min(delay * 2, 5.0)
+                delay = await self._close_and_wait(nc, delay)
                 continue
             self.nc = nc
             self.connected = True
             self.nats_lost_since = None
             return True
         return False
+
+    async def _close_and_wait(self, nc: Any, delay: float) -> float:
+        """Close a client given up on, wait ``delay`` (or until asked to stop); the next delay."""
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 1.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop_event.wait(), delay)
+        return min(delay * 2, 5.0)
 
     async def _on_disconnected(self) -> None:
         if self.connected and not self.stopping:
@@ -387,12 +392,7 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
                 log.warning("subscribing on the fresh NATS connection failed (%s); connecting again", exc)
                 nc, self.nc = self.nc, None  # not ours any more: its close must not start another round
                 self.connected = False
-                if nc is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(nc.close(), 1.0)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop_event.wait(), delay)
-                delay = min(delay * 2, 5.0)
+                delay = await self._close_and_wait(nc, delay)
                 continue
             self._flush_pending()
             log.info("connected to NATS again")
