@@ -411,6 +411,15 @@ def _stopped_now(target: Target) -> bool:
 
 
 ALREADY_STOPPED = "already stopped, not by this agent: resuming it at the revert would undo that stop"
+UNRESUMED_KEEP = 256  # faults whose failed revert left processes stopped, remembered for the hint
+
+
+def left_stopped_reason(fault_id: str) -> str:
+    return (
+        f"still stopped by fault {fault_id} of this agent, whose revert could not resume it: its journal"
+        " entry is kept (see journal issues in `faultline agents`) and retried at the next start or"
+        " `faultline halt`"
+    )
 
 
 class ProcessPause(_ProcessInjector):
@@ -423,11 +432,21 @@ class ProcessPause(_ProcessInjector):
         self._held: dict[str, list[Target]] = {}
         # fault id -> the pids its apply did stop: its revert resumes those and no other
         self._stopped: dict[str, set[int]] = {}
+        # fault id -> what its failed revert could not resume (its journal entry is kept and
+        # retried): a later pause of such a process is told why it is stopped, not "not by this agent"
+        self._unresumed: dict[str, list[Target]] = {}
 
     def holder(self, pid: int, create_time: float, fault_id: str | None = None) -> str | None:
         """The active pause fault, other than ``fault_id``, that holds this process stopped."""
         for fid, targets in self._held.items():
             if fid != fault_id and any(t.pid == pid and _same_start(t.create_time, create_time) for t in targets):
+                return fid
+        return None
+
+    def left_stopped_by(self, pid: int, create_time: float) -> str | None:
+        """The fault, of this agent, whose failed revert left this process stopped."""
+        for fid, targets in self._unresumed.items():
+            if any(t.pid == pid and _same_start(t.create_time, create_time) for t in targets):
                 return fid
         return None
 
@@ -439,8 +458,11 @@ class ProcessPause(_ProcessInjector):
         for p in procs:
             fid = self.holder(p.pid, p.info["create_time"], ctx.fault_id)
             name = str(p.info.get("name") or "")
+            left = None if fid is not None else self.left_stopped_by(p.pid, p.info["create_time"])
             if fid is not None:
                 taken.append(SkippedProcess(pid=p.pid, name=name, reason=f"already paused by fault {fid}"))
+            elif left is not None and p.info.get("status") in STOPPED:
+                taken.append(SkippedProcess(pid=p.pid, name=name, reason=left_stopped_reason(left)))
             elif p.info.get("status") in STOPPED:
                 # stopped by someone else (another agent's pause, job control, a debugger): our
                 # SIGCONT at the revert would end their stop, early and without telling them
@@ -484,6 +506,12 @@ class ProcessPause(_ProcessInjector):
         m = self._measure(plan, hit)
         return m.model_copy(update={"skipped": [*plan.skipped, *late]}) if late else m
 
+    def _remember_unresumed(self, fault_id: str, targets: list[Target]) -> None:
+        self._unresumed.pop(fault_id, None)
+        self._unresumed[fault_id] = targets
+        while len(self._unresumed) > UNRESUMED_KEEP:  # a hint only: the oldest go first
+            del self._unresumed[next(iter(self._unresumed))]
+
     def applied(self, plan: Plan, ctx: FaultContext) -> Plan | None:
         """Targets the apply did not stop (gone, or stopped by someone else meanwhile) leave the
         journaled plan, so a revert after a crash resumes exactly what this fault stopped. When
@@ -509,6 +537,7 @@ class ProcessPause(_ProcessInjector):
         resumed: list[int] = []
         kept: list[SkippedProcess] = []
         failed: list[str] = []
+        unresumed: set[int] = set()
         for t in plan.targets:
             if stopped is not None and t.pid not in stopped:
                 continue
@@ -522,8 +551,11 @@ class ProcessPause(_ProcessInjector):
                         resumed.append(t.pid)
                 except (OSError, psutil.Error) as exc:  # the others are resumed all the same
                     failed.append(f"{t.pid}: {_not_signalled(t, exc).reason}")
+                    unresumed.add(t.pid)
         if failed:  # the revert fails, so the fault's journal entry is kept and retried
+            self._remember_unresumed(ctx.fault_id, [t for t in plan.targets if t.pid in unresumed])
             raise RuntimeError(f"not resumed: {'; '.join(failed[:10])}")
+        self._unresumed.pop(ctx.fault_id, None)
         self._stopped.pop(ctx.fault_id, None)
         m = self._measure(plan, sorted(stopped) if stopped is not None else [t.pid for t in plan.targets])
         update: dict[str, Any] = {"resumed_pids": resumed}

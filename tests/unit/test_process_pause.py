@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from agent.faults.base import AgentEnv, FaultContext, Rejected
-from agent.faults.process import ProcessPause, ProcessPlan
+from agent.faults.process import ProcessPause, ProcessPlan, left_stopped_reason
 from proto.faults import ProcessPauseSpec
 from proto.messages import Measurements
 from tests.conftest import Victims, async_wait_until, status
@@ -324,10 +324,16 @@ async def test_a_target_the_agent_may_not_signal_is_skipped_and_the_others_are_p
     refuse["pid"] = first.pid
     with pytest.raises(RuntimeError, match=f"not resumed: {first.pid}: not permitted"):
         await inj.revert(plan, c)
+    # a new pause of the process left stopped is told which of this agent's faults holds it
+    again = ctx(inj, "eperm.1")
+    with pytest.raises(Rejected) as refused:
+        await inj.plan(spec(f"{victims.token}-ok$"), again)
+    assert f"{first.pid} ({left_stopped_reason('eperm.0')})" in str(refused.value), refused.value
     refuse["pid"] = -1
     back = await inj.revert(plan, c)  # the retry
     assert back.resumed_pids == [first.pid]
     await wait_status(first, False, "the victim resumed by the retried revert")
+    assert inj.left_stopped_by(first.pid, first.create_time()) is None
 
 
 def _pid_of(pidfd: int) -> int:
