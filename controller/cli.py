@@ -307,6 +307,9 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         return await run_demo(_err, args.output, on_runner=runner_box.append)
     except LocalModeError as exc:
         _err(f"faultline demo: {exc}")
+        if args.output == "json":  # a script always has JSON to read
+            failed = {"outcome": "failed", "stage": "start", "error": str(exc), "sent": False}
+            _out(json.dumps({**failed, "exit_code": EXIT_FAILED}, indent=2))
         return EXIT_FAILED
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

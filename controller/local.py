@@ -21,7 +21,7 @@ from typing import Any
 
 from controller.dispatch import close, connect
 from controller.fleet import JOURNAL_ISSUES_HELP, Fleet, FleetTimeout, journal_issue_lines
-from controller.natsserver import NatsServer
+from controller.natsserver import NatsServer, NatsServerError
 from proto.messages import EndedFault, Heartbeat
 from proto.statelock import StateLock
 from proto.subjects import safe_token
@@ -194,7 +194,10 @@ class LocalEnvironment:
                 "(FAULTLINE_STATE_DIR chooses another)"
             ) from None
         check_state_dir_free(self.state_dir)  # before anything starts
-        self.url = await asyncio.to_thread(self.server.start)
+        try:
+            self.url = await asyncio.to_thread(self.server.start)
+        except NatsServerError as exc:
+            raise LocalModeError(f"cannot start the embedded nats-server: {exc}") from None
         self.nc = await connect(self.url, name="faultline-local")
         self.fleet = Fleet(self.nc)
         await self.fleet.start()

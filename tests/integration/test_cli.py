@@ -444,6 +444,16 @@ def test_an_unusable_local_state_dir_is_refused_with_its_name(tmp_path: Path) ->
         assert f"cannot use the local state directory {blocker / 'state'}: Not a directory" in r.stderr, r.stderr
         assert "FAULTLINE_STATE_DIR" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert json.loads(r.stdout)["stage"] == "local-mode", r.stdout
+    demo = faultline("demo", "-o", "json", env=cli_env(FAULTLINE_STATE_DIR=str(blocker / "state")))
+    assert demo.returncode == 1 and "Traceback" not in demo.stderr, demo.stdout + demo.stderr
+    assert json.loads(demo.stdout) == {
+        "outcome": "failed",
+        "stage": "start",
+        "error": f"cannot use the local state directory {blocker / 'state'}: Not a directory "
+        "(FAULTLINE_STATE_DIR chooses another)",
+        "sent": False,
+        "exit_code": 1,
+    }, demo.stdout
 
 
 def test_a_second_local_run_on_the_same_state_dir_is_refused(
