@@ -402,33 +402,37 @@ class NetworkFault(Injector):
         assert isinstance(plan, NetworkPlan)
         started = time.monotonic()
         self._may_install.discard(ctx.fault_id)  # before the revert is queued: see _may_install
-        removed: list[str] = await self._netlink("revert", self._revert_sync, plan)
-        with self._lock:
-            for key, holder in list(self._holders.items()):
-                if holder == ctx.fault_id or key[1] == plan.interface and self._netns_matches(key[0], plan.netns):
-                    del self._holders[key]
+        removed, other = await self._netlink("revert", self._revert_sync, plan, ctx.fault_id)
+        self._drop_claims(ctx.fault_id)  # its own claim only: another fault's stands
+        if other is not None:
+            note = f"nothing removed: {plan.interface} is held by fault {other} now, whose tree that is"
+        else:
+            note = ("removed " + ", ".join(removed)) if removed else "nothing left to remove"
         return Measurements(
             interface=plan.interface,
             netns=plan.netns,
             qdisc_handle=f"{tc.HANDLE_MAJOR:x}:",
             revert_s=time.monotonic() - started,
             recovered_from_journal=ctx.recovered or None,
-            note=("removed " + ", ".join(removed)) if removed else "nothing left to remove",
+            note=note,
         )
 
-    @staticmethod
-    def _netns_matches(inode: int, netns: str | None) -> bool:
+    def _revert_sync(self, plan: NetworkPlan, fault_id: str) -> tuple[list[str], str | None]:
+        """(what was removed, the other fault holding the interface). Every fault's tree carries the
+        same handle, so what is on the interface is this fault's only while no other fault holds it:
+        a retried revert (a kept journal entry, at a halt) must never remove a live fault's tree.
+        Under the netlink lock, so no plan or apply runs between this check and the removal; and
+        another fault could hold the interface only once the kernel showed nothing of ours on it."""
         try:
-            return netns_inode(netns) == inode
-        except NetnsError:
-            return False
-
-    def _revert_sync(self, plan: NetworkPlan) -> list[str]:
-        try:
+            key = (netns_inode(plan.netns), plan.interface)
+            with self._lock:
+                holder = self._holders.get(key)
+            if holder is not None and holder != fault_id:
+                return [], holder
             with iproute(plan.netns) as ipr:
-                return self._remove(ipr, plan)
+                return self._remove(ipr, plan), None
         except NetnsError:
-            return []  # the namespace is gone, and everything in it with it
+            return [], None  # the namespace is gone, and everything in it with it
 
     @staticmethod
     def _remove(ipr: IPRoute, plan: NetworkPlan) -> list[str]:

@@ -246,6 +246,36 @@ async def test_second_fault_on_the_interface_gets_a_conflict(bed: Testbed, tmp_p
 
 
 @pytest.mark.parametrize("direction", ["egress", "ingress"])
+async def test_a_retried_revert_never_removes_the_tree_of_the_fault_that_holds_the_interface_now(
+    bed: Testbed, tmp_path: Path, direction: str
+) -> None:
+    """A kept journal entry is retried at a halt or the next start, when another fault may hold
+    its interface. Every fault's tree has the same handle: before, the retry removed the live
+    fault's tree and dropped its claim, so it went on reporting active with nothing installed,
+    and a third fault was then accepted on the same interface."""
+    env = make_env(bed, tmp_path)
+    inj = NetworkFault(env)
+    spec = NetworkSpec(rate="8mbit", netns=bed.ns_a, interface=bed.dev_a, direction=direction)
+    old_ctx, live_ctx = ctx_for(env, "f-kept"), ctx_for(env, "f-live")
+    old = await inj.plan(spec, old_ctx)
+    await inj.apply(spec, old, old_ctx)
+    await inj.revert(old, old_ctx)  # gone from the kernel, yet its entry kept (its revert "failed")
+    live = await inj.plan(spec, live_ctx)
+    try:
+        await inj.apply(spec, live, live_ctx)
+        installed = await asyncio.to_thread(tc_state, bed.ns_a, bed.dev_a)
+        retried = await inj.revert(old, old_ctx)  # the kept entry's retry
+        assert retried.note == f"nothing removed: {bed.dev_a} is held by fault f-live now, whose tree that is"
+        assert await asyncio.to_thread(tc_state, bed.ns_a, bed.dev_a) == installed, "the live fault's tree was touched"
+        with pytest.raises(Rejected, match=f"conflict: fault f-live holds {bed.dev_a}"):
+            await inj.plan(spec, ctx_for(env, "f-third"))
+    finally:
+        back = await inj.revert(live, live_ctx)
+    assert back.note is not None and back.note.startswith("removed "), back.note
+    await assert_clean(bed.ns_a, bed.dev_a)
+
+
+@pytest.mark.parametrize("direction", ["egress", "ingress"])
 @pytest.mark.parametrize("recovery", ["sweep", "revert"])
 async def test_restarted_agent_removes_what_the_crashed_one_left(
     bed: Testbed, tmp_path: Path, direction: str, recovery: str

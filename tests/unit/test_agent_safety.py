@@ -720,7 +720,7 @@ async def test_a_timed_out_network_apply_that_gets_the_lock_after_its_revert_ins
     c = FaultContext(
         fault_id="f.0", experiment_id="f", deadline=time.time() + 30, pods=None, env=inj.env, emit=lambda *a: None
     )
-    monkeypatch.setattr(inj, "_revert_sync", lambda plan: [])
+    monkeypatch.setattr(inj, "_revert_sync", lambda plan, fault_id: ([], None))
     inj._may_install.add("f.0")  # what apply() does before its (then timed-out) thread is queued
     await inj.revert(plan, c)  # the revert got the lock first
     inj.release(c)  # as the lifecycle does right after a revert
