@@ -145,6 +145,11 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         self._load = load_sampler or LoadSampler()
         self._cp_cache: dict[str, tuple[float, list[tuple[str, int]]]] = {}
         self._subs: list[Any] = []
+        self.subscribed = False  # the server routes our subjects to us (set once subscribe() proved it)
+        # a connect-and-subscribe loop is running (at start, or after nats-py closed a client for
+        # good): a close meanwhile is its to handle, never a second loop's (two would swap self.nc
+        # under each other and could leave a duplicate client subscribed)
+        self._connecting = False
 
     # --- owned tasks -------------------------------------------------------
 
@@ -207,6 +212,8 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
             return False, "journal recovery not done"
         if not self.connected:
             return False, "not connected to NATS"
+        if not self.subscribed:
+            return False, "connected to NATS, not yet subscribed"
         if self.stopping:
             return False, "stopping"
         return True, "ready"
@@ -370,33 +377,47 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         if nc is not self.nc or self.stopping or self.stop_event.is_set():
             return  # our own close (a stop, a failed attempt), or a client already replaced
         self.connected = False
+        self.subscribed = False
         if self.nats_lost_since is None:
             self.nats_lost_since = time.monotonic()
             self.poke_watchdog(self.nats_lost_since + self.settings.timing.nats_lost_timeout_s)
         why = redacted(str(getattr(nc, "last_error", None) or "closed"))
         log.error("NATS closed the connection for good (%s); connecting again", why)
+        if self._connecting:
+            return  # the loop running now sees its subscribe fail, and connects afresh
         self.spawn(self._connect_again(), name="nats-connect-again")
 
     async def _connect_again(self) -> None:
-        """A fresh client, subscribed, or none: one whose subscriptions failed would look ready
-        while commands, halts and leases went unheard. Retried until it works or the agent stops."""
-        delay = self.settings.nats.reconnect_wait_s
-        while not self.stop_event.is_set():
-            self._subs.clear()
-            self._cp_cache = {}
-            if not await self.connect():
-                return  # stopping
-            try:
-                await self.subscribe()
-            except Exception as exc:
-                log.warning("subscribing on the fresh NATS connection failed (%s); connecting again", exc)
-                nc, self.nc = self.nc, None  # not ours any more: its close must not start another round
-                self.connected = False
-                delay = await self._close_and_wait(nc, delay)
-                continue
+        if await self.connect_subscribed():
             self._flush_pending()
             log.info("connected to NATS again")
-            return
+
+    async def connect_subscribed(self) -> bool:
+        """A fresh client, subscribed (True), or none because the agent stops (False): one whose
+        subscriptions failed would look ready while commands, halts and leases went unheard.
+        Retried until it works. One such loop at a time (see _connecting)."""
+        assert not self._connecting, "a second connect-and-subscribe loop"
+        self._connecting = True
+        try:
+            delay = self.settings.nats.reconnect_wait_s
+            while not self.stop_event.is_set():
+                self._subs.clear()
+                self._cp_cache = {}
+                if not await self.connect():
+                    return False  # stopping
+                try:
+                    await self.subscribe()
+                except Exception as exc:
+                    log.warning("subscribing on the NATS connection failed (%s); connecting again", exc)
+                    nc, self.nc = self.nc, None  # not ours any more: its close must not start another round
+                    self.connected = False
+                    delay = await self._close_and_wait(nc, delay)
+                    continue
+                self.subscribed = True
+                return True
+            return False
+        finally:
+            self._connecting = False
 
     async def _on_reconnected(self) -> None:
         self.connected = True
@@ -488,9 +509,8 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         try:
             await self.probe()
             await self.recover()
-            if not await self.connect():
-                return 0
-            await self.subscribe()
+            if not await self.connect_subscribed():
+                return 0  # stopped before it could subscribe: recovery left nothing held
             self._flush_pending()
             self.spawn(self.heartbeat_loop(), name="heartbeat")
             log.info("faultline-agent ready node=%s pid=%d instance=%s", self.node, os.getpid(), self.instance_id)

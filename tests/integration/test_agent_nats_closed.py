@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
 import nats
+import pytest
 
 from agent.config import AgentSettings
 from agent.runtime import AgentRuntime
+from controller.natsserver import NatsServer
 from proto.codec import decode, encode
 from proto.messages import Ack, Revert
 from proto.subjects import agent_cmd
@@ -42,3 +45,44 @@ async def test_an_agent_whose_connection_nats_py_closed_for_good_connects_again(
         await ctl.close()
         rt.request_stop()
         assert await asyncio.wait_for(run, 30) == 0
+
+
+async def test_a_server_that_closes_the_client_during_the_first_subscribe_leaves_one_retrying_loop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that refuses the agent's subscriptions (max_subscriptions below the agent's five)
+    makes nats-py close the client for good in the middle of the start's subscribe. Before, the
+    closed callback started a second connect loop beside the start's, and the start died with a
+    FlushTimeoutError, without its shutdown. Now the one loop retries until the agent stops, and
+    the agent never says ready while not subscribed."""
+    conf = tmp_path / "server.conf"
+    conf.write_text("max_subscriptions: 3\n")
+    (tmp_path / "nats").mkdir()
+    server = NatsServer(workdir=str(tmp_path / "nats"), extra_args=["-c", str(conf)])
+    url = server.start()
+    rt = AgentRuntime(
+        AgentSettings(
+            state_dir=tmp_path / "state", identity={"node": "subs-1"}, nats={"urls": [url], "reconnect_wait_s": 0.2}
+        )
+    )
+    loops: set[str] = set()
+    run = asyncio.create_task(rt.run())
+    try:
+
+        def retried_twice() -> bool:
+            loops.update(t.get_name() for t in rt._tasks)
+            assert not run.done(), f"the agent's run ended: {run.exception() if not run.cancelled() else 'cancelled'}"
+            return caplog.text.count("subscribing on the NATS connection failed") >= 2
+
+        with caplog.at_level(logging.WARNING, logger="faultline.agent"):
+            await async_wait_until(retried_twice, 30, "two failed subscribes, each retried")
+        assert "nats-connect-again" not in loops, "a second connect loop ran beside the start's"
+        ready, why = rt.ready()
+        assert not ready and why in ("not connected to NATS", "connected to NATS, not yet subscribed"), why
+        assert not rt.ready_event.is_set()
+    finally:
+        rt.request_stop()
+        try:
+            assert await asyncio.wait_for(run, 15) == 0
+        finally:
+            server.stop()
