@@ -13,6 +13,7 @@ can. Both are reported, never silently dropped and never fatal.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -20,9 +21,11 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,6 +34,8 @@ from proto.faults import FaultSpec
 from proto.messages import JournalProblem, PodRef
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class JournalEntry(BaseModel):
@@ -77,6 +82,23 @@ class Journal:
         # writes and removals one at a time (they run in worker threads): a late write of an
         # entry (replace_only) never brings back one its fault's end has removed
         self._lock = threading.RLock()
+        # The journal's own thread: a stalled disk (an fsync that does not return) holds up
+        # journal work only, never the event loop's shared pool, which reverts need (netlink
+        # scans, process scans). One thread: the work is serialised by the lock anyway, and
+        # queued calls wait in order without each holding a thread.
+        self._executor: ThreadPoolExecutor | None = None
+
+    def off_loop(self, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run a journal call on the journal's thread; calls run one after another, in order."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
+        return asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+
+    def close(self) -> None:
+        """Let the journal's thread go once its queue is done (never waits: it may be stalled)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
 
     def _path(self, fault_id: str) -> Path:
         # fault ids are validated to [A-Za-z0-9_.-]; refuse anything that could escape the directory

@@ -117,7 +117,7 @@ class KeptEntries:
         fid = issue.fault_id
         assert fid is not None  # a revert-failed issue always names its fault
         try:
-            entry = await asyncio.to_thread(self.journal.read, fid)
+            entry = await self.journal.off_loop(self.journal.read, fid)
         except ValueError as exc:
             self.keep_journal_issue(
                 issue.entry, "revert-failed", f"cannot read it at a retry: {exc}", fid, issue.experiment_id, issue.kind
@@ -144,7 +144,7 @@ class KeptEntries:
             return
         if fid in self.faults:
             return  # cannot happen (an Inject of a kept id is refused); never drop a live fault's entry
-        await asyncio.to_thread(self.journal.finish, fid, "reverted", entry.expires_at, True)
+        await self.journal.off_loop(self.journal.finish, fid, "reverted", entry.expires_at, True)
         self.journal_issues.pop(issue.entry, None)
         reason = f"kept journal entry reverted on {why}"
         log.warning("fault %s: %s", fid, reason)

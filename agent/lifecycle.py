@@ -150,11 +150,7 @@ class Lifecycle:
                     # within(), not wait_for: on Python 3.11 wait_for costs a task per call
                     plan = await within(inj.plan(spec, ctx), timing.revert_timeout_s)
                     rec.plan = plan
-                    try:
-                        await asyncio.to_thread(self.journal.write, rec.journal_entry(plan))  # journal before act
-                    except OSError as exc:
-                        raise RuntimeError(f"journal write failed, not acting: {exc}") from exc
-                    if not rec.ended.is_set():
+                    if await self._journal_before_act(rec, plan) and not rec.ended.is_set():
                         m = await within(inj.apply(spec, plan, ctx), timing.revert_timeout_s)
                         self._journal_narrowed(rec, inj, plan)
                         rec.measurements = merge(rec.measurements, m).model_copy(
@@ -177,6 +173,46 @@ class Lifecycle:
         await rec.ended.wait()
         await self._revert(rec)
 
+    async def _journal_before_act(self, rec: FaultRecord, plan: Plan) -> bool:
+        """Journal the plan before acting (invariant 4). False when the fault ended first (a
+        revert, a halt, its deadline, a stop) while the write had not returned, as on a stalled
+        disk: nothing is applied and the fault ends at once instead of hanging in "injecting"
+        with its stop waiting on the disk. The write, still queued on the journal's thread, is
+        followed there by this fault's cleanup, which removes the entry whenever it lands."""
+        written = self.journal.off_loop(self.journal.write, rec.journal_entry(plan))
+        if not written.done():
+            woken = asyncio.get_running_loop().create_future()
+
+            def wake(*_: object) -> None:
+                if not woken.done():
+                    woken.set_result(None)
+
+            written.add_done_callback(wake)
+            rec.on_end = wake  # FaultRecord.request_end calls it
+            try:
+                if not rec.ended.is_set():
+                    await woken
+            finally:
+                rec.on_end = None
+                written.remove_done_callback(wake)
+            if not written.done():
+                log.warning(
+                    "fault %s ended (%s) before its journal write returned (a stalled state directory?): "
+                    "nothing applied",
+                    rec.fault_id,
+                    rec.end_reason,
+                )
+                written.cancel()  # runs nothing if still queued; a write in progress finishes
+                rec.end_reason = f"{rec.end_reason or 'ended'} before its journal write returned: nothing was applied"
+                if rec.end_state == "expired":
+                    rec.end_state = "failed"  # it never ran (as a fault ended before its start)
+                return False
+        try:
+            written.result()
+        except OSError as exc:
+            raise RuntimeError(f"journal write failed, not acting: {exc}") from exc
+        return True
+
     def _journal_narrowed(self, rec: FaultRecord, inj: Injector, plan: Plan) -> None:
         """The apply did less than planned (a pause that found a target stopped by someone else):
         the journal keeps only what it did, so a revert after a crash undoes that and no more.
@@ -196,7 +232,7 @@ class Lifecycle:
 
     async def _write_narrowed(self, fault_id: str, entry: Any) -> None:
         try:
-            await asyncio.to_thread(self.journal.write, entry, True)
+            await self.journal.off_loop(self.journal.write, entry, True)
         except OSError as exc:
             log.warning(
                 "fault %s: journal not narrowed to what was applied (%s); a revert after a crash covers its whole plan",
@@ -283,23 +319,30 @@ class Lifecycle:
         if self._cleanup_timer is not None:
             self._cleanup_timer.cancel()
             self._cleanup_timer = None
+        self._start_cleanup()  # what is queued, in a task of its own like the rest
         if self._cleanups:
-            await asyncio.wait(set(self._cleanups), timeout=timeout_s)
-        await self.flush_cleanup()
+            # bounded: on a stalled disk a stop still finishes (its last heartbeat, its exit)
+            _, late = await asyncio.wait(set(self._cleanups), timeout=timeout_s)
+            if late:
+                log.error(
+                    "journal bookkeeping did not finish within %.1f s (a stalled state directory?); "
+                    "entries it did not remove are reverted again at the next start (idempotent)",
+                    timeout_s,
+                )
 
     async def flush_cleanup(self) -> None:
         batch, self._cleanup = self._cleanup, []
         if not batch:
             return
         try:
-            await asyncio.to_thread(self.journal.finish_many, batch)
+            await self.journal.off_loop(self.journal.finish_many, batch)
         except Exception as exc:  # OSError, or anything else: the task must not die with the batch
             log.error("journal bookkeeping failed (%s); the next start reverts those faults again", exc)
         now = time.monotonic()
         if now >= self._tombstones_pruned_at + TOMBSTONE_PRUNE_EVERY_S:
             self._tombstones_pruned_at = now
             try:
-                await asyncio.to_thread(self.journal.load_ended)  # drops the expired ones
+                await self.journal.off_loop(self.journal.load_ended)  # drops the expired ones
             except Exception as exc:
                 log.warning("expired tombstones not removed (%s); tried again later", exc)
 

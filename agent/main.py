@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -257,7 +258,7 @@ class StopSignals:
             log.info("%s again: already stopping", name)
 
 
-async def serve(settings: AgentSettings) -> int:
+async def serve(settings: AgentSettings, leave: Callable[[int], None] | None = None) -> int:
     runtime = AgentRuntime(settings)
     loop = asyncio.get_running_loop()
     on_signal = StopSignals(runtime.request_stop)
@@ -271,11 +272,14 @@ async def serve(settings: AgentSettings) -> int:
 
     trim = asyncio.create_task(trim_when_ready(), name="trim-startup-memory")
     try:
-        return await runtime.run()
+        code = await runtime.run()
     finally:
         trim.cancel()
         for closer in extras:
             closer.close()
+    if leave is not None:
+        leave(code)
+    return code
 
 
 async def _start_extras(runtime: AgentRuntime, settings: AgentSettings) -> list[Any]:
@@ -339,7 +343,21 @@ def main(argv: list[str] | None = None) -> None:
     if why is not None:
         print(f"faultline-agent: --state-dir / FAULTLINE_STATE_DIR {settings.state_dir}: {why}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(uvloop.run(serve(settings)))
+    code = uvloop.run(serve(settings, leave=_leave))
+    sys.exit(code)  # not reached: serve() leaves through _leave
+
+
+def _leave(code: int) -> None:
+    """Exit now, without waiting for worker threads. The agent has stopped: faults reverted (or
+    kept in the journal), its last heartbeat sent, NATS drained. A thread still stuck in a
+    stalled fsync or a hung lookup would otherwise hold the exit for good (the event loop's
+    close and the interpreter's both join every worker thread), and a rollout's SIGTERM would
+    end only at the kubelet's SIGKILL."""
+    logging.shutdown()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 def print_config(settings: AgentSettings) -> None:

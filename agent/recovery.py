@@ -60,10 +60,10 @@ class Recovery:
         ) -> None: ...
 
     async def recover(self) -> None:
-        entries, kept = await asyncio.to_thread(self.journal.load)
+        entries, kept = await self.journal.off_loop(self.journal.load)
         for k in kept:
             self.keep_journal_issue(k.name, k.problem, k.reason, k.fault_id, k.experiment_id, k.kind)
-        for fid, (ended_state, _) in (await asyncio.to_thread(self.journal.load_ended)).items():
+        for fid, (ended_state, _) in (await self.journal.off_loop(self.journal.load_ended)).items():
             self.remember(self.ended, fid, ended_state)
         journaled: dict[str, list[Plan]] = {}
         for entry in entries:
@@ -83,7 +83,7 @@ class Recovery:
                     m = merge(m, await asyncio.wait_for(inj.revert(plan, ctx), self.settings.timing.revert_timeout_s))
                 else:
                     reason = "recovered from journal after restart: never applied"
-                await asyncio.to_thread(self.journal.finish, entry.fault_id, state, entry.expires_at, True)
+                await self.journal.off_loop(self.journal.finish, entry.fault_id, state, entry.expires_at, True)
             except Exception as exc:
                 state, reason = "failed", f"recovery revert failed: {exc}"
                 why = f"revert at start failed: {str(exc)[:200]}; entry kept, retried at the next start or halt"

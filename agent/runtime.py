@@ -520,6 +520,7 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
             return 0
         finally:
             self.state_lock.release()
+            self.journal.close()
 
     def _lock_busy(self, holder: str) -> None:
         log.warning(

@@ -173,14 +173,17 @@ async def events(nc: Any) -> AsyncIterator[Recorder]:
 
 
 class AgentProcess:
-    def __init__(self, url: str, node: str, state_dir: Path, log_path: Path, extra: list[str]) -> None:
+    def __init__(
+        self, url: str, node: str, state_dir: Path, log_path: Path, extra: list[str], launcher: list[str] | None = None
+    ) -> None:
         self.url, self.node, self.state_dir, self.log_path, self.extra = url, node, state_dir, log_path, extra
+        self.launcher = launcher or [sys.executable, "-m", "agent.main"]  # argv before the agent's flags
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
     def start(self) -> AgentProcess:
         argv = [
-            sys.executable, "-m", "agent.main",
+            *self.launcher,
             "--nats", self.url, "--node", self.node, "--state-dir", str(self.state_dir),
             "--heartbeat-interval", "0.5", *self.extra,
         ]  # fmt: skip
@@ -263,11 +266,15 @@ def agent_factory(
     started: list[AgentProcess] = []
 
     def make(
-        node: str = "node-a", extra: list[str] | None = None, url: str | None = None, start: bool = True
+        node: str = "node-a",
+        extra: list[str] | None = None,
+        url: str | None = None,
+        start: bool = True,
+        launcher: list[str] | None = None,
     ) -> AgentProcess:
         state = tmp_path / f"state-{node}"
         state.mkdir(exist_ok=True)
-        agent = AgentProcess(url or nats_url, node, state, tmp_path / f"agent-{node}.log", extra or [])
+        agent = AgentProcess(url or nats_url, node, state, tmp_path / f"agent-{node}.log", extra or [], launcher)
         started.append(agent)
         if start:
             agent.start().wait_ready()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import time
 from typing import Any
 
@@ -233,6 +234,49 @@ async def test_sigterm_repeated_during_the_stop_still_reverts_and_settles_the_jo
     assert rc == 0, f"agent exited with {rc} on a repeated SIGTERM:\n{agent.log()}"
     assert all(status(p) != "stopped" for p in procs)
     assert agent.journal() == [], "journal entries left by a clean stop"
+
+
+STALLING_AGENT = """
+import sys, threading
+from agent import journal
+from agent.main import main
+
+real, never = journal.Journal.write, threading.Event()
+
+
+def write(self, entry, replace_only=False):  # the fsync of a stalled disk: inside the lock, for good
+    if entry.fault_id.startswith("stall"):
+        with self._lock:
+            print("journal write stalls", file=sys.stderr, flush=True)
+            never.wait()
+    return real(self, entry, replace_only)
+
+
+journal.Journal.write = write
+main(sys.argv[1:])
+"""
+
+
+async def test_sigterm_stops_an_agent_whose_journal_write_is_stalled(nc, agent_factory, victims, heartbeats, tmp_path):
+    """A stalled state directory: the fault's first journal write never returns. Before, the
+    fault stayed "injecting" for good, and on SIGTERM the agent sent "leaving" 12 s later and
+    then never exited: the interpreter waited for the stuck worker thread, until the kubelet's
+    SIGKILL. Now the fault ends with nothing applied, and the agent exits within the bound."""
+    wrapper = tmp_path / "stalling_agent.py"
+    wrapper.write_text(STALLING_AGENT)
+    agent = agent_factory("node-s", launcher=[sys.executable, str(wrapper)])
+    (proc,) = victims.start(1)
+    assert (await send(nc, "node-s", pause(victims.token, fid="stall.0"))).accepted
+    await async_wait_until(lambda: "journal write stalls" in agent.log(), 5, "the journal write to stall")
+    t0 = time.monotonic()
+    agent.signal(signal.SIGTERM)
+    assert agent.proc is not None
+    rc = await asyncio.to_thread(agent.proc.wait, 10)
+    took = time.monotonic() - t0
+    assert rc == 0 and took < 5, f"exit {rc} after {took:.1f}s:\n{agent.log()}"
+    assert status(proc) != "stopped", "a fault whose journal write never returned was applied"
+    leaving = [h for h in heartbeats.heartbeats("node-s") if h.state == "leaving"]
+    assert leaving and not leaving[-1].faults, leaving
 
 
 async def test_sigterm_stops_an_agent_that_cannot_reach_nats(agent_factory):

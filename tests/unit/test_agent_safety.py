@@ -21,7 +21,7 @@ from agent.faults.process import ProcessPause
 from agent.protect import protection_reason
 from agent.runtime import AgentRuntime
 from proto.codec import decode, encode
-from proto.messages import Ack, Heartbeat, Inject, Measurements
+from proto.messages import Ack, Heartbeat, Inject, Measurements, PodRef
 from tests.conftest import Victims, async_wait_until, status, wait_until
 
 
@@ -851,13 +851,114 @@ async def test_a_stalled_narrowing_write_neither_delays_the_revert_nor_brings_th
         rec.request_end("test")
         await asyncio.wait_for(rec.finished.wait(), 5)  # not held up by the stalled write
         assert status(mine) != psutil.STATUS_STOPPED
-        await rt.flush_cleanup()
-        assert rt.journal.fault_ids() == []
-        stall.set()  # the disk comes back; the late write finds no entry to replace
-        await asyncio.sleep(0)
+        stall.set()  # the disk comes back: the entry's removal, queued behind the write, follows it
+        await asyncio.wait_for(rt.flush_cleanup(), 5)
         await async_wait_until(lambda: not any(t.get_name() == "narrow:e.2" for t in rt._tasks), 5, "the write")
         assert rt.journal.fault_ids() == [], "a late narrowing write brought the entry back"
     finally:
         stall.set()
         os.kill(theirs.pid, signal.SIGCONT)
         os.kill(mine.pid, signal.SIGCONT)
+
+
+def stalling_journal(rt: AgentRuntime) -> threading.Event:
+    """Every journal write stalls inside the journal's lock, as an fsync on a stalled disk does,
+    until the returned event is set (or 20 s pass)."""
+    real = rt.journal.write
+    back = threading.Event()
+
+    def write(entry: Any, replace_only: bool = False) -> bool:
+        with rt.journal._lock:
+            back.wait(20)
+        return real(entry, replace_only)
+
+    rt.journal.write = write  # type: ignore[method-assign]
+    return back
+
+
+async def test_a_fault_whose_first_journal_write_stalls_ends_on_its_revert_and_applies_nothing(
+    tmp_path: Path, victims: Victims
+) -> None:
+    """Before, a stalled first write held the fault in "injecting" for good: a revert, a halt or
+    its deadline only marked it ended, its slot was never freed, and a stop never finished. Now
+    the fault ends as soon as it is asked to, nothing applied, and the entry the write leaves
+    when the disk comes back is removed after it."""
+    (victim,) = victims.start(1, "-stalled")
+    rt, _ = pausing_runtime(tmp_path)
+    back = stalling_journal(rt)
+    pause = Inject(
+        experiment_id="e",
+        fault_id="e.3",
+        spec={"kind": "process-pause", "match": {"cmdline": f"{victims.token}-stalled$"}},
+        expires_at=time.time() + 30,
+        lease_timeout_s=30,
+    )
+    try:
+        assert decode(await rt.handle_command(encode(pause)), Ack).accepted
+        rec = rt.faults["e.3"]
+        await async_wait_until(lambda: rec.plan is not None, 5, "the pause to be planned")
+        # the stall holds the journal's own thread, not the pool that process scans and netlink use
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 2) == "free"
+        rec.request_end("revert requested")
+        await asyncio.wait_for(rec.finished.wait(), 3)
+        assert rec.state == "reverted" and rec.end_reason is not None
+        assert rec.end_reason.endswith("before its journal write returned: nothing was applied"), rec.end_reason
+        assert "e.3" not in rt.faults
+        assert status(victim) != psutil.STATUS_STOPPED
+        back.set()  # the disk comes back: the write lands, and the cleanup queued behind it removes it
+        await asyncio.wait_for(rt.flush_cleanup(), 5)
+        assert rt.journal.fault_ids() == []
+    finally:
+        back.set()
+        os.kill(victim.pid, signal.SIGCONT)
+
+
+async def test_a_stop_finishes_within_its_bound_while_the_journal_is_stalled(tmp_path: Path, victims: Victims) -> None:
+    """A fault waiting on a stalled first write, and one ended just before the stop whose
+    journal bookkeeping is stuck behind it: the stop still ends in bounded time."""
+    victims.start(1, "-stop")
+    rt, _ = pausing_runtime(tmp_path)
+    back = stalling_journal(rt)
+    pause = Inject(
+        experiment_id="e",
+        fault_id="e.4",
+        spec={"kind": "process-pause", "match": {"cmdline": f"{victims.token}-stop$"}},
+        expires_at=time.time() + 30,
+        lease_timeout_s=30,
+    )
+    try:
+        assert decode(await rt.handle_command(encode(pause)), Ack).accepted
+        await async_wait_until(lambda: rt.faults["e.4"].plan is not None, 5, "the pause to be planned")
+        started = time.monotonic()
+        await asyncio.wait_for(rt.shutdown(), rt.settings.timing.stop_timeout_s)
+        assert time.monotonic() - started < rt.settings.timing.stop_timeout_s
+        assert rt.faults == {}
+    finally:
+        back.set()
+
+
+async def test_a_pod_lookup_that_does_not_return_is_refused_in_bounded_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commands are answered one at a time: a pod lookup that never returns (a wedged /proc or
+    /sys read, a pool whose threads are all stuck) held up every Revert queued behind it."""
+    monkeypatch.setattr("agent.commands.POD_LOOKUP_S", 0.2)
+    wedged = threading.Event()
+    monkeypatch.setattr("agent.commands.pod_scoped", lambda spec, pods: wedged.wait(10))
+    rt, _ = runtime(tmp_path, lambda env: FlakyRevert(env, failures=0))
+    cpu = Inject(
+        experiment_id="e",
+        fault_id="e.5",
+        spec={"kind": "cpu", "load": 10},
+        pods=[PodRef(namespace="ns", name="web-0", uid="u-1")],
+        expires_at=time.time() + 30,
+        lease_timeout_s=30,
+    )
+    rt.injectors["cpu"] = rt.injectors["process-pause"]
+    rt.capabilities = [*rt.capabilities, "cpu"]
+    try:
+        ack = decode(await asyncio.wait_for(rt.handle_command(encode(cpu)), 2), Ack)
+        assert not ack.accepted and ack.reason == "locating the pod took longer than 0.2 s; not applied", ack
+        assert "e.5" not in rt.faults
+    finally:
+        wedged.set()
