@@ -40,6 +40,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("faultline.agent")
 
 MAX_CLOCK_SKEW_S = 300.0
+# Locating a pod (its cgroup, its network namespace) reads /proc and /sys in a worker thread.
+# Bounded: the command subscription answers one command at a time, and a Revert queued behind
+# a lookup that does not return (a wedged filesystem, a pool whose threads are all stuck) must
+# not wait with it.
+POD_LOOKUP_S = 5.0
+
+
+async def locate_pod(spec: Any, pods: Any) -> Any:
+    """The spec scoped to its pod (pod_scoped), or Rejected after POD_LOOKUP_S."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(pod_scoped, spec, pods), POD_LOOKUP_S)
+    except TimeoutError:
+        raise Rejected(f"locating the pod took longer than {POD_LOOKUP_S:g} s; not applied") from None
 
 
 def pod_scoped(spec: Any, pods: list[PodRef]) -> Any:
@@ -193,7 +206,7 @@ class CommandHandler:
         try:
             spec = cmd.spec
             if cmd.pods and kind in ("cpu", "memory", "network"):  # as an Inject: in the pod's cgroup or netns
-                spec = await asyncio.to_thread(pod_scoped, spec, cmd.pods)
+                spec = await locate_pod(spec, cmd.pods)
             result = await injector.preview(spec, ctx)
         except Rejected as exc:
             return would_refuse(str(exc))
@@ -240,7 +253,7 @@ class CommandHandler:
         if cmd.pods and kind in ("cpu", "memory", "network"):
             halts_before = self.halt_seq
             try:
-                cmd = cmd.model_copy(update={"spec": await asyncio.to_thread(pod_scoped, cmd.spec, cmd.pods)})
+                cmd = cmd.model_copy(update={"spec": await locate_pod(cmd.spec, cmd.pods)})
             except Rejected as exc:
                 return self._reject(cmd.id, str(exc), cmd)
             # a halt, an abort or a stop may have come in while the pod was being located

@@ -21,6 +21,7 @@ import itertools
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Literal
 
 from pyroute2 import IPRoute
@@ -157,6 +158,16 @@ class NetworkFault(Injector):
         # by revert() before its own. An apply that timed out and is still queued for the lock (its
         # waiters are not served in order) must not install after a revert that found nothing.
         self._may_install: set[str] = set()
+        # Netlink work runs on a thread of its own, never the event loop's shared pool: threads
+        # stuck there (a hung journal fsync, a DNS lookup that does not return) must not keep a
+        # revert from its turn, nor a hung netlink call keep them from theirs. Queued calls wait
+        # in order without holding a thread, and one that times out before its turn never runs.
+        self._executor: ThreadPoolExecutor | None = None
+
+    def _off_loop(self, func: Any, *args: Any) -> asyncio.Future[Any]:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
+        return asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
 
     def probe(self) -> list[Capability]:
         caps = probe_kernel()
@@ -189,7 +200,7 @@ class NetworkFault(Injector):
 
     async def _netlink(self, what: str, func: Any, *args: Any) -> Any:
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self._serialized, func, *args), NETLINK_TIMEOUT_S)
+            return await asyncio.wait_for(self._off_loop(self._serialized, func, *args), NETLINK_TIMEOUT_S)
         except TimeoutError:
             raise Rejected(f"{what}: netlink did not answer within {NETLINK_TIMEOUT_S} s") from None
 
@@ -232,7 +243,7 @@ class NetworkFault(Injector):
             plan: NetworkPlan = await self._netlink("plan", plan_unless_gone)
         except (Rejected, asyncio.CancelledError):
             gone.set()
-            asyncio.get_running_loop().run_in_executor(None, self._forget, ctx.fault_id)
+            self._off_loop(self._forget, ctx.fault_id)
             raise
         return plan
 

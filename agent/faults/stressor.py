@@ -46,6 +46,7 @@ START_TIMEOUT_S = 10.0
 
 
 _children: dict[int, subprocess.Popen[bytes]] = {}
+OWNED_SCAN_S = 2.0  # how long a stop whose stressors were all in memory waits to scan for others
 """Every stressor this process spawned and has not reaped yet, so that whichever code
 path kills one (revert with or without in-memory state, sweep) also reaps it."""
 
@@ -334,15 +335,34 @@ class StressInjector(Injector):
         Returns (in-memory state if any, pids killed, seconds taken).
         """
         t0 = time.monotonic()
-        running = self._running.pop(plan.marker, None)
+        running = self._running.get(plan.marker)
         if running is not None and running.monitor is not None:
-            running.monitor.cancel()
+            monitor, running.monitor = running.monitor, None
+            monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await running.monitor
+                await monitor
         owned = running.stressors if running else []
-        # a scan of every process: off the event loop (tens of ms on a busy node)
-        found = (await asyncio.to_thread(find_marked, plan.marker)).get(plan.marker, [])
-        killed = await kill_and_wait(found, owned)
+        # Ours in memory first: they need no worker thread, which a stalled disk or a hung
+        # lookup may be holding all of, so the load ends on time whatever the scan does.
+        killed = await kill_and_wait([], owned) if owned else []
+        # a scan of every process: off the event loop (tens of ms on a busy node), for any
+        # stressor not in memory (spawned by an agent that died). With ours killed it is a
+        # double check, bounded: the fault's load has ended whether or not a thread is free.
+        scan = asyncio.to_thread(find_marked, plan.marker)
+        if owned:
+            try:
+                found = (await asyncio.wait_for(scan, OWNED_SCAN_S)).get(plan.marker, [])
+            except TimeoutError:
+                log.warning(
+                    "fault stressors %s killed; the scan for others found no free worker thread within %s s",
+                    killed,
+                    OWNED_SCAN_S,
+                )
+                found = []
+        else:
+            found = (await scan).get(plan.marker, [])
+        killed += [pid for pid in await kill_and_wait(found) if pid not in killed]
+        self._running.pop(plan.marker, None)  # only once all are gone: a failed stop is retried with them
         return running, killed, time.monotonic() - t0
 
     def watch(self, plan: StressPlan, running: Running, coro: Coroutine[object, object, None]) -> None:

@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -28,7 +29,7 @@ from agent.faults.cpu import CpuStress
 from agent.faults.lazy import LazyCpu, LazyMemory
 from agent.faults.memory import MemoryStress
 from agent.faults.stress_marks import MARKER_PREFIX, find_marked, make_marker
-from agent.faults.stressor import kill_and_wait, spawn, start
+from agent.faults.stressor import OWNED_SCAN_S, kill_and_wait, spawn, start
 from proto.faults import CpuSpec, MemorySpec
 from proto.messages import Measurements
 from tests.conftest import remove_cgroup
@@ -326,3 +327,28 @@ async def test_oom_kill_in_a_limited_cgroup_is_reported(env: AgentEnv, cleanup: 
         m = await inj.revert(plan, ctx)
     assert gone(pid)
     assert m.oom_killed is True and m.note and "OOM" in m.note
+
+
+async def test_a_revert_ends_the_load_while_every_worker_thread_is_busy(env: AgentEnv, cleanup: None) -> None:
+    """The event loop's pool taken whole (threads stuck on a stalled disk, a hung lookup): the
+    revert still kills the stressors it holds, which need no thread, and does not wait for
+    the scan for others past its bound. Before, it waited for the scan and timed out with the
+    load still on, and had by then forgotten its own stressors."""
+    inj, ctx = CpuStress(env), ctx_for(env)
+    spec = CpuSpec(load=10, workers=1, duration="30s")
+    plan = await inj.plan(spec, ctx)
+    applied = await inj.apply(spec, plan, ctx)
+    assert applied.stressor_pids
+    release = threading.Event()
+    busy = [asyncio.ensure_future(asyncio.to_thread(release.wait, 20)) for _ in range(64)]  # more than the pool
+    try:
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        reverted = await asyncio.wait_for(inj.revert(plan, ctx), OWNED_SCAN_S + 2)
+        took = time.monotonic() - started
+        assert all(gone(pid) for pid in applied.stressor_pids), "the load outlived its revert"
+        assert reverted.stressor_pids == applied.stressor_pids
+        assert took < OWNED_SCAN_S + 2, took
+    finally:
+        release.set()
+        await asyncio.gather(*busy)
