@@ -6,16 +6,19 @@ revert, or its revert failed (three attempts while running, one at start).
 Each is logged and listed in every heartbeat (``Heartbeat.journal_issues``), so
 `faultline agents`, `run` and `halt` can say what may still be in place.
 
-A halt is the operator's "make everything right, now": it retries every
-failed revert (the cause may be fixed by now), and forgets every kept entry
-whose file an operator has removed. The rest stay listed; the next start
-finds again whatever is still on disk.
+A failed revert is retried once a minute while the agent runs (the cause
+is often passing: a busy netlink, a process the agent may signal again), so
+what it guarded does not wait for an operator. A halt is the operator's
+"make everything right, now": it retries every failed revert at once, and
+forgets every kept entry whose file an operator has removed. The rest stay
+listed; the next start finds again whatever is still on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +28,8 @@ from agent.journal import Journal
 from proto.messages import HALTS_REMEMBERED, MAX_JOURNAL_ISSUES, FaultEvent, FaultState, JournalIssue, JournalProblem
 
 log = logging.getLogger("faultline.agent")
+
+KEPT_RETRY_EVERY_S = 60.0  # a failed revert's entry is retried this often while the agent runs
 
 
 class KeptEntries:
@@ -39,6 +44,7 @@ class KeptEntries:
     journal_issues: dict[str, JournalIssue]  # by entry (file name), oldest first
     halts_done: deque[str]  # ids of the latest halts whose reverts and retries are done
     retry_lock: asyncio.Lock
+    _kept_retry_at: float  # monotonic time of the next periodic retry (see maybe_retry_kept)
 
     if TYPE_CHECKING:
         # Declared for the type checker only (see CommandHandler).
@@ -51,6 +57,7 @@ class KeptEntries:
             self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
         ) -> FaultContext: ...
         async def settle_journal(self, timeout_s: float) -> None: ...
+        def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]: ...
 
     def keep_journal_issue(
         self,
@@ -69,6 +76,18 @@ class KeptEntries:
         self.journal_issues[entry] = JournalIssue(
             entry=entry, problem=problem, reason=why, fault_id=fault_id, experiment_id=experiment_id, kind=kind
         )
+        if problem == "revert-failed":  # its attempts are just done: the next in a minute
+            self._kept_retry_at = time.monotonic() + KEPT_RETRY_EVERY_S
+
+    def maybe_retry_kept(self) -> None:
+        """Every heartbeat tick: once a minute, retry the failed reverts (each bounded by
+        revert_timeout_s; never beside another retry run, never while stopping)."""
+        if not self.journal_issues or self.stopping or time.monotonic() < self._kept_retry_at:
+            return
+        if self.retry_lock.locked() or not any(i.problem == "revert-failed" for i in self.journal_issues.values()):
+            return
+        self._kept_retry_at = time.monotonic() + KEPT_RETRY_EVERY_S
+        self.spawn(self.retry_kept("periodic retry"), name="kept-retry")
 
     def keeps_entry_of(self, fault_id: str) -> bool:
         """A kept journal entry of this fault id is on disk: a new fault of that id would overwrite it."""
@@ -136,7 +155,7 @@ class KeptEntries:
                 issue.entry,
                 "revert-failed",
                 f"revert failed again on {why}: {str(exc) or type(exc).__name__}; entry kept, "
-                "retried at the next start or halt",
+                "retried every minute, at a halt and at the next start",
                 fid,
                 entry.experiment_id,
                 entry.spec.kind,

@@ -280,12 +280,12 @@ class Lifecycle:
         # bookkeeping, and a crash before it only repeats an idempotent revert at start.
         await self.send_event(rec, state, reason)
         log.info("fault %s %s: %s", rec.fault_id, state, reason)
-        # a failed revert keeps its journal entry, listed in every heartbeat: the next start or halt retries it
+        # a failed revert keeps its journal entry, listed in every heartbeat and retried (KeptEntries)
         if error:
             self.keep_journal_issue(
                 self.journal.entry_name(rec.fault_id),
                 "revert-failed",
-                f"revert failed: {error[:200]}; entry kept, retried at the next start or halt",
+                f"revert failed: {error[:200]}; entry kept, retried every minute, at a halt and at the next start",
                 rec.fault_id,
                 rec.experiment_id,
                 rec.kind,
@@ -367,7 +367,7 @@ class Lifecycle:
                     attempt,
                     attempts,
                     error,
-                    " (journal entry kept; retried at the next start or halt)" if final else "",
+                    " (journal entry kept; retried every minute, at a halt and at the next start)" if final else "",
                 )
                 if not final:
                     await asyncio.sleep(REVERT_BACKOFF_S * 2 ** (attempt - 1))

@@ -86,7 +86,7 @@ class Recovery:
                 await self.journal.off_loop(self.journal.finish, entry.fault_id, state, entry.expires_at, True)
             except Exception as exc:
                 state, reason = "failed", f"recovery revert failed: {exc}"
-                why = f"revert at start failed: {str(exc)[:200]}; entry kept, retried at the next start or halt"
+                why = f"revert at start failed: {str(exc)[:200]}; entry kept, retried every minute, at a halt and at the next start"
                 self.keep_journal_issue(self.journal.entry_name(entry.fault_id), "revert-failed", why, *ids(entry))
             self.remember(self.ended, entry.fault_id, state)
             self.record_end(entry.fault_id, entry.experiment_id, entry.spec.kind, state, reason)

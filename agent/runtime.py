@@ -119,6 +119,7 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         self.journal_issues: dict[str, JournalIssue] = {}  # journal entries kept, not reverted (KeptEntries)
         self.halts_done: deque[str] = deque()
         self.retry_lock = asyncio.Lock()
+        self._kept_retry_at = 0.0  # KeptEntries.maybe_retry_kept
         self.recent_ended: deque[EndedFault] = deque(maxlen=200)
         self._ended_raw: list[tuple[str, str, str, FaultState, str | None, float]] = []
         self.rejected_count = 0
@@ -491,6 +492,8 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
                     log.exception("heartbeat not sent this time")
                 else:
                     await self.publish(subjects.agent_hb(self.node), payload)
+                if self.journal_issues:
+                    self.maybe_retry_kept()
             # a little jitter spreads a fleet's heartbeats over time
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))
 

@@ -417,8 +417,8 @@ UNRESUMED_KEEP = 256  # faults whose failed revert left processes stopped, remem
 def left_stopped_reason(fault_id: str) -> str:
     return (
         f"still stopped by fault {fault_id} of this agent, whose revert could not resume it: its journal"
-        " entry is kept (see journal issues in `faultline agents`) and retried at the next start or"
-        " `faultline halt`"
+        " entry is kept (see journal issues in `faultline agents`) and retried every minute, at"
+        " `faultline halt` and at the next start"
     )
 
 

@@ -95,7 +95,7 @@ async def test_start_up_recovery_reports_every_entry_it_keeps(tmp_path: Path) ->
     assert (stuck.problem, stuck.fault_id, stuck.experiment_id, stuck.kind) == (
         "revert-failed", "stuck.0", "old-exp", "process-pause"
     )  # fmt: skip
-    assert "netlink busy" in stuck.reason and "retried at the next start" in stuck.reason
+    assert "netlink busy" in stuck.reason and "retried every minute, at a halt and at the next start" in stuck.reason
     assert got["cpu.0.json"].problem == "unsupported-kind" and "cannot revert cpu faults" in got["cpu.0.json"].reason
     # kept on disk; the entry that was never applied is gone
     assert sorted(journal.fault_ids()) == ["cpu.0", "stuck.0"]
@@ -278,3 +278,26 @@ async def test_a_halt_names_itself_done_only_after_its_retries(tmp_path: Path) -
     gate.set()
     await async_wait_until(lambda: halt.id in rt.heartbeat().halts_done, 5, "the halt to be named done")
     assert rt.heartbeat().journal_issues_total == 0 and inj.reverts == 2
+
+
+async def test_a_failed_revert_is_retried_every_minute_while_the_agent_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cause of a failed revert is often passing (netlink busy, a process the agent may
+    signal again). Before, its entry waited for an operator's halt or the next start."""
+    monkeypatch.setattr("agent.lifecycle.REVERT_BACKOFF_S", 0.01)
+    rt, inj = runtime(tmp_path, lambda env: FlakyRevert(env, failures=3))  # the lifecycle's three attempts fail
+    assert decode(await rt.handle_command(inject("e.7")), Ack).accepted
+    rec = rt.faults["e.7"]
+    await async_wait_until(lambda: rec.state == "active", 2, "the fault to become active")
+    rec.request_end("test")
+    await asyncio.wait_for(rec.finished.wait(), 5)
+    assert rec.state == "failed" and "e.7.json" in rt.journal_issues
+    rt.maybe_retry_kept()
+    assert not any(t.get_name() == "kept-retry" for t in rt._tasks), "retried before its minute was up"
+    rt._kept_retry_at = time.monotonic()  # a minute later
+    rt.maybe_retry_kept()
+    await async_wait_until(lambda: "e.7.json" not in rt.journal_issues, 5, "the periodic retry to revert the entry")
+    assert inj.reverts == 4
+    await async_wait_until(lambda: rt.journal.fault_ids() == [], 3, "the entry to be removed")
+    assert rt.heartbeat().ended[-1].reason == "kept journal entry reverted on periodic retry"
