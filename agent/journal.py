@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -76,7 +76,10 @@ def _text(obj: Any, *keys: str) -> str | None:
 
 
 class Journal:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, executor: Executor | None = None) -> None:
+        """``executor``: a pool shared by many journals (a simulation of a thousand agents in one
+        process, where a thousand threads would contend for the interpreter lock as a thousand
+        nodes never do); the journal does not shut it down. Default: a thread of its own."""
         self.dir = Path(state_dir) / "journal"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # writes and removals one at a time (they run in worker threads): a late write of an
@@ -86,17 +89,19 @@ class Journal:
         # journal work only, never the event loop's shared pool, which reverts need (netlink
         # scans, process scans). One thread: the work is serialised by the lock anyway, and
         # queued calls wait in order without each holding a thread.
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: Executor | None = executor
+        self._owns_executor = executor is None
 
     def off_loop(self, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run a journal call on the journal's thread; calls run one after another, in order."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
+            self._owns_executor = True
         return asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
 
     def close(self) -> None:
         """Let the journal's thread go once its queue is done (never waits: it may be stalled)."""
-        if self._executor is not None:
+        if self._executor is not None and self._owns_executor:
             self._executor.shutdown(wait=False)
             self._executor = None
 

@@ -26,6 +26,7 @@ import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import Coroutine
+from concurrent.futures import Executor
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -85,15 +86,16 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         settings: AgentSettings,
         injectors: dict[str, Injector] | None = None,
         load_sampler: LoadSampler | None = None,
+        journal_executor: Executor | None = None,
     ) -> None:
-        """``injectors`` and ``load_sampler`` replace the defaults in tests and simulations
-        (a thousand runtimes in one process share one sampler)."""
+        """``injectors``, ``load_sampler`` and ``journal_executor`` replace the defaults in tests
+        and simulations (a thousand runtimes in one process share one sampler and one pool)."""
         self.settings = settings
         self.node = settings.identity.node
         self.labels = dict(settings.identity.labels)
         self.instance_id = new_id()
         self.started_at = time.time()
-        self.journal = Journal(settings.state_dir)
+        self.journal = Journal(settings.state_dir, journal_executor)
         self.state_lock = StateLock(settings.state_dir)
         self.env = AgentEnv(
             node=self.node,

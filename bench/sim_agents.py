@@ -11,7 +11,9 @@ Imported by bench_control_plane.py (run as a script, so this folder is on sys.pa
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +63,23 @@ def agent_settings(url: str, node: str, state_root: Path) -> AgentSettings:
     )
 
 
-# One node, many simulated agents: they share one psutil sampler (a real agent has its own).
+# One node, many simulated agents: they share one psutil sampler (a real agent has its own),
+# and one pool for their journals' disk work, the size of asyncio's default pool, which they
+# shared before journals had threads of their own: a real agent's journal has one thread, and a
+# thousand of them in one process would contend for the interpreter lock as no fleet does.
 SHARED_LOAD = LoadSampler()
+SHARED_JOURNAL_POOL = ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="journals")
 
 
 def make_runtime(url: str, node: str, state_root: Path) -> AgentRuntime:
     settings = agent_settings(url, node, state_root)
     env = AgentEnv(node=node, state_dir=settings.state_dir, instance_id="bench", protected_pids=dict)
-    return AgentRuntime(settings, injectors={"process-pause": NoopInjector(env)}, load_sampler=SHARED_LOAD)
+    return AgentRuntime(
+        settings,
+        injectors={"process-pause": NoopInjector(env)},
+        load_sampler=SHARED_LOAD,
+        journal_executor=SHARED_JOURNAL_POOL,
+    )
 
 
 async def start_agents(
