@@ -462,8 +462,14 @@ class NetworkFault(Injector):
                 removed.append(f"ingress redirect on {plan.interface}")
             if plan.direction == "egress" and tc.remove_root(ipr, index):
                 removed.append(f"qdisc fa17: on {plan.interface}")
-        if plan.ifb is not None and tc.delete_link(ipr, plan.ifb):
-            removed.append(f"ifb {plan.ifb}")
+        if plan.ifb is not None:
+            if not removed:  # not found by its name (renamed?): the redirect goes before its ifb
+                removed += [
+                    f"ingress redirect on {name} (renamed from {plan.interface})"
+                    for name in tc.unredirect(ipr, plan.ifb)
+                ]
+            if tc.delete_link(ipr, plan.ifb):
+                removed.append(f"ifb {plan.ifb}")
         return removed
 
     # -- sweep ----------------------------------------------------------------

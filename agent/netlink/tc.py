@@ -303,6 +303,37 @@ def remove_ingress(ipr: IPRoute, index: int) -> bool:
     return True
 
 
+def redirect_targets(ipr: IPRoute, index: int) -> set[int]:
+    """Devices (ifindex) our ingress redirect on this link sends its traffic to."""
+    targets: set[int] = set()
+    for f in ipr.get_filters(index=index, parent=INGRESS_HANDLE):
+        if int(f["info"]) >> 16 != INGRESS_FILTER_PRIO:
+            continue
+        opts = f.get_attr("TCA_OPTIONS")
+        acts = opts.get_attr("TCA_U32_ACT") if opts is not None else None
+        for _, act in acts["attrs"] if acts is not None else []:
+            options = act.get_attr("TCA_ACT_OPTIONS") if act.get_attr("TCA_ACT_KIND") == "mirred" else None
+            parms = options.get_attr("TCA_MIRRED_PARMS") if options is not None else None
+            if parms:
+                targets.add(int(parms["ifindex"]))
+    return targets
+
+
+def unredirect(ipr: IPRoute, ifb: str) -> list[str]:
+    """Remove our ingress redirects that send traffic to ``ifb`` from every link (one renamed
+    since the fault, which the revert did not find by name): deleting the ifb under a redirect
+    that still points to it would drop all that link's ingress. Names of the links cleared."""
+    target = link_index(ipr, ifb)
+    if target is None:
+        return []
+    cleared: list[str] = []
+    for link in ipr.get_links():
+        index = int(link["index"])
+        if index != target and target in redirect_targets(ipr, index) and remove_ingress(ipr, index):
+            cleared.append(str(link.get_attr("IFLA_IFNAME")))
+    return cleared
+
+
 def delete_link(ipr: IPRoute, name: str) -> bool:
     index = link_index(ipr, name)
     if index is None:

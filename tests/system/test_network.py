@@ -300,6 +300,38 @@ async def test_a_revert_never_touches_a_namespace_other_than_the_one_it_was_appl
     await assert_clean(bed.ns_a, bed.dev_a)
 
 
+def rename(ns: str, dev: str, new: str) -> None:
+    with iproute(ns) as ipr:
+        index = tc.link_index(ipr, dev)
+        assert index is not None
+        ipr.link("set", index=index, state="down")
+        ipr.link("set", index=index, ifname=new)
+        ipr.link("set", index=index, state="up")
+
+
+async def test_an_ingress_revert_after_the_interface_was_renamed_removes_the_redirect_before_its_ifb(
+    bed: Testbed, tmp_path: Path
+) -> None:
+    """The revert finds the interface by its name. Renamed meanwhile, it was not found, and the
+    ifb was deleted under the redirect that still pointed to it: every packet arriving on that
+    interface was dropped from then on, until the next start's sweep."""
+    env = make_env(bed, tmp_path)
+    inj = NetworkFault(env)
+    ctx = ctx_for(env, "f-renamed")
+    spec = NetworkSpec(rate="8mbit", netns=bed.ns_a, interface=bed.dev_a, direction="ingress")
+    plan = await inj.plan(spec, ctx)
+    await inj.apply(spec, plan, ctx)
+    await asyncio.to_thread(rename, bed.ns_a, bed.dev_a, "flrenamed")
+    try:
+        reverted = await inj.revert(plan, ctx)
+        assert reverted.note is not None and f"ingress redirect on flrenamed (renamed from {bed.dev_a})" in reverted.note
+        assert f"ifb {plan.ifb}" in reverted.note, reverted.note
+        await assert_clean(bed.ns_a, "flrenamed")
+    finally:
+        await asyncio.to_thread(rename, bed.ns_a, "flrenamed", bed.dev_a)
+    await assert_clean(bed.ns_a, bed.dev_a)
+
+
 @pytest.mark.parametrize("direction", ["egress", "ingress"])
 @pytest.mark.parametrize("recovery", ["sweep", "revert"])
 async def test_restarted_agent_removes_what_the_crashed_one_left(
