@@ -861,6 +861,16 @@ async def test_a_stalled_narrowing_write_neither_delays_the_revert_nor_brings_th
         os.kill(mine.pid, signal.SIGCONT)
 
 
+def pause_of(cmdline: str, fault_id: str) -> Inject:
+    return Inject(
+        experiment_id="e",
+        fault_id=fault_id,
+        spec={"kind": "process-pause", "match": {"cmdline": cmdline}},
+        expires_at=time.time() + 30,
+        lease_timeout_s=30,
+    )
+
+
 def stalling_journal(rt: AgentRuntime) -> threading.Event:
     """Every journal write stalls inside the journal's lock, as an fsync on a stalled disk does,
     until the returned event is set (or 20 s pass)."""
@@ -886,13 +896,7 @@ async def test_a_fault_whose_first_journal_write_stalls_ends_on_its_revert_and_a
     (victim,) = victims.start(1, "-stalled")
     rt, _ = pausing_runtime(tmp_path)
     back = stalling_journal(rt)
-    pause = Inject(
-        experiment_id="e",
-        fault_id="e.3",
-        spec={"kind": "process-pause", "match": {"cmdline": f"{victims.token}-stalled$"}},
-        expires_at=time.time() + 30,
-        lease_timeout_s=30,
-    )
+    pause = pause_of(f"{victims.token}-stalled$", "e.3")
     try:
         assert decode(await rt.handle_command(encode(pause)), Ack).accepted
         rec = rt.faults["e.3"]
@@ -914,18 +918,12 @@ async def test_a_fault_whose_first_journal_write_stalls_ends_on_its_revert_and_a
 
 
 async def test_a_stop_finishes_within_its_bound_while_the_journal_is_stalled(tmp_path: Path, victims: Victims) -> None:
-    """A fault waiting on a stalled first write, and one ended just before the stop whose
-    journal bookkeeping is stuck behind it: the stop still ends in bounded time."""
+    """A fault waiting on a stalled first write, its end's journal bookkeeping stuck behind it:
+    the stop still ends in bounded time."""
     victims.start(1, "-stop")
     rt, _ = pausing_runtime(tmp_path)
     back = stalling_journal(rt)
-    pause = Inject(
-        experiment_id="e",
-        fault_id="e.4",
-        spec={"kind": "process-pause", "match": {"cmdline": f"{victims.token}-stop$"}},
-        expires_at=time.time() + 30,
-        lease_timeout_s=30,
-    )
+    pause = pause_of(f"{victims.token}-stop$", "e.4")
     try:
         assert decode(await rt.handle_command(encode(pause)), Ack).accepted
         await async_wait_until(lambda: rt.faults["e.4"].plan is not None, 5, "the pause to be planned")
