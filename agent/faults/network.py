@@ -50,10 +50,6 @@ class NetworkPlan(Plan):
     create_ingress: bool = False
     replaced: list[str] = []  # foreign qdiscs deleted under force: true
     tree: tc.TcTree
-    # the namespace's identity when planned: a pod's /proc/<pid>/ns/net path names another
-    # namespace once that pid is reused, and a revert must not touch that one (None: journaled
-    # by an older agent)
-    netns_inode: int | None = None
 
 
 def _netem_params(spec: NetworkSpec) -> tc.NetemParams:
@@ -312,7 +308,6 @@ class NetworkFault(Injector):
 
     def _plan_sync(self, spec: NetworkSpec, fault_id: str, control_plane: list[tuple[str, int]]) -> NetworkPlan:
         inode, plan = self._inspect(spec, control_plane)
-        plan = plan.model_copy(update={"netns_inode": inode})
         key = (inode, plan.interface)
         with self._lock:
             holder = self._holders.get(key)
@@ -418,10 +413,10 @@ class NetworkFault(Injector):
         assert isinstance(plan, NetworkPlan)
         started = time.monotonic()
         self._may_install.discard(ctx.fault_id)  # before the revert is queued: see _may_install
-        removed, untouched = await self._netlink("revert", self._revert_sync, plan, ctx.fault_id)
+        removed, other = await self._netlink("revert", self._revert_sync, plan, ctx.fault_id)
         self._drop_claims(ctx.fault_id)  # its own claim only: another fault's stands
-        if untouched is not None:
-            note = f"nothing removed: {untouched}"
+        if other is not None:
+            note = f"nothing removed: {plan.interface} is held by fault {other} now, whose tree that is"
         else:
             note = ("removed " + ", ".join(removed)) if removed else "nothing left to remove"
         return Measurements(
@@ -434,20 +429,17 @@ class NetworkFault(Injector):
         )
 
     def _revert_sync(self, plan: NetworkPlan, fault_id: str) -> tuple[list[str], str | None]:
-        """(what was removed, why nothing was touched). Every fault's tree carries the same handle,
-        so what is on the interface is this fault's only while no other fault holds it: a retried
-        revert (a kept journal entry, at a halt) must never remove a live fault's tree. Under the
-        netlink lock, so no plan or apply runs between this check and the removal; and another
-        fault could hold the interface only once the kernel showed nothing of ours on it."""
+        """(what was removed, the other fault holding the interface). Every fault's tree carries the
+        same handle, so what is on the interface is this fault's only while no other fault holds it:
+        a retried revert (a kept journal entry, at a halt) must never remove a live fault's tree.
+        Under the netlink lock, so no plan or apply runs between this check and the removal; and
+        another fault could hold the interface only once the kernel showed nothing of ours on it."""
         try:
-            inode = netns_inode(plan.netns)
-            if plan.netns_inode is not None and inode != plan.netns_inode:
-                # the pod is gone (its namespace with it) and the path names another namespace now
-                return [], f"network namespace {plan.netns} is not the one the fault was applied in (gone with its pod)"
+            key = (netns_inode(plan.netns), plan.interface)
             with self._lock:
-                holder = self._holders.get((inode, plan.interface))
+                holder = self._holders.get(key)
             if holder is not None and holder != fault_id:
-                return [], f"{plan.interface} is held by fault {holder} now, whose tree that is"
+                return [], holder
             with iproute(plan.netns) as ipr:
                 return self._remove(ipr, plan), None
         except NetnsError:

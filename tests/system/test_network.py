@@ -275,31 +275,6 @@ async def test_a_retried_revert_never_removes_the_tree_of_the_fault_that_holds_t
     await assert_clean(bed.ns_a, bed.dev_a)
 
 
-async def test_a_revert_never_touches_a_namespace_other_than_the_one_it_was_applied_in(
-    bed: Testbed, tmp_path: Path
-) -> None:
-    """A pod's namespace is journaled as /proc/<pid>/ns/net when no bind mount names it. Once
-    the pod is gone and its pid reused, that path names another namespace (another pod's, the
-    node's): a kept entry's retry there would have removed that namespace's tree."""
-    env = make_env(bed, tmp_path)
-    inj = NetworkFault(env)
-    ctx = ctx_for(env, "f-pod")
-    spec = NetworkSpec(rate="8mbit", netns=bed.ns_a, interface=bed.dev_a)
-    plan = await inj.plan(spec, ctx)
-    assert plan.netns_inode is not None
-    try:
-        await inj.apply(spec, plan, ctx)
-        installed = await asyncio.to_thread(tc_state, bed.ns_a, bed.dev_a)
-        elsewhere = plan.model_copy(update={"netns_inode": plan.netns_inode + 1})  # as if the path moved on
-        journaled = NetworkPlan.model_validate_json(elsewhere.model_dump_json())
-        retried = await inj.revert(journaled, ctx_for(env, "f-pod", recovered=True))
-        assert retried.note is not None and "is not the one the fault was applied in" in retried.note, retried.note
-        assert await asyncio.to_thread(tc_state, bed.ns_a, bed.dev_a) == installed
-    finally:
-        await inj.revert(plan, ctx)
-    await assert_clean(bed.ns_a, bed.dev_a)
-
-
 def rename(ns: str, dev: str, new: str) -> None:
     with iproute(ns) as ipr:
         index = tc.link_index(ipr, dev)
