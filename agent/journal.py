@@ -93,7 +93,8 @@ class Journal:
         self._owns_executor = executor is None
 
     def off_loop(self, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Run a journal call on the journal's thread; calls run one after another, in order."""
+        """Run a journal call on the journal's thread; calls run one after another, in order
+        (with a shared pool, as in a simulation, only the journal's lock orders them)."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
             self._owns_executor = True

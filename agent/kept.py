@@ -135,11 +135,19 @@ class KeptEntries:
     async def _retry_one(self, issue: JournalIssue, why: str) -> None:
         fid = issue.fault_id
         assert fid is not None  # a revert-failed issue always names its fault
+        bound = self.settings.timing.revert_timeout_s
         try:
-            entry = await self.journal.off_loop(self.journal.read, fid)
-        except ValueError as exc:
+            # a read takes no journal lock: not queued behind a stalled write on the journal's thread
+            entry = await asyncio.wait_for(asyncio.to_thread(self.journal.read, fid), bound)
+        except (ValueError, TimeoutError) as exc:
+            problem = str(exc) or f"no answer within {bound} s (a stalled state directory?)"
             self.keep_journal_issue(
-                issue.entry, "revert-failed", f"cannot read it at a retry: {exc}", fid, issue.experiment_id, issue.kind
+                issue.entry,
+                "revert-failed",
+                f"cannot read it at a retry: {problem}",
+                fid,
+                issue.experiment_id,
+                issue.kind,
             )
             return
         inj = self.injectors.get(entry.spec.kind) if entry is not None else None
@@ -163,7 +171,13 @@ class KeptEntries:
             return
         if fid in self.faults:
             return  # cannot happen (an Inject of a kept id is refused); never drop a live fault's entry
-        await self.journal.off_loop(self.journal.finish, fid, "reverted", entry.expires_at, True)
+        # Reverted. The entry's removal is bookkeeping: on a stalled disk it stays queued and
+        # lands later (the next retry then finds the file gone), and this run goes on.
+        finish = self.journal.off_loop(self.journal.finish, fid, "reverted", entry.expires_at, True)
+        try:
+            await asyncio.wait_for(asyncio.shield(finish), bound)
+        except TimeoutError:
+            log.warning("fault %s reverted on %s; its journal entry is removed once the disk answers", fid, why)
         self.journal_issues.pop(issue.entry, None)
         reason = f"kept journal entry reverted on {why}"
         log.warning("fault %s: %s", fid, reason)

@@ -271,8 +271,11 @@ async def serve(settings: AgentSettings, leave: Callable[[int], None] | None = N
         release_startup_memory()  # once per agent process (not per runtime: simulations run many)
 
     trim = asyncio.create_task(trim_when_ready(), name="trim-startup-memory")
+    code = 1
     try:
         code = await runtime.run()
+    except Exception:  # logged, and the exit below still happens: never held by a stuck thread
+        log.exception("faultline-agent stopped on an unexpected error")
     finally:
         trim.cancel()
         for closer in extras:

@@ -15,7 +15,10 @@ from typing import Any
 
 import pytest
 
+from agent.config import AgentSettings
+from agent.faults.base import AgentEnv
 from agent.journal import Journal, JournalEntry
+from agent.runtime import AgentRuntime
 from controller.fleet import NodeView, journal_issue_line, journal_issue_lines
 from controller.fleet_commands import _agent_row
 from controller.local import recovery_lines
@@ -23,7 +26,7 @@ from proto.codec import decode, encode
 from proto.faults import CpuSpec, ProcessPauseSpec
 from proto.messages import MAX_JOURNAL_ISSUES, Ack, Halt, Heartbeat, JournalIssue
 from tests.conftest import async_wait_until
-from tests.unit.test_agent_safety import FlakyPlan, FlakyRevert, inject, runtime
+from tests.unit.test_agent_safety import FlakyPlan, FlakyRevert, inject, runtime, stalling_journal
 
 
 def entry(fid: str, spec: Any = None, planned: bool = True) -> JournalEntry:
@@ -301,3 +304,35 @@ async def test_a_failed_revert_is_retried_every_minute_while_the_agent_runs(
     assert inj.reverts == 4
     await async_wait_until(lambda: rt.journal.fault_ids() == [], 3, "the entry to be removed")
     assert rt.heartbeat().ended[-1].reason == "kept journal entry reverted on periodic retry"
+
+
+async def test_a_retry_reverts_while_the_journal_is_stalled_and_does_not_hold_the_retry_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: a retry read its entry on the journal's thread, behind another fault's
+    stalled first write, so it never reverted and held the retry lock for good (every later
+    periodic retry skipped, every halt waited)."""
+    monkeypatch.setattr("agent.lifecycle.REVERT_BACKOFF_S", 0.01)
+    settings = AgentSettings(state_dir=tmp_path, identity={"node": "safety"}, timing={"revert_timeout_s": 1.0})
+    inj = FlakyRevert(AgentEnv(node="safety", state_dir=tmp_path, instance_id="t", protected_pids=dict), failures=3)
+    rt = AgentRuntime(settings, injectors={"process-pause": inj})
+    rt.capabilities = ["process-pause"]
+    assert decode(await rt.handle_command(inject("e.8")), Ack).accepted
+    rec = rt.faults["e.8"]
+    await async_wait_until(lambda: rec.state == "active", 2, "the fault to become active")
+    rec.request_end("test")
+    await asyncio.wait_for(rec.finished.wait(), 5)
+    await rt.settle_journal(2)
+    assert "e.8.json" in rt.journal_issues
+    back = stalling_journal(rt)
+    try:
+        assert decode(await rt.handle_command(inject("e.9")), Ack).accepted  # its first write stalls
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(rt.retry_kept("halt"), 4)  # read 1 s at most, the revert, the finish 1 s at most
+        assert inj.reverts == 4, "the kept entry was not reverted"
+        assert "e.8.json" not in rt.journal_issues and not rt.retry_lock.locked()
+    finally:
+        back.set()
+        if "e.9" in rt.faults:
+            rt.faults["e.9"].request_end("test over")
+        await rt.settle_journal(2)
