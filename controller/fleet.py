@@ -63,9 +63,10 @@ def journal_issue_lines(hb: Heartbeat, indent: str = "  ") -> list[str]:
 
 
 JOURNAL_ISSUES_HELP = (
-    "what such an entry guarded may still be in place: `faultline halt` (every agent) or restarting the agent "
-    "retries failed reverts; check the rest on the node (a paused process, a qdisc, a stressor), and once it is "
-    "handled remove the file from STATE_DIR/journal: the next halt or start stops listing it (docs/deploy.md)"
+    "what such an entry guarded may still be in place: the agent retries failed reverts once a minute, and "
+    "`faultline halt` (every agent) or restarting the agent retries them at once; check the rest on the node "
+    "(a paused process, a qdisc, a stressor), and once it is handled remove the file from STATE_DIR/journal: "
+    "the next halt or start stops listing it (docs/deploy.md)"
 )
 
 
