@@ -121,7 +121,13 @@ class CommandHandler:
         def arm_deadline(self, rec: FaultRecord) -> None: ...
         def keeps_entry_of(self, fault_id: str) -> bool: ...
         def make_context(
-            self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
+            self,
+            fault_id: str,
+            experiment_id: str,
+            deadline: float,
+            pods: Any,
+            recovered: bool = False,
+            lease_timeout_s: float | None = None,
         ) -> FaultContext: ...
 
     async def handle_command(self, data: bytes, preview_only: bool = False) -> bytes:
@@ -271,7 +277,7 @@ class CommandHandler:
             if cap not in self.capabilities:
                 why = self.capability_notes.get(cap, f"capability {cap} not available on this node")
                 return self._reject(cmd.id, why, cmd)
-        ctx = self.make_context(fid, exp, cmd.expires_at, cmd.pods)
+        ctx = self.make_context(fid, exp, cmd.expires_at, cmd.pods, lease_timeout_s=cmd.lease_timeout_s)
         try:
             injector.check(cmd.spec, ctx)
         except Rejected as exc:

@@ -95,7 +95,13 @@ class Lifecycle:
         ) -> None: ...
 
     def make_context(
-        self, fault_id: str, experiment_id: str, deadline: float, pods: Any, recovered: bool = False
+        self,
+        fault_id: str,
+        experiment_id: str,
+        deadline: float,
+        pods: Any,
+        recovered: bool = False,
+        lease_timeout_s: float | None = None,
     ) -> FaultContext:
         def emit(state: FaultState, m: Measurements, reason: str | None) -> None:
             rec = self.faults.get(fault_id)
@@ -111,6 +117,7 @@ class Lifecycle:
             env=self.env,
             emit=emit,
             recovered=recovered,
+            lease_timeout_s=lease_timeout_s,
         )
 
     def arm_deadline(self, rec: FaultRecord) -> None:

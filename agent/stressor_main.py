@@ -9,8 +9,10 @@ Start-up order matters for safety:
 2. oom_score_adj = 1000: under pressure the kernel kills a stressor first.
 3. SIGSTOP ourselves; the agent moves us into the target cgroup and sends
    SIGCONT, so no work is done outside the cgroup.
-4. Work until killed or until --until (the fault's absolute deadline, a
-   safety net behind the agent's own timer).
+4. Work until killed, until --until (the fault's absolute deadline, a
+   safety net behind the agent's own timer), or until the agent stops keeping
+   us alive (--leash-fd): a frozen agent (SIGSTOP, a debugger, a stalled event
+   loop) cannot revert, and its death alone is what PDEATHSIG covers.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import ctypes
 import mmap
 import os
+import select
 import signal
 import sys
 import time
@@ -29,6 +32,48 @@ _PR_SET_NAME = 15
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 PAGE_BYTES = 4096
 CPU_PERIOD_S = 0.1
+LEASH_EXIT = 3  # the exit code of a stressor whose agent stopped keeping it alive
+
+
+class Leash:
+    """The agent writes a byte to our pipe every second or so. Nothing for ``limit_s`` (the
+    agent is frozen), or the pipe closed (the agent is gone): we end ourselves, LEASH_EXIT."""
+
+    def __init__(self, fd: int | None, limit_s: float) -> None:
+        self.fd, self.limit_s = fd, limit_s
+        self.last = time.monotonic()
+        if fd is not None:
+            os.set_blocking(fd, False)
+
+    def check(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            while True:
+                data = os.read(self.fd, 4096)
+                if not data:
+                    sys.exit(LEASH_EXIT)  # every writer gone: the agent closed it, or died
+                self.last = time.monotonic()
+        except BlockingIOError:
+            pass
+        if time.monotonic() - self.last > self.limit_s:
+            sys.exit(LEASH_EXIT)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, woken by the agent's bytes to check the leash as they come."""
+        end = time.monotonic() + seconds
+        while True:
+            self.check()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            if self.fd is None:
+                time.sleep(left)
+                return
+            select.select([self.fd], [], [], min(left, self.limit_s))
+
+
+NO_LEASH = Leash(None, 0.0)
 
 
 def _prctl(option: int, arg: int | bytes) -> None:
@@ -58,7 +103,7 @@ def _remaining(until: float) -> float:
     return until - time.time() if until > 0 else float("inf")
 
 
-def run_cpu(load_percent: float, until: float) -> None:
+def run_cpu(load_percent: float, until: float, leash: Leash = NO_LEASH) -> None:
     """Busy for load% of every CPU_PERIOD_S, counted in CPU time actually received.
 
     Counting CPU time (not wall time) keeps the mean honest when the core is
@@ -68,6 +113,7 @@ def run_cpu(load_percent: float, until: float) -> None:
     share = min(max(load_percent, 0.0), 100.0) / 100.0
     if share >= 1.0:
         while _remaining(until) > 0:
+            leash.check()
             for _ in range(200_000):
                 pass
         return
@@ -77,6 +123,7 @@ def run_cpu(load_percent: float, until: float) -> None:
     wall_clock = time.monotonic
     next_start = wall_clock()
     while _remaining(until) > 0:
+        leash.check()
         period_end = next_start + CPU_PERIOD_S
         target_s = busy_s + carry_s
         c0 = cpu_clock()
@@ -86,7 +133,7 @@ def run_cpu(load_percent: float, until: float) -> None:
         carry_s = max(-busy_s / 2, min(busy_s / 2, target_s - got_s))
         now = wall_clock()
         if period_end > now:
-            time.sleep(period_end - now)
+            leash.sleep(period_end - now)
             next_start = period_end
         else:
             next_start = now  # fell behind (stopped, or starved): restart the schedule
@@ -97,7 +144,7 @@ def _own_rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_memory(size_bytes: int, ramp_s: float, until: float) -> None:
+def run_memory(size_bytes: int, ramp_s: float, until: float, leash: Leash = NO_LEASH) -> None:
     """Allocate, touch every page (one written byte per 4 KiB), hold.
 
     The interpreter's own RSS is subtracted so the process as a whole reaches
@@ -118,6 +165,7 @@ def run_memory(size_bytes: int, ramp_s: float, until: float) -> None:
     start = time.monotonic()
     offset = 0
     while offset < alloc and _remaining(until) > 0:
+        leash.check()
         end = min(alloc, offset + chunk)
         if populate:
             # One madvise faults the chunk in inside the kernel: 4-8x faster than a page
@@ -133,9 +181,9 @@ def run_memory(size_bytes: int, ramp_s: float, until: float) -> None:
             due = start + ramp_s * offset / alloc  # linear ramp: bytes touched proportional to time
             delay = due - time.monotonic()
             if delay > 0:
-                time.sleep(delay)
+                leash.sleep(delay)
     while _remaining(until) > 0:
-        time.sleep(min(1.0, max(0.01, _remaining(until))))
+        leash.sleep(min(1.0, max(0.01, _remaining(until))))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--until", type=float, default=0.0, help="absolute Unix deadline; 0: none")
     parser.add_argument("--core", type=int, default=None)
+    parser.add_argument("--leash-fd", type=int, default=None, help="pipe the agent keeps us alive through")
+    parser.add_argument("--leash-s", type=float, default=0.0, help="end after this long without a byte on it")
     sub = parser.add_subparsers(dest="kind", required=True)
     cpu = sub.add_parser("cpu")
     cpu.add_argument("--load", type=float, required=True)
@@ -155,10 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.core is not None:
         os.sched_setaffinity(0, {args.core})
     _setup(args.parent_pid, f"fl-stress-{args.kind}")
+    leash = Leash(args.leash_fd, args.leash_s) if args.leash_fd is not None and args.leash_s > 0 else NO_LEASH
     if args.kind == "cpu":
-        run_cpu(args.load, args.until)
+        run_cpu(args.load, args.until, leash)
     else:
-        run_memory(args.size, args.ramp, args.until)
+        run_memory(args.size, args.ramp, args.until, leash)
 
 
 if __name__ == "__main__":

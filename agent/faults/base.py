@@ -81,6 +81,7 @@ class FaultContext:
     emit: Callable[[FaultState, Measurements, str | None], None]
     """Publish a progress event (e.g. a restart observed) without ending the fault."""
     recovered: bool = False  # True when the runtime reverts from the journal after a restart
+    lease_timeout_s: float | None = None  # the experiment's lease (an Inject's); None when reverting
 
 
 class Injector(abc.ABC):

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from agent import cgroups
 from agent.faults.base import FaultContext, Plan, Rejected
-from agent.faults.stressor import UNTIL_GRACE_S, CpuSampler, StressInjector, StressPlan
+from agent.faults.stressor import UNTIL_GRACE_S, CpuSampler, StressInjector, StressPlan, leash_note
 from proto.faults import CpuSpec
 from proto.messages import Measurements, PreviewResult, StressPreview
 
@@ -89,7 +89,7 @@ class CpuStress(StressInjector):
         t0 = time.monotonic()
         args = [["cpu", f"--load={plan.load_percent:g}"]] * plan.workers
         cores = [plan.cores[i % len(plan.cores)] if plan.cores else None for i in range(plan.workers)]
-        running = await self.launch(plan, args, cores)
+        running = await self.launch(plan, args, cores, ctx)
         running.sampler = CpuSampler([s.proc for s in running.stressors])
         self.watch(plan, running, running.sampler.run())
         return Measurements(
@@ -101,6 +101,8 @@ class CpuStress(StressInjector):
 
     async def revert(self, plan: Plan, ctx: FaultContext) -> Measurements:
         assert isinstance(plan, StressPlan)
+        held = self._running.get(plan.marker)
+        leashed = held is not None and held.leash_ended()  # before our SIGKILL sets their codes
         running, killed, took_s = await self.stop(plan)
         mean = stdev = None
         note = None
@@ -109,6 +111,8 @@ class CpuStress(StressInjector):
                 mean, stdev = running.sampler.summary()
             if mean is None:
                 note = "active less than a second: no per-second load measured"
+            if leashed:
+                note = leash_note(running.leash_s)
         else:
             note = f"no in-memory state (agent restarted?): killed {len(killed)} stressor(s) found by marker"
         return Measurements(

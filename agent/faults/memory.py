@@ -19,7 +19,8 @@ import psutil
 
 from agent import cgroups
 from agent.faults.base import AgentEnv, FaultContext, Plan, Rejected
-from agent.faults.stressor import UNTIL_GRACE_S, Running, StressInjector, StressPlan, rss_bytes
+from agent.faults.stressor import UNTIL_GRACE_S, Running, StressInjector, StressPlan, leash_note, rss_bytes
+from agent.stressor_main import LEASH_EXIT
 from proto.faults import MemorySpec
 from proto.messages import Measurements, PreviewResult, StressPreview
 from proto.units import format_size
@@ -155,7 +156,8 @@ class MemoryStress(StressInjector):
         assert isinstance(plan, MemoryPlan)
         t0 = time.monotonic()
         ooms_before = _vmstat_oom_kills()
-        running = await self.launch(plan, [["memory", f"--size={plan.size_bytes}", f"--ramp={plan.ramp_s:g}"]], [None])
+        args = [["memory", f"--size={plan.size_bytes}", f"--ramp={plan.ramp_s:g}"]]
+        running = await self.launch(plan, args, [None], ctx)
         running.oom_kills_before = ooms_before
         self.watch(plan, running, self._monitor(plan, running, ctx))
         return Measurements(
@@ -192,6 +194,10 @@ class MemoryStress(StressInjector):
             self._sample(plan, running, ctx)
             await asyncio.sleep(0.02 if running.reached_s is None else 0.5)
         self._note_exit(running)
+        if running.exit_code == LEASH_EXIT:
+            log.warning("memory stressor %s of fault %s: %s", s.pid, ctx.fault_id, leash_note(running.leash_s))
+            with contextlib.suppress(Exception):
+                ctx.emit("active", Measurements(rss_bytes=running.peak_rss_bytes), leash_note(running.leash_s))
         if running.oom_killed:
             log.warning("memory stressor %s of fault %s was OOM-killed", s.pid, ctx.fault_id)
             with contextlib.suppress(Exception):
@@ -220,6 +226,8 @@ class MemoryStress(StressInjector):
         note = None
         if running.oom_killed:
             note = "memory stressor was killed by the kernel OOM killer"
+        elif running.exit_code == LEASH_EXIT:
+            note = leash_note(running.leash_s)
         elif running.exit_code is not None:
             note = f"memory stressor exited before revert with code {running.exit_code}"
         return Measurements(

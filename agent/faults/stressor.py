@@ -28,7 +28,7 @@ from typing import ClassVar
 import psutil
 
 from agent import cgroups
-from agent.faults.base import AgentEnv, Capability, Injector, Plan, Rejected
+from agent.faults.base import AgentEnv, Capability, FaultContext, Injector, Plan, Rejected
 from agent.faults.stress_marks import (
     MARKER_ARG,
     MARKER_ENV,
@@ -38,6 +38,7 @@ from agent.faults.stress_marks import (
     make_marker,
     stress_capabilities,
 )
+from agent.stressor_main import LEASH_EXIT
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,15 @@ START_TIMEOUT_S = 10.0
 
 
 _children: dict[int, subprocess.Popen[bytes]] = {}
-OWNED_SCAN_S = 2.0  # how long a stop whose stressors were all in memory waits to scan for others
 """Every stressor this process spawned and has not reaped yet, so that whichever code
 path kills one (revert with or without in-memory state, sweep) also reaps it."""
+OWNED_SCAN_S = 2.0  # how long a stop whose stressors were all in memory waits to scan for others
+# The leash: the agent writes a byte to each stressor's pipe every LEASH_TICK_S; a stressor that
+# gets none for its leash (the fault's leaseTimeout, at least LEASH_MIN_S) ends itself. A frozen
+# agent (SIGSTOP, a debugger, a stalled event loop) cannot revert, and PDEATHSIG covers only its
+# death: without the leash its load would run on to the fault's deadline.
+LEASH_TICK_S = 1.0
+LEASH_MIN_S = 5.0
 
 
 class StressorError(Exception):
@@ -63,10 +70,22 @@ class Stressor:
     ref: StressorRef
     proc: psutil.Process
     killed_by_us: bool = False
+    leash: int | None = None  # the write end of its leash pipe
 
     @property
     def pid(self) -> int:
         return self.ref.pid
+
+    def feed(self) -> None:
+        if self.leash is not None:
+            with contextlib.suppress(OSError):  # full (it is stopped) or gone: its own checks decide
+                os.write(self.leash, b".")
+
+    def release_leash(self) -> None:
+        fd, self.leash = self.leash, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _state(pid: int) -> str | None:
@@ -77,8 +96,11 @@ def _state(pid: int) -> str | None:
         return None
 
 
-def spawn(marker: str, args: Sequence[str], *, until: float = 0.0, core: int | None = None) -> Stressor:
-    """Start one stressor; it stops itself (SIGSTOP) once set up. Call ``start`` to run it."""
+def spawn(
+    marker: str, args: Sequence[str], *, until: float = 0.0, core: int | None = None, leash_s: float = 0.0
+) -> Stressor:
+    """Start one stressor; it stops itself (SIGSTOP) once set up. Call ``start`` to run it.
+    ``leash_s`` > 0: it ends itself when the agent has not fed its leash for that long."""
     env = dict(os.environ)
     env[MARKER_ENV] = marker
     argv = [
@@ -92,12 +114,30 @@ def spawn(marker: str, args: Sequence[str], *, until: float = 0.0, core: int | N
     ]
     if core is not None:
         argv.append(f"--core={core}")
+    read_end, leash = os.pipe() if leash_s > 0 else (None, None)
+    if read_end is not None:
+        argv += [f"--leash-fd={read_end}", f"--leash-s={leash_s:g}"]
+        os.set_blocking(leash, False)  # type: ignore[arg-type]
     argv.extend(args)
     # Own process group: a signal to the agent's group (Ctrl-C, kill -TERM -pgid) leaves
     # stressors to the agent's revert, and killpg reaches a stressor's helpers if it ever has some.
-    popen = subprocess.Popen(
-        argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, process_group=0, close_fds=True
-    )
+    try:
+        popen = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            process_group=0,
+            close_fds=True,
+            pass_fds=(read_end,) if read_end is not None else (),
+        )
+    except BaseException:
+        if leash is not None:
+            os.close(leash)
+        raise
+    finally:
+        if read_end is not None:
+            os.close(read_end)  # the stressor's end; ours is the write end
     _children[popen.pid] = popen
     try:
         proc = psutil.Process(popen.pid)
@@ -106,8 +146,10 @@ def spawn(marker: str, args: Sequence[str], *, until: float = 0.0, core: int | N
         popen.kill()
         popen.wait(STOP_TIMEOUT_S)
         _children.pop(popen.pid, None)
+        if leash is not None:
+            os.close(leash)
         raise StressorError(f"stressor exited at once (code {popen.poll()})") from exc
-    return Stressor(popen=popen, ref=ref, proc=proc)
+    return Stressor(popen=popen, ref=ref, proc=proc, leash=leash)
 
 
 async def start(stressors: Sequence[Stressor], cgroup: cgroups.CgroupTarget | None) -> None:
@@ -202,6 +244,9 @@ async def kill_and_wait(
             with contextlib.suppress(subprocess.TimeoutExpired, ChildProcessError):
                 child.wait(0.5)  # exited already (pidfd said so): this only reaps
             _children.pop(pid, None)
+    for s in owned:
+        if s.pid not in stuck:
+            s.release_leash()
     if stuck:
         raise StressorError(f"stressors {stuck} still alive {timeout_s:.0f}s after SIGKILL")
     return killed
@@ -282,12 +327,25 @@ class Running:
     cgroup: cgroups.CgroupTarget | None
     monitor: asyncio.Task[None] | None = None
     sampler: CpuSampler | None = None
+    leash_s: float = 0.0
+
+    def leash_ended(self) -> bool:
+        """A stressor ended itself because the agent stopped feeding its leash (it was frozen)."""
+        return any(s.popen.poll() == LEASH_EXIT for s in self.stressors)
+
     # memory stressors
     peak_rss_bytes: int = 0
     reached_s: float | None = None
     oom_kills_before: int | None = None
     exit_code: int | None = None
     oom_killed: bool = False
+
+
+def leash_note(leash_s: float) -> str:
+    return (
+        f"stressor(s) ended themselves: the agent did not keep them alive for {leash_s:g} s "
+        "(frozen: SIGSTOP, a debugger, a stalled event loop)"
+    )
 
 
 class StressInjector(Injector):
@@ -299,6 +357,7 @@ class StressInjector(Injector):
         super().__init__(env)
         self.tag = agent_tag(env.node, env.state_dir)
         self._running: dict[str, Running] = {}
+        self._leash_task: asyncio.Task[None] | None = None
 
     def probe(self) -> list[Capability]:
         return stress_capabilities(self.kind)
@@ -314,20 +373,33 @@ class StressInjector(Injector):
         except cgroups.CgroupError as exc:
             raise Rejected(f"cgroup: {exc}") from None
 
-    async def launch(self, plan: StressPlan, args: Sequence[Sequence[str]], cores: Sequence[int | None]) -> Running:
+    async def launch(
+        self, plan: StressPlan, args: Sequence[Sequence[str]], cores: Sequence[int | None], ctx: FaultContext
+    ) -> Running:
         """Spawn one stressor per args entry, place them, start them. On failure nothing is left running."""
         target = self.resolve_cgroup(plan.cgroup)
+        leash_s = max(LEASH_MIN_S, ctx.lease_timeout_s or 0.0)
         stressors: list[Stressor] = []
         try:
             for a, core in zip(args, cores, strict=True):
-                stressors.append(spawn(plan.marker, a, until=plan.until, core=core))
+                stressors.append(spawn(plan.marker, a, until=plan.until, core=core, leash_s=leash_s))
             await start(stressors, target)
         except BaseException:
             await asyncio.shield(kill_and_wait([], stressors))
             raise
-        running = Running(stressors=stressors, started_at=time.monotonic(), cgroup=target)
+        running = Running(stressors=stressors, started_at=time.monotonic(), cgroup=target, leash_s=leash_s)
         self._running[plan.marker] = running
+        if self._leash_task is None or self._leash_task.done():
+            self._leash_task = asyncio.get_running_loop().create_task(self._feed_leashes(), name=f"{self.kind}-leash")
         return running
+
+    async def _feed_leashes(self) -> None:
+        """While stressors run: every LEASH_TICK_S, a byte to each (see LEASH_TICK_S)."""
+        while self._running:
+            for running in list(self._running.values()):
+                for s in running.stressors:
+                    s.feed()
+            await asyncio.sleep(LEASH_TICK_S)
 
     async def stop(self, plan: StressPlan) -> tuple[Running | None, list[int], float]:
         """Kill every stressor of ``plan`` (ours in memory and any found by marker) and wait for them.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 import uuid
 from typing import Any
@@ -12,6 +13,7 @@ import psutil
 import pytest
 
 from agent.faults.stress_marks import MARKER_PREFIX, agent_tag, find_marked
+from agent.faults.stressor import LEASH_MIN_S
 from proto import subjects
 from proto.codec import decode, encode
 from proto.messages import Ack, Inject, Revert
@@ -158,3 +160,32 @@ async def test_two_memory_faults_that_fit_only_one_at_a_time(nc, agent_factory, 
     assert (await send(nc, "node-a", Revert(experiment_id="exp1", expires_at=time.time() + 10))).accepted
     await async_wait_until(lambda: events.events("exp1.2", "reverted"), 20, "the third fault reverted")
     await async_wait_until(lambda: stressors_of(agent) == {}, 5, "no stressor left")
+
+
+@pytest.mark.parametrize("kind", ["cpu", "memory"])
+async def test_a_frozen_agents_stressors_end_within_their_leash(nc, agent_factory, events, kind):
+    """An agent frozen (SIGSTOP, a debugger, a stalled event loop) cannot revert, and PDEATHSIG
+    covers only its death: before, its cpu or memory load ran on to the fault's deadline (366
+    days at most). Now each stressor ends itself when the agent has not fed its leash for the
+    fault's leaseTimeout (5 s at least), and the agent, once thawed, says so."""
+    agent = agent_factory("node-f")
+    spec = {"kind": "cpu", "load": 20, "workers": 1} if kind == "cpu" else {"kind": "memory", "size": "64Mi"}
+    cmd = Inject(experiment_id="exp1", fault_id="exp1.0", spec=spec, expires_at=time.time() + 120, lease_timeout_s=2)
+    assert (await send(nc, "node-f", cmd)).accepted
+    (active,) = await async_wait_until(lambda: events.events("exp1.0", "active")[:1], 10, "an active event")
+    (pid,) = active.measurements.stressor_pids
+    agent.signal(signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    try:
+        await async_wait_until(lambda: gone(pid), LEASH_MIN_S + 3, "the stressor to end itself while its agent is frozen")
+        took = time.monotonic() - frozen_at
+        assert took >= LEASH_MIN_S - 1.5, f"ended {took:.1f}s after the freeze: before its leash (a false end)"
+    finally:
+        agent.signal(signal.SIGCONT)
+    # thawed: its lease (2 s) has lapsed meanwhile, so it reverts and says what happened
+    (ended,) = await async_wait_until(
+        lambda: [e for e in events.events("exp1.0") if e.state in ("reverted", "failed", "expired")], 10, "the end"
+    )
+    assert "ended themselves: the agent did not keep them alive" in (ended.measurements.note or ""), ended
+    assert stressors_of(agent) == {}
+    assert agent.settled_journal() == []
