@@ -102,7 +102,9 @@ class CpuStress(StressInjector):
     async def revert(self, plan: Plan, ctx: FaultContext) -> Measurements:
         assert isinstance(plan, StressPlan)
         held = self._running.get(plan.marker)
-        leashed = held is not None and held.leash_ended()  # before our SIGKILL sets their codes
+        # before our SIGKILL sets their exit codes
+        leashed = held is not None and held.leash_ended()
+        early = [c for s in held.stressors if (c := s.popen.poll()) is not None] if held is not None else []
         running, killed, took_s = await self.stop(plan)
         mean = stdev = None
         note = None
@@ -113,6 +115,12 @@ class CpuStress(StressInjector):
                 note = "active less than a second: no per-second load measured"
             if leashed:
                 note = leash_note(running.leash_s)
+            elif early:
+                note = (
+                    f"{len(early)} of {len(running.stressors)} stressor(s) ended before the revert "
+                    f"(exit {', '.join(str(c) for c in early)}; -9: SIGKILL, by the OOM killer or someone else): "
+                    "the load was lower from then on"
+                )
         else:
             note = f"no in-memory state (agent restarted?): killed {len(killed)} stressor(s) found by marker"
         return Measurements(

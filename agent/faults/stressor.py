@@ -218,11 +218,15 @@ async def kill_and_wait(
     killed: list[int] = []
     waits: list[tuple[int, int]] = []
     for pid, ref in all_refs.items():
+        # Our own child, not reaped: its pid cannot have been reused, so no start-time check,
+        # which a wall-clock step (psutil derives start times from the boot time, itself derived
+        # from the wall clock) would fail, leaving the stressor to the marker scan.
+        unreaped = pid in popens and popens[pid].popen.poll() is None
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             continue
-        if _is_same(ref) is None:
+        if not unreaped and _is_same(ref) is None:
             os.close(pidfd)
             continue
         if pid in popens:

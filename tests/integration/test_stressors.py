@@ -352,3 +352,35 @@ async def test_a_revert_ends_the_load_while_every_worker_thread_is_busy(env: Age
     finally:
         release.set()
         await asyncio.gather(*busy)
+
+
+async def test_a_stressor_that_died_early_is_named_in_the_revert(env: AgentEnv, cleanup: None) -> None:
+    """Killed by the OOM killer (cpu stressors have oom_score_adj 1000) or by someone else: the
+    revert said only "reverted", with a lower mean and no word of why."""
+    inj, ctx = CpuStress(env), ctx_for(env)
+    spec = CpuSpec(load=10, workers=1, duration="30s")
+    plan = await inj.plan(spec, ctx)
+    applied = await inj.apply(spec, plan, ctx)
+    (pid,) = applied.stressor_pids or []
+    os.kill(pid, signal.SIGKILL)
+    await wait_for(lambda: gone(pid), 3, "the stressor to die")
+    reverted = await inj.revert(plan, ctx)
+    assert reverted.note is not None and reverted.note.startswith("1 of 1 stressor(s) ended before the revert (exit -9"), (
+        reverted.note
+    )
+
+
+async def test_own_stressors_are_killed_even_when_start_times_no_longer_match(
+    env: AgentEnv, cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """psutil derives start times from the boot time, itself from the wall clock: after a clock
+    step no start time matches. An unreaped child of the agent cannot have had its pid reused,
+    so the revert kills it without that check (before, only the marker scan could)."""
+    inj, ctx = CpuStress(env), ctx_for(env)
+    spec = CpuSpec(load=10, workers=1, duration="30s")
+    plan = await inj.plan(spec, ctx)
+    applied = await inj.apply(spec, plan, ctx)
+    monkeypatch.setattr("agent.faults.stressor._is_same", lambda ref: None)  # the clock stepped
+    monkeypatch.setattr("agent.faults.stressor.find_marked", lambda marker: {})  # and no scan to fall back on
+    await inj.revert(plan, ctx)
+    assert all(gone(pid) for pid in applied.stressor_pids or []), "an owned stressor outlived its revert"
