@@ -83,6 +83,7 @@ class ExperimentRunner(Starting, Ending):
         self.started_at = time.time()
         self.tracks: dict[tuple[str, str], Track] = {}
         self.problems: list[str] = []
+        self.run_notes: list[str] = []  # what the report should say that is no failure
         self.stray_events = 0
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -329,7 +330,22 @@ class ExperimentRunner(Starting, Ending):
         period_s = min(0.1, hb_timeout_s / 10)
         nats_lost_since: float | None = None
         nats_back_at = -math.inf  # heartbeats sent while this controller was cut off were lost, not late
+        last_pass = time.monotonic()
         while not self.aborted:
+            now = time.monotonic()
+            if now - last_pass > max(1.0, hb_timeout_s / 2):
+                # This controller did not run (SIGSTOP, a starved machine, a debugger): the
+                # heartbeats that came meanwhile wait unread in its socket, so every agent looks
+                # silent. Judged from now on, as after a NATS loss; an agent really silent is
+                # caught one heartbeatTimeout later. Never blamed on an agent.
+                stalled_s = now - last_pass
+                nats_back_at = now
+                self.run_notes.append(
+                    f"this controller did not run for {stalled_s:.1f}s (stopped or starved): no lease renewal "
+                    "and no heartbeat read meanwhile; agents were judged from its return"
+                )
+                log.warning("controller stalled %.1fs; heartbeats judged from now on", stalled_s)
+            last_pass = now
             self._reconcile_from_heartbeats()
             if self.aborted:
                 return
@@ -393,6 +409,7 @@ class ExperimentRunner(Starting, Ending):
             )
         if self.stray_events:
             notes.append(f"{self.stray_events} event(s) not about this experiment's targets were ignored")
+        notes.extend(self.run_notes)
         return Report(
             experiment_id=self.experiment_id,
             name=self.experiment.metadata.name,

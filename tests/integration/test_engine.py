@@ -255,6 +255,21 @@ async def test_normal_run_completes_with_lease_and_final_revert(nc: Any, fleet: 
     assert any("active" in line for line in lines)
 
 
+async def test_a_controller_that_did_not_run_for_a_while_blames_no_agent(nc: Any, fleet: Fleet, agents: Any) -> None:
+    """Found by a review: a controller stopped (SIGSTOP, a starved machine) longer than the
+    heartbeatTimeout found every agent's heartbeat old on its return (they wait unread in its
+    socket) and aborted, naming an agent that was fine. Here the whole process stalls, agents
+    included, for 1.6 s against a heartbeatTimeout of 1 s and a leaseTimeout of 3 s."""
+    await agents("n1")
+    await fleet.wait_for(["n1"], 5)
+    runner = ExperimentRunner(nc, fleet, experiment("3s"), progress=lambda _line: None)
+    loop = asyncio.get_running_loop()
+    loop.call_later(1.0, time.sleep, 1.6)  # the event loop does not run: as the controller stopped
+    report = await asyncio.wait_for(runner.run(), 15)
+    assert report.outcome == "completed", report
+    assert any(n.startswith("this controller did not run for 1.") for n in report.notes), report.notes
+
+
 async def test_lost_abort_broadcast_falls_back_to_per_node_revert(nc: Any, fleet: Fleet, agents: Any) -> None:
     a = await agents("n1")
     b = await agents("n2")
