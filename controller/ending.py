@@ -66,8 +66,10 @@ class Ending(Phase):
             log.warning("%s; reverting node by node", why)
         if self.gave_up:  # a second Ctrl-C: the broadcast is out; the lease lapse does the rest
             return
+        # give_up() also cancels this task, but on Python 3.11 a wait_for whose wait completes as
+        # the cancel lands returns the result and drops the cancel: the flag is checked too
         end_fast = time.monotonic() + self.broadcast_wait_s
-        while time.monotonic() < end_fast:
+        while time.monotonic() < end_fast and not self.gave_up:
             self._reconcile_from_heartbeats()
             if not any(t.held_by_agent for t in self.tracks.values()):
                 break
@@ -76,6 +78,8 @@ class Ending(Phase):
                 await asyncio.wait_for(self._wake.wait(), min(0.1, max(0.0, end_fast - time.monotonic())))
             except TimeoutError:
                 pass
+        if self.gave_up:
+            return
         stragglers = sorted({t.node for t in self.tracks.values() if not t.terminal} | set(self._unheard(targets)))
         results = await revert_experiment(self.nc, stragglers, self.experiment_id, reason) if stragglers else {}
         unreached = [n for n, (ack, _why) in results.items() if ack is None]
@@ -90,7 +94,7 @@ class Ending(Phase):
                 )
         pending = [t for t in self.tracks.values() if t.held_by_agent and t.node not in unreached]
         end = time.monotonic() + self.revert_wait_s
-        while pending and time.monotonic() < end:
+        while pending and time.monotonic() < end and not self.gave_up:
             self._reconcile_from_heartbeats()
             pending = [t for t in pending if not t.terminal]
             if not pending:
@@ -101,7 +105,7 @@ class Ending(Phase):
             except TimeoutError:
                 pass
             pending = [t for t in pending if not t.terminal]
-        if pending:
+        if pending and not self.gave_up:  # given up: _gave_up_problem says it
             self.problems.append(
                 f"no reverted event within {self.revert_wait_s:g}s for: "
                 + ", ".join(f"{t.node} {t.fault_id}" for t in pending)

@@ -41,6 +41,7 @@ class ScriptedAgent:
         self.refuse_start: str | None = None  # a reason: per-node Starts are refused with it
         self.ack_schema = schema  # "1.1" while heartbeats say 1.2: as if downgraded mid-run
         self.drop_events = False  # simulate events lost in flight (core NATS is at-most-once)
+        self.stuck_reverts = False  # True: Reverts are acknowledged and never carried out (a hung revert)
         self.ended: list[EndedFault] = []
         self.held: dict[str, Inject] = {}  # applied
         self.waiting: dict[str, Inject] = {}  # accepted with await_start, nothing applied yet
@@ -148,6 +149,8 @@ class ScriptedAgent:
 
     async def _revert(self, cmd: Revert) -> None:
         self.reverts.append(cmd)
+        if self.stuck_reverts:
+            return
         for fid, inj in list(self.waiting.items()):
             if inj.experiment_id == cmd.experiment_id:
                 del self.waiting[fid]
@@ -268,6 +271,32 @@ async def test_a_controller_that_did_not_run_for_a_while_blames_no_agent(nc: Any
     report = await asyncio.wait_for(runner.run(), 15)
     assert report.outcome == "completed", report
     assert any(n.startswith("this controller did not run for 1.") for n in report.notes), report.notes
+
+
+@pytest.mark.parametrize("wake_first", [False, True])
+async def test_giving_up_on_the_final_revert_returns_the_report_at_once(
+    nc: Any, fleet: Fleet, agents: Any, wake_first: bool
+) -> None:
+    """A second Ctrl-C during the final revert: the report comes at once. Found by a review:
+    on Python 3.11 a wait_for whose wait completes as the cancel lands drops the cancel, and
+    the revert went on waiting its full bound. ``wake_first``: an event wakes the waiter in the
+    same turn as the give-up, the order that lost the cancel."""
+    a = await agents("n1")
+    await fleet.wait_for(["n1"], 5)
+    a.stuck_reverts = True  # the final revert waits its whole bound for a reverted event
+    runner = ExperimentRunner(nc, fleet, experiment("30s"), progress=lambda _line: None, revert_wait_s=30.0)
+    run = asyncio.ensure_future(runner.run())
+    await async_wait_until(lambda: a.held, 10, "the fault to be applied")
+    runner.abort("interrupted")
+    await async_wait_until(lambda: runner.revert_broadcast, 10, "the final revert to begin")
+    await asyncio.sleep(1.5)  # past the broadcast's wait, into the per-node revert's
+    given_up = time.monotonic()
+    if wake_first:
+        runner._wake.set()
+    runner.give_up("interrupted again")
+    report = await asyncio.wait_for(run, 5)
+    assert time.monotonic() - given_up < 1.0
+    assert any("stopped waiting" in p for p in report.problems), report.problems
 
 
 async def test_lost_abort_broadcast_falls_back_to_per_node_revert(nc: Any, fleet: Fleet, agents: Any) -> None:
