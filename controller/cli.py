@@ -21,7 +21,7 @@ from typing import Any
 import uvloop
 
 from controller import console
-from controller.console import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from controller.console import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from controller.console import err as _err
 from controller.console import out as _out
 from controller.dispatch import ConnectError, close, connect, with_tls
@@ -210,13 +210,31 @@ async def _run_experiment(
     say(
         f"running {runner.experiment_id}; abort it from elsewhere with: {abort_command(runner.experiment_id, url)}{tls}"
     )
-    with _signals_abort(runner):
-        report = await runner.run()
-    _out(
-        to_json(report, extra=local() if local else LocalEnvironment.absent_json())
-        if args.output == "json"
-        else render_text(report)
-    )
+    signals = _signals_abort(runner)
+    try:
+        # the handlers stay until the report is out: a Ctrl-C just after the run ends is counted,
+        # not the default one that kills the process before it writes the report
+        with signals:
+            report = await runner.run()
+            _out(
+                to_json(report, extra=local() if local else LocalEnvironment.absent_json())
+                if args.output == "json"
+                else render_text(report)
+            )
+    except asyncio.CancelledError:
+        if signals.count < 3:
+            raise
+        # the third signal: out now, without a report, but never as if nothing had been sent
+        lease_s = exp.spec.abort.lease_timeout_s
+        why = (
+            f"interrupted three times: exited without a report; faults not confirmed reverted end when "
+            f"their lease lapses (leaseTimeout {lease_s:g}s), see `faultline experiments`"
+        )
+        _err(f"faultline: {runner.experiment_id}: {why}")
+        if args.output == "json":
+            gone = {"outcome": "interrupted", "stage": "run", "experiment_id": runner.experiment_id, "error": why}
+            _out(json.dumps({**gone, "sent": True, "exit_code": EXIT_INTERRUPTED}, indent=2))
+        return EXIT_INTERRUPTED
     return exit_code(report)
 
 
@@ -514,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
             code = uvloop.run(ASYNC_COMMANDS[args.command](args))
         except (KeyboardInterrupt, asyncio.CancelledError):
             # before an experiment started (a run's own Ctrl-C handling takes over then): nothing sent
-            code = 130
+            code = EXIT_INTERRUPTED
             _err(f"faultline {args.command}: interrupted")
             if getattr(args, "output", None) == "json" and args.command in ("run", "demo"):
                 gone = {

@@ -6,6 +6,7 @@ import os
 import sys
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 output_lost = False
 """Set when stdout could not take a result (a full disk, a closed pipe): the exit code says so."""

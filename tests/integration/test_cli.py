@@ -792,6 +792,45 @@ def test_a_second_sigint_stops_waiting_and_still_writes_the_report(
     wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 10, "the victim to resume")
 
 
+def test_three_quick_sigints_never_lose_the_output_nor_claim_nothing_was_sent(
+    tmp_path: Path,
+    nats_url: str,
+    agent_factory: Callable[..., AgentProcess],
+    victims: Victims,
+    running: Callable[..., Running],
+) -> None:
+    """Found by a review: a third Ctrl-C printed "interrupted before the experiment started",
+    sent: false, while a victim was still paused; and one just after the run ended killed the
+    process by the default handler, before its report. Whichever signal lands where, stdout has
+    JSON that tells the truth, and the exit is 1 (a report) or 130 (none), never a signal."""
+    agent = agent_factory("node-a")
+    (victim,) = victims.start(1)
+    path = experiment_file(
+        tmp_path, [pause(victims)], duration="60s", abort={"heartbeatTimeout": "60s", "leaseTimeout": "3s"}
+    )
+    run = running("run", str(path), "--nats", nats_url, "-o", "json")
+    exp_id = run.experiment_id()
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
+    agent.signal(signal.SIGSTOP)  # the revert cannot be confirmed: the first Ctrl-C waits for it
+    try:
+        run.proc.send_signal(signal.SIGINT)
+        wait_until(lambda: "reverting on node-a" in run.stderr(), 10, "the first SIGINT's revert to begin")
+        for _ in range(2):
+            time.sleep(0.05)
+            if run.proc.poll() is None:
+                run.proc.send_signal(signal.SIGINT)
+        code = run.wait(10)
+    finally:
+        agent.signal(signal.SIGCONT)
+    out = json.loads(run.stdout())
+    if out["outcome"] == "interrupted":
+        assert code == 130 and out["sent"] is True and out["experiment_id"] == exp_id, out
+        assert "leaseTimeout 3s" in out["error"], out
+    else:
+        assert code == 1 and out["outcome"] == "aborted", (code, out)
+    wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 10, "the victim to resume")
+
+
 def test_abort_from_another_process(
     tmp_path: Path,
     nats_url: str,
