@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -34,6 +34,7 @@ class Broadcasts:
     lease_seen: dict[str, float]
     rejected_count: int
     halt_seq: int
+    halts_seen: deque[str]
     stopping: bool
 
     if TYPE_CHECKING:
@@ -57,6 +58,9 @@ class Broadcasts:
             self.rejected_count += 1
             log.warning("ignored malformed halt: %s", exc)
             return
+        if halt.id in self.halts_seen:
+            return  # `faultline halt` sends one again until it is confirmed: it is carried out once
+        self.halts_seen.append(halt.id)
         self.halt_seq += 1
         hit = self.end_all(f"halt: {halt.reason} (by {halt.issued_by})")
         for rec in hit:

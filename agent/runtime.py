@@ -49,6 +49,7 @@ from agent.watchdog import Watchdog
 from proto import __version__, natstls, subjects
 from proto.codec import encode
 from proto.messages import (
+    HALTS_REMEMBERED,
     AgentState,
     EndedFault,
     FaultEvent,
@@ -120,6 +121,7 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         self.recovered: list[str] = []
         self.journal_issues: dict[str, JournalIssue] = {}  # journal entries kept, not reverted (KeptEntries)
         self.halts_done: deque[str] = deque()
+        self.halts_seen: deque[str] = deque(maxlen=HALTS_REMEMBERED)  # carried out, or being carried out
         self.retry_lock = asyncio.Lock()
         self._kept_retry_at = 0.0  # KeptEntries.maybe_retry_kept
         self.recent_ended: deque[EndedFault] = deque(maxlen=200)

@@ -9,8 +9,9 @@ them has sent a heartbeat after the halt that lists no active fault.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 import nats.errors
@@ -136,10 +137,32 @@ def node_result(view: NodeView, sent_mono: float, sent_wall: float, now_mono: fl
     )
 
 
-async def confirm(fleet: Fleet, halt_id: str, sent_mono: float, sent_wall: float, wait_s: float) -> list[HaltNode]:
-    """Wait until every agent seen confirmed the halt, at most until ``wait_s`` after it was sent."""
-    remaining_s = max(0.0, sent_mono + wait_s - time.monotonic())
-    await fleet.wait_until(lambda: all(_confirmed(v, sent_mono, halt_id) for v in fleet.nodes().values()), remaining_s)
+HALT_RESEND_S = 1.0
+"""While an agent seen has not confirmed, the same halt is published again this often (agents
+carry out one halt id once): a halt published while NATS restarts is lost without an error,
+since nats-py's flush returns at once while it reconnects."""
+
+
+async def confirm(
+    fleet: Fleet,
+    halt_id: str,
+    sent_mono: float,
+    sent_wall: float,
+    wait_s: float,
+    resend: Callable[[], Awaitable[None]] | None = None,
+) -> list[HaltNode]:
+    """Wait until every agent seen confirmed the halt, at most until ``wait_s`` after it was sent;
+    ``resend`` it meanwhile every HALT_RESEND_S."""
+    end = sent_mono + wait_s
+    while True:
+        remaining_s = max(0.0, end - time.monotonic())
+        done = await fleet.wait_until(
+            lambda: all(_confirmed(v, sent_mono, halt_id) for v in fleet.nodes().values()),
+            min(remaining_s, HALT_RESEND_S) if resend is not None else remaining_s,
+        )
+        if done or time.monotonic() >= end or resend is None:
+            break
+        await resend()
     now = time.monotonic()
     return [node_result(v, sent_mono, sent_wall, now) for _, v in sorted(fleet.nodes().items())]
 
@@ -260,7 +283,7 @@ async def halt_and_confirm(
         sent_mono = time.monotonic()
         try:
             await nc.publish(HALT, encode(halt))
-            await nc.flush(timeout=2)
+            await nc.flush(timeout=2)  # returns at once while nats-py reconnects: confirm() resends
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             err(f"faultline: the halt may not have reached NATS at {url}: {str(exc) or type(exc).__name__}")
             return 1
@@ -272,7 +295,14 @@ async def halt_and_confirm(
                 f"{len(views)} agent(s) seen: {', '.join(sorted(views))}; waiting up to {wait_s:g}s after the "
                 "halt for each to report no active fault"
             )
-        nodes = await confirm(fleet, halt.id, sent_mono, halt.sent_at, wait_s) if views else []
+        payload = encode(halt)
+
+        async def resend() -> None:
+            if getattr(nc, "is_connected", True):
+                with contextlib.suppress(nats.errors.Error, TimeoutError, OSError):
+                    await nc.publish(HALT, payload)
+
+        nodes = await confirm(fleet, halt.id, sent_mono, halt.sent_at, wait_s, resend) if views else []
         agents_seen = len(nodes)
         heard = {n.node for n in nodes}
         nodes = sorted([*nodes, *(never_seen(n) for n in expected if n not in heard)], key=lambda n: n.node)

@@ -11,6 +11,7 @@ from typing import Any
 import psutil
 import pytest
 
+from controller import halting
 from proto import subjects
 from proto.codec import decode, encode
 from proto.messages import Ack, Halt, Inject, Lease, Revert
@@ -316,6 +317,40 @@ async def test_halt_is_reported_by_a_heartbeat_at_once(nc, agent_factory, victim
     )
     assert any(e.fault_id == "exp1.0" and e.state == "reverted" for e in hb[0].ended)
     assert status(proc) != "stopped"
+
+
+class LosesFirstHalt:
+    """The test's NATS client, except that the first halt published is lost, as one published
+    while NATS restarts is: nats-py's flush then returns at once, with no error."""
+
+    def __init__(self, nc: Any) -> None:
+        self._nc, self.halts = nc, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._nc, name)
+
+    async def publish(self, subject: str, payload: bytes = b"", **kw: Any) -> None:
+        if subject == subjects.HALT:
+            self.halts += 1
+            if self.halts == 1:
+                return
+        await self._nc.publish(subject, payload, **kw)
+
+
+async def test_a_lost_halt_is_sent_again_until_confirmed_and_carried_out_once(nc, nats_url, agent_factory, victims):
+    """Found by a review: `faultline halt` during a NATS restart said "halt sent", no agent got
+    it, and nothing sent it again: paused victims stayed paused until their deadline."""
+    agent = agent_factory("node-a")
+    (proc,) = victims.start(1)
+    assert (await send(nc, "node-a", pause(victims.token))).accepted
+    await async_wait_until(lambda: status(proc) == "stopped", 5, "victim paused")
+    lossy = LosesFirstHalt(nc)
+    lines: list[str] = []
+    code = await halting.halt_and_confirm(lossy, nats_url, "test", "pytest", "text", lines.append, lines.append)
+    assert code == 0, lines
+    assert lossy.halts >= 2 and status(proc) != "stopped", lines
+    # sent again until confirmed, carried out once: one "HALT from" line in the agent's log
+    assert agent.log(since_start=True).count("HALT from pytest") == 1, agent.log()
 
 
 async def test_bad_commands_are_rejected_and_faults_kept(nc, agent_factory, victims, events):

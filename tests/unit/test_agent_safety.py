@@ -21,7 +21,7 @@ from agent.faults.process import ProcessPause
 from agent.protect import protection_reason
 from agent.runtime import AgentRuntime
 from proto.codec import decode, encode
-from proto.messages import Ack, Heartbeat, Inject, Measurements, PodRef
+from proto.messages import Ack, Halt, Heartbeat, Inject, Measurements, PodRef
 from tests.conftest import Victims, async_wait_until, status, wait_until
 
 
@@ -960,3 +960,16 @@ async def test_a_pod_lookup_that_does_not_return_is_refused_in_bounded_time(
         assert "e.5" not in rt.faults
     finally:
         wedged.set()
+
+
+async def test_a_halt_sent_again_is_carried_out_once(tmp_path: Path) -> None:
+    """`faultline halt` sends the same halt again until confirmed: a second delivery must not end
+    what was injected since, nor retry kept entries again."""
+    rt, _ = runtime(tmp_path, lambda env: FlakyRevert(env, failures=0))
+
+    class Msg:
+        data = encode(Halt(reason="test", issued_by="pytest"))
+
+    await rt._on_halt(Msg())  # type: ignore[arg-type]
+    await rt._on_halt(Msg())  # type: ignore[arg-type]
+    assert rt.halt_seq == 1
