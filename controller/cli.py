@@ -448,7 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="abort a running experiment and revert its faults",
         description="Ask the experiment's controller to abort (it reverts on every target and writes its report); "
         "if no controller answers (it died, or runs elsewhere), revert directly on every agent that holds the "
-        "experiment's faults. Exit 0 done, 1 an agent did not answer, 2 unknown experiment.",
+        "experiment's faults. Then it confirms from the agents' heartbeats that none holds the experiment's faults "
+        "any more. Exit 0 confirmed, 1 an agent did not answer or still holds faults (each is named), 2 unknown "
+        "experiment.",
         epilog="examples:\n  faultline abort kill-workers-3fa2c1 --nats nats://10.0.0.5:4222 --reason 'latency SLO'\n"
         "  faultline experiments --nats nats://10.0.0.5:4222      # the ids of what runs now",
         formatter_class=raw,

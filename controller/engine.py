@@ -306,7 +306,10 @@ class ExperimentRunner(Starting, Ending):
             reply = Ack(in_reply_to=peek_id(msg.data) or "unknown", node="controller", accepted=False, reason=str(exc))
         else:
             self.abort(cmd.reason)  # already says who and why ("aborted from the command line (by ...)")
-            reply = Ack(in_reply_to=cmd.id, node="controller", accepted=True, reason="aborting and reverting")
+            targets = sorted(self._plan.targets) if self._plan is not None else None
+            reply = Ack(
+                in_reply_to=cmd.id, node="controller", accepted=True, reason="aborting and reverting", targets=targets
+            )
         if msg.reply:
             await msg.respond(encode(reply))
 

@@ -20,8 +20,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from proto.faults import FaultSpec
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 5  # 1.1: Heartbeat.ended; 1.2: Inject.await_start, Start; 1.3: Heartbeat.journal_issues,
-# halts_done; 1.4: Preview, Ack.preview; 1.5: previews of network, cpu and memory faults
+SCHEMA_MINOR = 6  # 1.1: Heartbeat.ended; 1.2: Inject.await_start, Start; 1.3: Heartbeat.journal_issues,
+# halts_done; 1.4: Preview, Ack.preview; 1.5: previews of network, cpu and memory faults; 1.6: Ack.targets
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 START_SINCE_MINOR = 2
@@ -238,6 +238,11 @@ class Ack(Message):
         default_factory=dict, description="state of each fault the command named, as the agent sees it"
     )
     preview: PreviewResult | None = Field(None, description="since 1.4: the answer to a Preview")
+    targets: list[str] | None = Field(
+        None,
+        description="since 1.6: a controller's answer to `faultline abort`: the experiment's target nodes, "
+        "which the abort then confirms one by one (a frozen one sends no heartbeat to be seen by)",
+    )
 
 
 # --- broadcasts

@@ -868,10 +868,41 @@ def test_abort_without_controller_reverts_on_agents(
     run.kill()  # the controller is gone; the lease would take 60 s to lapse
     r = faultline("abort", exp_id, "--nats", nats_url)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "node-a: revert acknowledged" in r.stdout
-    wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 5, "the victim to resume after abort")
+    assert "node-a: revert requested (accepted)" in r.stdout
+    assert f"experiment {exp_id}: abort confirmed: no agent seen holds any of its faults" in r.stdout, r.stdout
+    assert status(victim) != psutil.STATUS_STOPPED, "confirmed, but the victim is still paused"
     wait_until(lambda: "reverted: requested: " in agent.log(), 5, "the agent to log the revert")
     assert "reverted: requested: aborted from the command line (by " in agent.log(), agent.log()
+
+
+def test_abort_is_not_confirmed_while_a_target_still_holds_the_fault(
+    tmp_path: Path,
+    nats_url: str,
+    agent_factory: Callable[..., AgentProcess],
+    victims: Victims,
+    running: Callable[..., Running],
+) -> None:
+    """Found by a review: with a target frozen, `faultline abort` said "abort requested" and
+    exited 0 while that target's victim stayed paused. An acknowledgement is no revert: the
+    abort now confirms from heartbeats and names what still holds."""
+    agent = agent_factory("node-a")
+    (victim,) = victims.start(1)
+    path = experiment_file(
+        tmp_path, [pause(victims)], duration="60s", abort={"heartbeatTimeout": "60s", "leaseTimeout": "60s"}
+    )
+    run = running("run", str(path), "--nats", nats_url, "-o", "json")
+    exp_id = run.experiment_id()
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
+    agent.signal(signal.SIGSTOP)
+    try:
+        r = faultline("abort", exp_id, "--nats", nats_url)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "node-a: NOT CONFIRMED: a target that sent no heartbeat at all" in r.stdout, r.stdout
+        assert "abort requested; its controller is reverting" in r.stdout
+    finally:
+        agent.signal(signal.SIGCONT)
+    wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 10, "the victim to resume once its agent runs")
+    assert run.wait(15) == 1
 
 
 def test_experiments_lists_what_holds_faults_and_its_abort_empties_it(
