@@ -207,8 +207,9 @@ def render_node(n: HaltNode, wait_s: float) -> str:
 
 
 UNSEEN_NOTE = (
-    "  (an agent that sends no heartbeat, frozen or cut off from NATS, is not seen and not counted: it reverts "
-    "on its own when its lease lapses; --expect NODE,... or --expect-agents N makes a missing one not clear)"
+    "  (an agent that sends no heartbeat, frozen or cut off from NATS, is not seen and not counted: cut off, it "
+    "reverts on its own when its lease lapses; frozen, only once it runs again (its cpu and memory stressors end "
+    "by themselves); --expect NODE,... or --expect-agents N makes a missing one not clear)"
 )
 
 
