@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_config:
         print_config(settings)
         sys.exit(0)
+    raise_fd_limit()
     why = state_dir_problem(settings.state_dir)
     if why is not None:
         print(f"faultline-agent: --state-dir / FAULTLINE_STATE_DIR {settings.state_dir}: {why}", file=sys.stderr)
@@ -361,6 +362,24 @@ def _leave(code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(code)
+
+
+FD_LIMIT_WANTED = 65536
+
+
+def raise_fd_limit() -> None:
+    """The soft limit on open descriptors up to the hard one (at most FD_LIMIT_WANTED): each
+    running stressor holds a leash pipe, and a stop opens a pidfd per stressor at once, so a
+    1000-worker cpu fault needs more than the common soft limit of 1024."""
+    import resource
+
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = FD_LIMIT_WANTED if hard == resource.RLIM_INFINITY else min(hard, FD_LIMIT_WANTED)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("could not raise the open-files limit: %s", exc)
 
 
 def print_config(settings: AgentSettings) -> None:

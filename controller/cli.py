@@ -233,7 +233,8 @@ async def _run_experiment(
         _err(f"faultline: {runner.experiment_id}: {why}")
         if args.output == "json":
             gone = {"outcome": "interrupted", "stage": "run", "experiment_id": runner.experiment_id, "error": why}
-            _out(json.dumps({**gone, "sent": True, "exit_code": EXIT_INTERRUPTED}, indent=2))
+            sent = bool(runner.tracks)  # a track per fault dispatched
+            _out(json.dumps({**gone, "sent": sent, "exit_code": EXIT_INTERRUPTED}, indent=2))
         return EXIT_INTERRUPTED
     return exit_code(report)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from controller.ending import Ending
 from controller.experiment import Experiment, fault_id, new_experiment_id
-from controller.fleet import Fleet, duplicate_line
+from controller.fleet import Fleet, NodeView, duplicate_line
 from controller.report import AbortInfo, Outcome, Report
 from controller.starting import Starting
 from controller.targeting import TargetingError, matching_nodes, select_nodes
@@ -48,6 +48,10 @@ from proto.subjects import exp_control, exp_events, exp_lease, safe_token
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
+
+
+def _left_clean(view: NodeView | None) -> bool:
+    return view is not None and view.heartbeat.state == "leaving" and not view.heartbeat.faults
 
 
 class ExperimentRunner(Starting, Ending):
@@ -84,6 +88,8 @@ class ExperimentRunner(Starting, Ending):
         self.tracks: dict[tuple[str, str], Track] = {}
         self.problems: list[str] = []
         self.run_notes: list[str] = []  # what the report should say that is no failure
+        self.stalled_s = 0.0  # the longest time this controller did not run (see _monitor_loop)
+        self._monitor_pass = 0.0  # monotonic time of the monitor's latest pass (0: not running)
         self.stray_events = 0
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -274,7 +280,18 @@ class ExperimentRunner(Starting, Ending):
             self.abort(f"agent {track.node}: {track.fault_id} ({track.kind}) {state}: {reason}", node=track.node)
         elif state == "reverted" and changed and not self.aborted and not self._finishing:
             # Nobody here asked for it (halt, lease lapse, an agent stopping): the experiment is not what was planned.
-            self.abort(f"agent {track.node} reverted {track.fault_id} on its own: {reason}", node=track.node)
+            # the event may be read before the monitor's first pass after a stall: the gap since the
+            # monitor's last pass counts too
+            stalled_s = max(self.stalled_s, time.monotonic() - self._monitor_pass) if self._monitor_pass else 0.0
+            lease_s = self.experiment.spec.abort.lease_timeout_s
+            if (reason or "").startswith("lease lapsed") and stalled_s >= lease_s:
+                # this controller stopped renewing the lease, not the agent doing anything wrong
+                self.abort(
+                    f"this controller did not run for {stalled_s:.1f}s, longer than the leaseTimeout: agent "
+                    f"{track.node} reverted {track.fault_id} on its own ({reason})"
+                )
+            else:
+                self.abort(f"agent {track.node} reverted {track.fault_id} on its own: {reason}", node=track.node)
         self._wake.set()
 
     def _reconcile_from_heartbeats(self) -> None:
@@ -306,7 +323,13 @@ class ExperimentRunner(Starting, Ending):
             reply = Ack(in_reply_to=peek_id(msg.data) or "unknown", node="controller", accepted=False, reason=str(exc))
         else:
             self.abort(cmd.reason)  # already says who and why ("aborted from the command line (by ...)")
-            targets = sorted(self._plan.targets) if self._plan is not None else None
+            # the targets whose abort can be confirmed: not one that left (a last "leaving" heartbeat
+            # listing no fault), which will never send another heartbeat
+            targets = (
+                sorted(n for n in self._plan.targets if not _left_clean(self.fleet.get(n)))
+                if self._plan is not None
+                else None
+            )
             reply = Ack(
                 in_reply_to=cmd.id, node="controller", accepted=True, reason="aborting and reverting", targets=targets
             )
@@ -342,13 +365,14 @@ class ExperimentRunner(Starting, Ending):
                 # silent. Judged from now on, as after a NATS loss; an agent really silent is
                 # caught one heartbeatTimeout later. Never blamed on an agent.
                 stalled_s = now - last_pass
+                self.stalled_s = max(self.stalled_s, stalled_s)
                 nats_back_at = now
                 self.run_notes.append(
                     f"this controller did not run for {stalled_s:.1f}s (stopped or starved): no lease renewal "
                     "and no heartbeat read meanwhile; agents were judged from its return"
                 )
                 log.warning("controller stalled %.1fs; heartbeats judged from now on", stalled_s)
-            last_pass = now
+            last_pass = self._monitor_pass = now
             self._reconcile_from_heartbeats()
             if self.aborted:
                 return

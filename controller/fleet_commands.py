@@ -330,7 +330,8 @@ async def _confirm_aborted(fleet: Fleet, exp_id: str, sent_mono: float, targets:
         )
 
     _err(f"confirming from heartbeats (up to {wait_s:g}s) that no agent holds its faults ...")
-    await fleet.wait_until(lambda: not left(), max(0.0, sent_mono + wait_s - time.monotonic()))
+    # counted from now, not from the abort: the request and the gather before took part of it
+    await fleet.wait_until(lambda: not left(), wait_s)
     remaining = left()
     now = time.monotonic()
     if not remaining:

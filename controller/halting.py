@@ -138,9 +138,10 @@ def node_result(view: NodeView, sent_mono: float, sent_wall: float, now_mono: fl
 
 
 HALT_RESEND_S = 1.0
-"""While an agent seen has not confirmed, the same halt is published again this often (agents
-carry out one halt id once): a halt published while NATS restarts is lost without an error,
-since nats-py's flush returns at once while it reconnects."""
+"""While an agent seen has not confirmed, the same halt is published again after this, then after
+twice as long each time: a halt published while NATS restarts is lost without an error, since
+nats-py's flush returns at once while it reconnects. Agents since 1.6 carry out one halt id once;
+an older one carries out each copy, hence the growing gaps."""
 
 
 async def confirm(
@@ -152,17 +153,19 @@ async def confirm(
     resend: Callable[[], Awaitable[None]] | None = None,
 ) -> list[HaltNode]:
     """Wait until every agent seen confirmed the halt, at most until ``wait_s`` after it was sent;
-    ``resend`` it meanwhile every HALT_RESEND_S."""
+    ``resend`` it meanwhile (see HALT_RESEND_S)."""
     end = sent_mono + wait_s
+    gap_s = HALT_RESEND_S
     while True:
         remaining_s = max(0.0, end - time.monotonic())
         done = await fleet.wait_until(
             lambda: all(_confirmed(v, sent_mono, halt_id) for v in fleet.nodes().values()),
-            min(remaining_s, HALT_RESEND_S) if resend is not None else remaining_s,
+            min(remaining_s, gap_s) if resend is not None else remaining_s,
         )
         if done or time.monotonic() >= end or resend is None:
             break
         await resend()
+        gap_s *= 2
     now = time.monotonic()
     return [node_result(v, sent_mono, sent_wall, now) for _, v in sorted(fleet.nodes().items())]
 

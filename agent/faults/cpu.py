@@ -104,7 +104,11 @@ class CpuStress(StressInjector):
         held = self._running.get(plan.marker)
         # before our SIGKILL sets their exit codes
         leashed = held is not None and held.leash_ended()
-        early = [c for s in held.stressors if (c := s.popen.poll()) is not None] if held is not None else []
+        early = (
+            [c for s in held.stressors if not s.killed_by_us and (c := s.popen.poll()) not in (None, 0)]
+            if held is not None
+            else []
+        )  # 0: reached its own deadline (a late revert); killed_by_us: an earlier stop of ours
         running, killed, took_s = await self.stop(plan)
         mean = stdev = None
         note = None

@@ -217,28 +217,43 @@ async def kill_and_wait(
     all_refs = {r.pid: r for r in [*(s.ref for s in owned), *refs]}
     killed: list[int] = []
     waits: list[tuple[int, int]] = []
-    for pid, ref in all_refs.items():
-        # Our own child, not reaped: its pid cannot have been reused, so no start-time check,
-        # which a wall-clock step (psutil derives start times from the boot time, itself derived
-        # from the wall clock) would fail, leaving the stressor to the marker scan.
-        unreaped = pid in popens and popens[pid].popen.poll() is None
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        if not unreaped and _is_same(ref) is None:
-            os.close(pidfd)
-            continue
-        if pid in popens:
-            popens[pid].killed_by_us = True
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            killed.append(pid)
-        waits.append((pid, pidfd))
+    polled: list[Stressor] = []  # our children killed without a pidfd (none could be opened: EMFILE)
+    unopened: list[str] = []
     stuck: list[int] = []
     try:
+        for pid, ref in all_refs.items():
+            # Our own child, not reaped: its pid cannot have been reused, so no start-time check,
+            # which a wall-clock step (psutil derives start times from the boot time, itself derived
+            # from the wall clock) would fail, leaving the stressor to the marker scan.
+            mine = popens.get(pid)
+            unreaped = mine is not None and mine.popen.poll() is None
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            except OSError as exc:  # out of descriptors: an unreaped child of ours is killed all the same
+                if mine is not None and unreaped:
+                    mine.killed_by_us = True
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                    polled.append(mine)
+                else:
+                    unopened.append(f"{pid} ({exc.strerror or exc})")
+                continue
+            if not unreaped and _is_same(ref) is None:
+                os.close(pidfd)
+                continue
+            if mine is not None:
+                mine.killed_by_us = True
+                mine.release_leash()  # dead in a moment: its descriptor is not needed to stop it
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                killed.append(pid)
+            waits.append((pid, pidfd))
         results = await asyncio.gather(*(_wait_exit_pidfd(fd, timeout_s) for _, fd in waits))
         stuck = [pid for (pid, _), ok in zip(waits, results, strict=True) if not ok]
+        stuck += await _wait_reaped(polled, timeout_s)
     finally:
         for _, fd in waits:
             os.close(fd)
@@ -253,7 +268,19 @@ async def kill_and_wait(
             s.release_leash()
     if stuck:
         raise StressorError(f"stressors {stuck} still alive {timeout_s:.0f}s after SIGKILL")
+    if unopened:
+        raise StressorError(f"stressors not signalled, no pidfd could be opened: {', '.join(unopened[:10])}")
     return killed
+
+
+async def _wait_reaped(children: Sequence[Stressor], timeout_s: float) -> list[int]:
+    """Poll our killed children until they exit (no pidfd to wait on); the pids still alive."""
+    deadline = time.monotonic() + timeout_s
+    left = [c for c in children if c.popen.poll() is None]
+    while left and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+        left = [c for c in left if c.popen.poll() is None]
+    return [c.pid for c in left]
 
 
 # --- measurement -------------------------------------------------------------

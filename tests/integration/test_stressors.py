@@ -7,6 +7,7 @@ built here. Every test kills what it started in a finaliser.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import select
 import signal
@@ -384,3 +385,24 @@ async def test_own_stressors_are_killed_even_when_start_times_no_longer_match(
     monkeypatch.setattr("agent.faults.stressor.find_marked", lambda marker: {})  # and no scan to fall back on
     await inj.revert(plan, ctx)
     assert all(gone(pid) for pid in applied.stressor_pids or []), "an owned stressor outlived its revert"
+
+
+async def test_a_stop_out_of_file_descriptors_still_kills_its_own_stressors(
+    env: AgentEnv, cleanup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a review: with the descriptors used up (a 1000-worker fault holds a leash pipe each,
+    and a stop opens a pidfd each), pidfd_open failed with EMFILE out of the loop, leaking the
+    pidfds opened so far and killing nothing more. Our own unreaped children are now killed
+    without one and waited for by polling."""
+    inj, ctx = CpuStress(env), ctx_for(env)
+    spec = CpuSpec(load=10, workers=2, duration="30s")
+    plan = await inj.plan(spec, ctx)
+    applied = await inj.apply(spec, plan, ctx)
+
+    def no_descriptors(pid: int, *args: object) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr("agent.faults.stressor.os.pidfd_open", no_descriptors)
+    monkeypatch.setattr("agent.faults.stressor.find_marked", lambda marker: {})
+    await inj.revert(plan, ctx)
+    assert all(gone(pid) for pid in applied.stressor_pids or []), "a stressor outlived its revert"

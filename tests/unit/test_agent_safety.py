@@ -973,3 +973,20 @@ async def test_a_halt_sent_again_is_carried_out_once(tmp_path: Path) -> None:
     await rt._on_halt(Msg())  # type: ignore[arg-type]
     await rt._on_halt(Msg())  # type: ignore[arg-type]
     assert rt.halt_seq == 1
+
+
+def test_the_agent_raises_its_open_files_limit() -> None:
+    """Each running stressor holds a leash pipe, and a stop opens a pidfd per stressor."""
+    import resource
+
+    from agent.main import FD_LIMIT_WANTED, raise_fd_limit
+
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, before[1]))
+        raise_fd_limit()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = FD_LIMIT_WANTED if hard == resource.RLIM_INFINITY else min(hard, FD_LIMIT_WANTED)
+        assert soft == max(256, wanted)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, before)
