@@ -760,6 +760,28 @@ def test_sigint_aborts_and_reverts(
     assert agent.settled_journal() == []
 
 
+def frozen_target_of_a_paused_run(
+    tmp_path: Path,
+    nats_url: str,
+    agent_factory: Callable[..., AgentProcess],
+    victims: Victims,
+    running: Callable[..., Running],
+    lease: str,
+) -> tuple[AgentProcess, psutil.Process, Running, str]:
+    """A run (-o json) whose one target paused its victim, then froze (SIGSTOP): no revert can be
+    confirmed. The caller sends the agent SIGCONT in a finaliser."""
+    agent = agent_factory("node-a")
+    (victim,) = victims.start(1)
+    path = experiment_file(
+        tmp_path, [pause(victims)], duration="60s", abort={"heartbeatTimeout": "60s", "leaseTimeout": lease}
+    )
+    run = running("run", str(path), "--nats", nats_url, "-o", "json")
+    exp_id = run.experiment_id()
+    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
+    agent.signal(signal.SIGSTOP)
+    return agent, victim, run, exp_id
+
+
 def test_a_second_sigint_stops_waiting_and_still_writes_the_report(
     tmp_path: Path,
     nats_url: str,
@@ -769,15 +791,7 @@ def test_a_second_sigint_stops_waiting_and_still_writes_the_report(
 ) -> None:
     """Before: the second Ctrl-C exited 130 with nothing on stdout, so a script reading -o json got
     nothing. Now the report comes at once (exit 1), naming the faults not confirmed reverted."""
-    agent = agent_factory("node-a")
-    (victim,) = victims.start(1)
-    path = experiment_file(
-        tmp_path, [pause(victims)], duration="60s", abort={"heartbeatTimeout": "60s", "leaseTimeout": "3s"}
-    )
-    run = running("run", str(path), "--nats", nats_url, "-o", "json")
-    run.experiment_id()
-    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
-    agent.signal(signal.SIGSTOP)  # the revert cannot be confirmed: the first Ctrl-C waits for it
+    agent, victim, run, _ = frozen_target_of_a_paused_run(tmp_path, nats_url, agent_factory, victims, running, "3s")
     try:
         run.proc.send_signal(signal.SIGINT)
         wait_until(lambda: "reverting on node-a" in run.stderr(), 10, "the first SIGINT's revert to begin")
@@ -803,15 +817,9 @@ def test_three_quick_sigints_never_lose_the_output_nor_claim_nothing_was_sent(
     sent: false, while a victim was still paused; and one just after the run ended killed the
     process by the default handler, before its report. Whichever signal lands where, stdout has
     JSON that tells the truth, and the exit is 1 (a report) or 130 (none), never a signal."""
-    agent = agent_factory("node-a")
-    (victim,) = victims.start(1)
-    path = experiment_file(
-        tmp_path, [pause(victims)], duration="60s", abort={"heartbeatTimeout": "60s", "leaseTimeout": "3s"}
+    agent, victim, run, exp_id = frozen_target_of_a_paused_run(
+        tmp_path, nats_url, agent_factory, victims, running, "3s"
     )
-    run = running("run", str(path), "--nats", nats_url, "-o", "json")
-    exp_id = run.experiment_id()
-    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
-    agent.signal(signal.SIGSTOP)  # the revert cannot be confirmed: the first Ctrl-C waits for it
     try:
         run.proc.send_signal(signal.SIGINT)
         wait_until(lambda: "reverting on node-a" in run.stderr(), 10, "the first SIGINT's revert to begin")
@@ -885,15 +893,9 @@ def test_abort_is_not_confirmed_while_a_target_still_holds_the_fault(
     """Found by a review: with a target frozen, `faultline abort` said "abort requested" and
     exited 0 while that target's victim stayed paused. An acknowledgement is no revert: the
     abort now confirms from heartbeats and names what still holds."""
-    agent = agent_factory("node-a")
-    (victim,) = victims.start(1)
-    path = experiment_file(
-        tmp_path, [pause(victims)], duration="60s", abort={"heartbeatTimeout": "60s", "leaseTimeout": "60s"}
+    agent, victim, run, exp_id = frozen_target_of_a_paused_run(
+        tmp_path, nats_url, agent_factory, victims, running, "60s"
     )
-    run = running("run", str(path), "--nats", nats_url, "-o", "json")
-    exp_id = run.experiment_id()
-    wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
-    agent.signal(signal.SIGSTOP)
     try:
         r = faultline("abort", exp_id, "--nats", nats_url)
         assert r.returncode == 1, r.stdout + r.stderr
