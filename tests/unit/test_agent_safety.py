@@ -74,6 +74,16 @@ def inject(fid: str = "e.0") -> bytes:
     )
 
 
+def pause_of(cmdline: str, fault_id: str) -> Inject:
+    return Inject(
+        experiment_id="e",
+        fault_id=fault_id,
+        spec={"kind": "process-pause", "match": {"cmdline": cmdline}},
+        expires_at=time.time() + 30,
+        lease_timeout_s=30,
+    )
+
+
 async def test_a_failed_revert_is_retried_until_it_succeeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("agent.lifecycle.REVERT_BACKOFF_S", 0.01)
     rt, inj = runtime(tmp_path, lambda env: FlakyRevert(env, failures=2))
@@ -455,13 +465,7 @@ async def test_the_journal_keeps_only_what_a_pause_stopped_so_recovery_resumes_n
 
     rt.journal.write = write_then_someone_stops_theirs  # type: ignore[method-assign]
     try:
-        pause = Inject(
-            experiment_id="e",
-            fault_id="e.0",
-            spec={"kind": "process-pause", "match": {"cmdline": f"{victims.token}-(mine|theirs)$"}},
-            expires_at=time.time() + 30,
-            lease_timeout_s=30,
-        )
+        pause = pause_of(f"{victims.token}-(mine|theirs)$", "e.0")
         assert decode(await rt.handle_command(encode(pause)), Ack).accepted
         rec = rt.faults["e.0"]
         await async_wait_until(lambda: rec.state == "active", 5, "the pause to become active")
@@ -505,13 +509,7 @@ async def test_a_pause_that_stopped_every_target_writes_its_journal_once(tmp_pat
         return first_write(entry, replace_only)
 
     rt.journal.write = counted  # type: ignore[method-assign]
-    pause = Inject(
-        experiment_id="e",
-        fault_id="e.1",
-        spec={"kind": "process-pause", "match": {"cmdline": f"{victims.token}-all$"}},
-        expires_at=time.time() + 30,
-        lease_timeout_s=30,
-    )
+    pause = pause_of(f"{victims.token}-all$", "e.1")
     assert decode(await rt.handle_command(encode(pause)), Ack).accepted
     rec = rt.faults["e.1"]
     try:
@@ -837,13 +835,7 @@ async def test_a_stalled_narrowing_write_neither_delays_the_revert_nor_brings_th
         return written
 
     rt.journal.write = write  # type: ignore[method-assign]
-    pause = Inject(
-        experiment_id="e",
-        fault_id="e.2",
-        spec={"kind": "process-pause", "match": {"cmdline": f"{victims.token}-(mine|theirs)$"}},
-        expires_at=time.time() + 30,
-        lease_timeout_s=30,
-    )
+    pause = pause_of(f"{victims.token}-(mine|theirs)$", "e.2")
     try:
         assert decode(await rt.handle_command(encode(pause)), Ack).accepted
         rec = rt.faults["e.2"]
@@ -859,16 +851,6 @@ async def test_a_stalled_narrowing_write_neither_delays_the_revert_nor_brings_th
         stall.set()
         os.kill(theirs.pid, signal.SIGCONT)
         os.kill(mine.pid, signal.SIGCONT)
-
-
-def pause_of(cmdline: str, fault_id: str) -> Inject:
-    return Inject(
-        experiment_id="e",
-        fault_id=fault_id,
-        spec={"kind": "process-pause", "match": {"cmdline": cmdline}},
-        expires_at=time.time() + 30,
-        lease_timeout_s=30,
-    )
 
 
 def stalling_journal(rt: AgentRuntime) -> threading.Event:
