@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Coroutine
@@ -52,6 +51,36 @@ Progress = Callable[[str], None]
 
 def _left_clean(view: NodeView | None) -> bool:
     return view is not None and view.heartbeat.state == "leaving" and not view.heartbeat.faults
+
+
+class BlindSpans:
+    """Times this controller could not judge heartbeats (it did not run, or had no NATS link),
+    each with the grace it needs afterwards to read what came meanwhile.
+
+    An agent's silence counts only the time outside them: a stall never blames an agent, and
+    stalls that come again and again only postpone, by their own length plus the grace, the
+    detection of an agent that is really silent. (Restarting the clock at each return, as
+    before, let stalls spaced closer than the heartbeatTimeout hide a silent agent for good.)
+    """
+
+    MAX_SPANS = 256
+
+    def __init__(self) -> None:
+        self._spans: list[tuple[float, float]] = []  # (start, end), sorted, not overlapping
+
+    def add(self, start: float, end: float) -> None:
+        if self._spans and start <= self._spans[-1][1]:
+            first, last = self._spans[-1]
+            self._spans[-1] = (min(first, start), max(last, end))
+        else:
+            self._spans.append((start, end))
+        if len(self._spans) > self.MAX_SPANS:  # forgetting the oldest only ever credits an agent less
+            del self._spans[0]
+
+    def judged_s(self, since: float, now: float) -> float:
+        """Seconds between ``since`` and ``now`` outside every span."""
+        blind = sum(max(0.0, min(end, now) - max(start, since)) for start, end in self._spans)
+        return max(0.0, now - since - blind)
 
 
 class ExperimentRunner(Starting, Ending):
@@ -355,23 +384,23 @@ class ExperimentRunner(Starting, Ending):
         hb_timeout_s = self.experiment.spec.abort.heartbeat_timeout_s
         period_s = min(0.1, hb_timeout_s / 10)
         nats_lost_since: float | None = None
-        nats_back_at = -math.inf  # heartbeats sent while this controller was cut off were lost, not late
+        blind = BlindSpans()
+        stall_grace_s = min(1.0, hb_timeout_s / 2)  # to read the heartbeats that wait in the socket
         last_pass = time.monotonic()
         while not self.aborted:
             now = time.monotonic()
             if now - last_pass > max(1.0, hb_timeout_s / 2):
                 # This controller did not run (SIGSTOP, a starved machine, a debugger): the
                 # heartbeats that came meanwhile wait unread in its socket, so every agent looks
-                # silent. Judged from now on, as after a NATS loss; an agent really silent is
-                # caught one heartbeatTimeout later. Never blamed on an agent.
+                # silent. That time, and a grace to read them, is not counted against any agent.
                 stalled_s = now - last_pass
                 self.stalled_s = max(self.stalled_s, stalled_s)
-                nats_back_at = now
+                blind.add(last_pass, now + stall_grace_s)
                 self.run_notes.append(
                     f"this controller did not run for {stalled_s:.1f}s (stopped or starved): no lease renewal "
-                    "and no heartbeat read meanwhile; agents were judged from its return"
+                    "and no heartbeat read meanwhile; that time was not counted against any agent"
                 )
-                log.warning("controller stalled %.1fs; heartbeats judged from now on", stalled_s)
+                log.warning("controller stalled %.1fs; not counted against the agents", stalled_s)
             last_pass = self._monitor_pass = now
             self._reconcile_from_heartbeats()
             if self.aborted:
@@ -390,19 +419,28 @@ class ExperimentRunner(Starting, Ending):
                 await asyncio.sleep(period_s)
                 continue
             if nats_lost_since is not None:
-                nats_back_at, nats_lost_since = now, None
+                # heartbeats sent while this controller was cut off were lost, not late: the
+                # outage and one heartbeatTimeout after it are not counted against any agent
+                blind.add(nats_lost_since, now + hb_timeout_s)
+                nats_lost_since = None
             for node in targets:
                 view = self.fleet.get(node)
                 if view is None:
                     self.abort(f"agent {node} disappeared from the fleet", node=node)
                     return
                 hb = view.heartbeat
-                age_s = min(view.age_s(now), now - nats_back_at)
+                age_s = blind.judged_s(view.last_seen_monotonic, now)
                 if age_s > hb_timeout_s:
                     last = time.strftime("%H:%M:%S", time.localtime(view.received_at))
+                    not_counted_s = view.age_s(now) - age_s
+                    aside = (
+                        f", not counting {not_counted_s:.1f}s this controller could not read it"
+                        if not_counted_s >= 0.05
+                        else ""
+                    )
                     self.abort(
                         f"agent {node} silent for {age_s:.1f}s (heartbeatTimeout {hb_timeout_s:g}s; "
-                        f"last heartbeat at {last})",
+                        f"last heartbeat at {last}{aside})",
                         node=node,
                     )
                     return

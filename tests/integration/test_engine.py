@@ -273,6 +273,41 @@ async def test_a_controller_that_did_not_run_for_a_while_blames_no_agent(nc: Any
     assert any(n.startswith("this controller did not run for 1.") for n in report.notes), report.notes
 
 
+async def test_stalls_that_come_again_and_again_do_not_hide_a_silent_agent(nc: Any, fleet: Fleet, agents: Any) -> None:
+    """Left by the tenth session: each stall of the controller restarted every agent's
+    heartbeat clock, so stalls spaced closer than the heartbeatTimeout hid an agent that
+    had really gone silent until the run's end. Now only the stalls (and a grace to read what
+    came meanwhile) are not counted. Here the process stalls 1.2 s after every 0.8 s it runs,
+    against a heartbeatTimeout of 1 s: the old clock never passed 0.8 s."""
+    await agents("n1")
+    b = await agents("n2")
+    await fleet.wait_for(["n1", "n2"], 5)
+    runner = ExperimentRunner(nc, fleet, experiment("30s"), progress=lambda _line: None)
+    run = asyncio.ensure_future(runner.run())
+    await async_wait_until(lambda: b.held, 10, "n2's fault to be applied")
+    b.silent = True
+    silent_at = time.monotonic()
+
+    async def stall_again_and_again() -> None:
+        for _ in range(15):  # bounded: 30 s at most
+            await asyncio.sleep(0.8)
+            time.sleep(1.2)  # noqa: ASYNC251 - the event loop must not run: as the controller stopped
+
+    stalls = asyncio.ensure_future(stall_again_and_again())
+    try:
+        report = await asyncio.wait_for(run, 40)
+    finally:
+        stalls.cancel()
+        await asyncio.gather(stalls, return_exceptions=True)
+    assert report.outcome == "aborted", report
+    assert report.abort is not None
+    assert report.abort.node == "n2", report.abort
+    assert "agent n2 silent for" in report.abort.reason, report.abort.reason
+    assert "could not read it" in report.abort.reason, report.abort.reason
+    assert time.monotonic() - silent_at < 20, "the silent agent was caught only at the run's end"
+    assert any(n.startswith("this controller did not run for 1.") for n in report.notes), report.notes
+
+
 @pytest.mark.parametrize("wake_first", [False, True])
 async def test_giving_up_on_the_final_revert_returns_the_report_at_once(
     nc: Any, fleet: Fleet, agents: Any, wake_first: bool
