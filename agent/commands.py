@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from agent.faults.base import Injector, Rejected
@@ -40,19 +41,52 @@ if TYPE_CHECKING:
 log = logging.getLogger("faultline.agent")
 
 MAX_CLOCK_SKEW_S = 300.0
-# Locating a pod (its cgroup, its network namespace) reads /proc and /sys in a worker thread.
+# Locating a pod (its cgroup, its network namespace) reads /proc and /sys on a thread of its own.
 # Bounded: the command subscription answers one command at a time, and a Revert queued behind
-# a lookup that does not return (a wedged filesystem, a pool whose threads are all stuck) must
-# not wait with it.
+# a lookup that does not return (a wedged filesystem) must not wait with it.
 POD_LOOKUP_S = 5.0
 
 
-async def locate_pod(spec: Any, pods: Any) -> Any:
-    """The spec scoped to its pod (pod_scoped), or Rejected after POD_LOOKUP_S."""
-    try:
-        return await asyncio.wait_for(asyncio.to_thread(pod_scoped, spec, pods), POD_LOOKUP_S)
-    except TimeoutError:
-        raise Rejected(f"locating the pod took longer than {POD_LOOKUP_S:g} s; not applied") from None
+class PodLookups:
+    """Pod lookups, one at a time on a thread of their own (created on the first).
+
+    A lookup that never returns (a wedged /proc or cgroup filesystem) holds that one thread
+    only. While it is stuck, the next lookup is refused at once, saying so, instead of
+    taking one more thread of the event loop's shared pool each time (the pool that the
+    agent's other blocking work shares), or queueing behind it for its whole bound."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._started_at: float | None = None  # monotonic start of the lookup on the thread now
+
+    async def scoped(self, spec: Any, pods: list[PodRef]) -> Any:
+        """The spec scoped to its pod (pod_scoped), or Rejected within POD_LOOKUP_S."""
+        started_at = self._started_at
+        if started_at is not None and time.monotonic() - started_at >= POD_LOOKUP_S:
+            raise Rejected(
+                f"an earlier pod lookup has not returned for {time.monotonic() - started_at:.0f} s "
+                "(a wedged /proc or cgroup filesystem?); not applied"
+            )
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pod-lookup")
+        fut = self._executor.submit(self._timed, spec, pods)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), POD_LOOKUP_S)
+        except TimeoutError:
+            raise Rejected(f"locating the pod took longer than {POD_LOOKUP_S:g} s; not applied") from None
+
+    def _timed(self, spec: Any, pods: list[PodRef]) -> Any:
+        self._started_at = time.monotonic()  # on its thread: a queued lookup counts from its own start
+        try:
+            return pod_scoped(spec, pods)
+        finally:
+            self._started_at = None
+
+    def close(self) -> None:
+        """Without waiting: a stuck lookup's thread is left to the process's exit."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
 
 def pod_scoped(spec: Any, pods: list[PodRef]) -> Any:
@@ -110,6 +144,7 @@ class CommandHandler:
     halt_seq: int
     stopping: bool
     previewing: bool
+    pod_lookups: PodLookups
 
     if TYPE_CHECKING:
         # Declared for the type checker only: at run time the mixin defines
@@ -212,7 +247,7 @@ class CommandHandler:
         try:
             spec = cmd.spec
             if cmd.pods and kind in ("cpu", "memory", "network"):  # as an Inject: in the pod's cgroup or netns
-                spec = await locate_pod(spec, cmd.pods)
+                spec = await self.pod_lookups.scoped(spec, cmd.pods)
             result = await injector.preview(spec, ctx)
         except Rejected as exc:
             return would_refuse(str(exc))
@@ -259,7 +294,7 @@ class CommandHandler:
         if cmd.pods and kind in ("cpu", "memory", "network"):
             halts_before = self.halt_seq
             try:
-                cmd = cmd.model_copy(update={"spec": await locate_pod(cmd.spec, cmd.pods)})
+                cmd = cmd.model_copy(update={"spec": await self.pod_lookups.scoped(cmd.spec, cmd.pods)})
             except Rejected as exc:
                 return self._reject(cmd.id, str(exc), cmd)
             # a halt, an abort or a stop may have come in while the pod was being located

@@ -33,7 +33,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from agent.broadcasts import Broadcasts
-from agent.commands import CommandHandler
+from agent.commands import CommandHandler, PodLookups
 from agent.config import AgentSettings
 from agent.faults import load_injectors
 from agent.faults.base import AgentEnv, Injector
@@ -97,6 +97,7 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         self.instance_id = new_id()
         self.started_at = time.time()
         self.journal = Journal(settings.state_dir, journal_executor)
+        self.pod_lookups = PodLookups()
         self.state_lock = StateLock(settings.state_dir)
         self.env = AgentEnv(
             node=self.node,
@@ -528,6 +529,7 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         finally:
             self.state_lock.release()
             self.journal.close()
+            self.pod_lookups.close()
 
     def _lock_busy(self, holder: str) -> None:
         log.warning(

@@ -940,8 +940,26 @@ async def test_a_pod_lookup_that_does_not_return_is_refused_in_bounded_time(
         ack = decode(await asyncio.wait_for(rt.handle_command(encode(cpu)), 2), Ack)
         assert not ack.accepted and ack.reason == "locating the pod took longer than 0.2 s; not applied", ack
         assert "e.5" not in rt.faults
+        # Left by the tenth session: each timed-out lookup left its thread stuck in the event
+        # loop's shared pool. Now lookups have one thread, and while it is stuck the next
+        # lookup is refused at once instead of taking another.
+        threads_before = threading.active_count()
+        again = cpu.model_copy(update={"fault_id": "e.6", "id": "again"})
+        started = time.monotonic()
+        ack = decode(await asyncio.wait_for(rt.handle_command(encode(again)), 2), Ack)
+        assert not ack.accepted and ack.reason is not None, ack
+        assert ack.reason.startswith("an earlier pod lookup has not returned for "), ack.reason
+        assert time.monotonic() - started < 0.1
+        assert threading.active_count() == threads_before
+        assert [t.name for t in threading.enumerate()].count("pod-lookup_0") == 1
     finally:
         wedged.set()
+        rt.pod_lookups.close()
+    # once the stuck lookup returns, lookups work again
+    monkeypatch.setattr("agent.commands.pod_scoped", lambda spec, pods: spec)
+    await async_wait_until(lambda: rt.pod_lookups._started_at is None, 5, "the stuck lookup to return")
+    assert await rt.pod_lookups.scoped(cpu.spec, cpu.pods) == cpu.spec
+    rt.pod_lookups.close()
 
 
 async def test_a_halt_sent_again_is_carried_out_once(tmp_path: Path) -> None:
