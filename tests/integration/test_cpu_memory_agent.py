@@ -177,7 +177,9 @@ async def test_a_frozen_agents_stressors_end_within_their_leash(nc, agent_factor
     agent.signal(signal.SIGSTOP)
     frozen_at = time.monotonic()
     try:
-        await async_wait_until(lambda: gone(pid), LEASH_MIN_S + 3, "the stressor to end itself while its agent is frozen")
+        await async_wait_until(
+            lambda: gone(pid), LEASH_MIN_S + 3, "the stressor to end itself while its agent is frozen"
+        )
         took = time.monotonic() - frozen_at
         assert took >= LEASH_MIN_S - 1.5, f"ended {took:.1f}s after the freeze: before its leash (a false end)"
     finally:

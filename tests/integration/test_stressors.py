@@ -366,9 +366,9 @@ async def test_a_stressor_that_died_early_is_named_in_the_revert(env: AgentEnv, 
     os.kill(pid, signal.SIGKILL)
     await wait_for(lambda: gone(pid), 3, "the stressor to die")
     reverted = await inj.revert(plan, ctx)
-    assert reverted.note is not None and reverted.note.startswith("1 of 1 stressor(s) ended before the revert (exit -9"), (
-        reverted.note
-    )
+    assert reverted.note is not None and reverted.note.startswith(
+        "1 of 1 stressor(s) ended before the revert (exit -9"
+    ), reverted.note
 
 
 async def test_own_stressors_are_killed_even_when_start_times_no_longer_match(

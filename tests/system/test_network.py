@@ -299,7 +299,9 @@ async def test_an_ingress_revert_after_the_interface_was_renamed_removes_the_red
     await asyncio.to_thread(rename, bed.ns_a, bed.dev_a, "flrenamed")
     try:
         reverted = await inj.revert(plan, ctx)
-        assert reverted.note is not None and f"ingress redirect on flrenamed (renamed from {bed.dev_a})" in reverted.note
+        assert (
+            reverted.note is not None and f"ingress redirect on flrenamed (renamed from {bed.dev_a})" in reverted.note
+        )
         assert f"ifb {plan.ifb}" in reverted.note, reverted.note
         await assert_clean(bed.ns_a, "flrenamed")
     finally:
