@@ -19,6 +19,7 @@ import psutil
 
 from agent import cgroups
 from agent.faults.base import AgentEnv, FaultContext, Plan, Rejected
+from agent.faults.oomwatch import OomWatch
 from agent.faults.stressor import UNTIL_GRACE_S, Running, StressInjector, StressPlan, leash_note, rss_bytes
 from agent.stressor_main import LEASH_EXIT
 from proto.faults import MemorySpec
@@ -40,18 +41,6 @@ class _Room(NamedTuple):
 class MemoryPlan(StressPlan):
     size_bytes: int
     ramp_s: float = 0.0
-
-
-def _vmstat_oom_kills() -> int | None:
-    """Node-wide OOM kill count (Linux >= 4.13), to tell the OOM killer from a stray SIGKILL."""
-    try:
-        with open("/proc/vmstat") as f:
-            for line in f:
-                if line.startswith("oom_kill "):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 class MemoryStress(StressInjector):
@@ -155,10 +144,15 @@ class MemoryStress(StressInjector):
     async def apply(self, spec: Any, plan: Plan, ctx: FaultContext) -> Measurements:
         assert isinstance(plan, MemoryPlan)
         t0 = time.monotonic()
-        ooms_before = _vmstat_oom_kills()
+        # opened before the stressor starts: an OOM kill in its first milliseconds counts too
+        watch = OomWatch(self.resolve_cgroup(plan.cgroup))
         args = [["memory", f"--size={plan.size_bytes}", f"--ramp={plan.ramp_s:g}"]]
-        running = await self.launch(plan, args, [None], ctx)
-        running.oom_kills_before = ooms_before
+        try:
+            running = await self.launch(plan, args, [None], ctx)
+        except BaseException:
+            watch.close()
+            raise
+        running.oom_watch = watch
         self.watch(plan, running, self._monitor(plan, running, ctx))
         return Measurements(
             workers=1,
@@ -167,17 +161,22 @@ class MemoryStress(StressInjector):
             apply_s=round(time.monotonic() - t0, 4),
         )
 
-    def _note_exit(self, running: Running) -> None:
-        """Record whether a stressor that died on its own was OOM-killed."""
-        s = running.stressors[0]
-        code = s.popen.poll()
-        if code is None or s.killed_by_us or running.exit_code is not None:
-            return
-        running.exit_code = code
-        if code == -signal.SIGKILL:
-            before, after = running.oom_kills_before, _vmstat_oom_kills()
-            # SIGKILL we did not send: the OOM killer, unless the node counter proves otherwise
-            running.oom_killed = not (before is not None and after is not None and after <= before)
+    async def _note_exit(self, running: Running) -> None:
+        """Record whether a stressor that died on its own was OOM-killed (see agent/faults/oomwatch.py).
+        The monitor and the revert both ask; the lock makes the second wait for the first's answer."""
+        async with running.exit_lock:
+            s = running.stressors[0]
+            code = s.popen.poll()
+            if code is None or s.killed_by_us or running.exit_code is not None:
+                return
+            watch = running.oom_watch
+            if code == -signal.SIGKILL and watch is not None:
+                # a SIGKILL we did not send: the OOM killer's, or someone else's
+                running.oom_killed = await watch.killed(s.pid)
+                log.info("memory stressor %s: SIGKILL; OOM kill: %s (from %s)", s.pid, running.oom_killed, watch.source)
+            running.exit_code = code
+            if watch is not None:
+                watch.close()
 
     def _sample(self, plan: StressPlan, running: Running, ctx: FaultContext) -> None:
         assert isinstance(plan, MemoryPlan)
@@ -193,7 +192,7 @@ class MemoryStress(StressInjector):
         while s.popen.poll() is None:
             self._sample(plan, running, ctx)
             await asyncio.sleep(0.02 if running.reached_s is None else 0.5)
-        self._note_exit(running)
+        await self._note_exit(running)
         if running.exit_code == LEASH_EXIT:
             log.warning("memory stressor %s of fault %s: %s", s.pid, ctx.fault_id, leash_note(running.leash_s))
             with contextlib.suppress(Exception):
@@ -211,10 +210,12 @@ class MemoryStress(StressInjector):
         assert isinstance(plan, StressPlan)
         running = self._running.get(plan.marker)
         if running is not None:
-            self._note_exit(running)  # before our own SIGKILL muddles the exit status
+            await self._note_exit(running)  # before our own SIGKILL muddles the exit status
             if running.exit_code is None:
                 self._sample(plan, running, ctx)  # the monitor may not have looked for up to 0.5 s
         running, killed, took_s = await self.stop(plan)
+        if running is not None and running.oom_watch is not None:
+            running.oom_watch.close()
         if running is None:
             return Measurements(
                 stressor_pids=killed,

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import psutil
 
@@ -39,6 +39,9 @@ from agent.faults.stress_marks import (
     stress_capabilities,
 )
 from agent.stressor_main import LEASH_EXIT
+
+if TYPE_CHECKING:
+    from agent.faults.oomwatch import OomWatch
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +370,8 @@ class Running:
     # memory stressors
     peak_rss_bytes: int = 0
     reached_s: float | None = None
-    oom_kills_before: int | None = None
+    oom_watch: OomWatch | None = None
+    exit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     exit_code: int | None = None
     oom_killed: bool = False
 

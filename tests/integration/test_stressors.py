@@ -18,7 +18,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -29,22 +29,14 @@ from agent.faults.base import AgentEnv, FaultContext, Injector
 from agent.faults.cpu import CpuStress
 from agent.faults.lazy import LazyCpu, LazyMemory
 from agent.faults.memory import MemoryStress
-from agent.faults.stress_marks import MARKER_PREFIX, find_marked, make_marker
+from agent.faults.stress_marks import find_marked, make_marker
 from agent.faults.stressor import OWNED_SCAN_S, kill_and_wait, spawn, start
 from proto.faults import CpuSpec, MemorySpec
 from proto.messages import Measurements
-from tests.conftest import remove_cgroup
 
 pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> AgentEnv:
-    return AgentEnv(
-        node=f"it-{uuid.uuid4().hex[:6]}", state_dir=tmp_path / "state", instance_id="i", protected_pids=dict
-    )
 
 
 Events = list[tuple[str, Measurements, str | None]]
@@ -64,15 +56,6 @@ def ctx_for(env: AgentEnv, events: Events | None = None, duration_s: float = 30.
 
 def mine(env: AgentEnv, kind: str) -> dict[str, list[object]]:
     return find_marked(make_marker(kind, CpuStress(env).tag, ""))  # type: ignore[return-value]
-
-
-@pytest.fixture
-async def cleanup(env: AgentEnv) -> AsyncIterator[None]:
-    """Kill any stressor of this test's agent, whatever happened."""
-    yield
-    for marker, refs in find_marked(f"{MARKER_PREFIX}:").items():
-        if CpuStress(env).tag in marker:
-            await kill_and_wait(refs)
 
 
 async def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -264,30 +247,6 @@ async def test_lazy_kind_is_the_real_one_once_loaded(env: AgentEnv, cleanup: Non
     assert lazy.load_plan(plan.model_dump(mode="json")) == plan
 
 
-@pytest.fixture
-def test_cgroup() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("creating a cgroup needs root")
-    layout = cgroups.detect_layout()
-    name = f"faultline-test-{uuid.uuid4().hex[:8]}"
-    made: list[Path] = []
-    for controller in cgroups.CONTROLLERS:
-        found = layout.mount_for(controller)
-        if found is None:
-            pytest.skip("no cgroup filesystem mounted")
-        d = found[1] / name
-        if d.exists():
-            continue
-        try:
-            d.mkdir()
-        except OSError as exc:
-            pytest.skip(f"cannot create a cgroup under {found[1]}: {exc}")
-        made.append(d)
-    yield name
-    for d in made:
-        remove_cgroup(d, 5)
-
-
 @pytest.mark.parametrize("kind", ["cpu", "memory"])
 async def test_stressor_runs_in_the_named_cgroup(env: AgentEnv, cleanup: None, test_cgroup: str, kind: str) -> None:
     inj: Injector
@@ -307,27 +266,6 @@ async def test_stressor_runs_in_the_named_cgroup(env: AgentEnv, cleanup: None, t
             assert set(applied.stressor_pids) <= cgroups.pids_in(target, controller), controller
     finally:
         await inj.revert(plan, ctx)
-
-
-async def test_oom_kill_in_a_limited_cgroup_is_reported(env: AgentEnv, cleanup: None, test_cgroup: str) -> None:
-    target = cgroups.resolve(test_cgroup, "memory")
-    mem_dir = target.dirs["memory"]
-    limit_file = mem_dir / ("memory.max" if target.versions["memory"] == "v2" else "memory.limit_in_bytes")
-    if not limit_file.exists():
-        pytest.skip(f"no memory limit file in {mem_dir}")
-    limit_file.write_text(str(64 * MiB))
-    events: Events = []
-    inj, ctx = MemoryStress(env), ctx_for(env, events)
-    spec = MemorySpec(size="128Mi", cgroup=test_cgroup)
-    plan = await inj.plan(spec, ctx)
-    try:
-        applied = await inj.apply(spec, plan, ctx)
-        pid = (applied.stressor_pids or [0])[0]
-        await wait_for(lambda: any(m.oom_killed for _, m, _ in events), 10, "an OOM-kill progress event")
-    finally:
-        m = await inj.revert(plan, ctx)
-    assert gone(pid)
-    assert m.oom_killed is True and m.note and "OOM" in m.note
 
 
 async def test_a_revert_ends_the_load_while_every_worker_thread_is_busy(env: AgentEnv, cleanup: None) -> None:
