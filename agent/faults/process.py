@@ -411,6 +411,29 @@ def _stopped_now(target: Target) -> bool:
 
 
 ALREADY_STOPPED = "already stopped, not by this agent: resuming it at the revert would undo that stop"
+STOP_CONFIRM_S = 1.0
+"""How long a pause waits for its SIGSTOPs to take effect before it reports active: a process
+stops when it next runs, one in uninterruptible sleep (D) only when it leaves it."""
+
+
+async def _not_stopped_after(targets: list[Target], timeout_s: float) -> list[Target]:
+    """The targets still running after up to ``timeout_s`` (a process gone meanwhile is done)."""
+
+    def running(t: Target) -> bool:
+        proc = _same_process(t)
+        try:
+            return proc is not None and proc.status() not in STOPPED
+        except psutil.Error:
+            return False
+
+    loop = asyncio.get_running_loop()
+    until, delay = loop.time() + timeout_s, 0.0005
+    waiting = [t for t in targets if running(t)]
+    while waiting and loop.time() < until:
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, 0.05)
+        waiting = [t for t in waiting if running(t)]
+    return waiting
 UNRESUMED_KEEP = 256  # faults whose failed revert left processes stopped, remembered for the hint
 
 
@@ -504,7 +527,17 @@ class ProcessPause(_ProcessInjector):
         if not hit:
             raise _none_hit("stopped", late)
         m = self._measure(plan, hit)
-        return m.model_copy(update={"skipped": [*plan.skipped, *late]}) if late else m
+        update: dict[str, Any] = {"skipped": [*plan.skipped, *late]} if late else {}
+        # "active" says the processes are stopped: the SIGSTOP alone says only that they will be
+        lagging = await _not_stopped_after([t for t in plan.targets if t.pid in stopped], STOP_CONFIRM_S)
+        if lagging:
+            pids = ", ".join(str(t.pid) for t in lagging[:20]) + (" …" if len(lagging) > 20 else "")
+            update["note"] = (
+                f"{len(lagging)} process(es) not stopped {STOP_CONFIRM_S:g} s after their SIGSTOP ({pids}): "
+                "in uninterruptible sleep (they stop when they leave it), or resumed by someone else"
+            )
+            log.warning("fault %s: %s", ctx.fault_id, update["note"])
+        return m.model_copy(update=update) if update else m
 
     def _remember_unresumed(self, fault_id: str, targets: list[Target]) -> None:
         self._unresumed.pop(fault_id, None)

@@ -342,3 +342,53 @@ def _pid_of(pidfd: int) -> int:
             if line.startswith("Pid:"):
                 return int(line.split()[1])
     return -1
+
+
+async def test_the_apply_returns_only_once_its_processes_are_stopped(tmp_path: Path, victims: Victims) -> None:
+    """Found by a review: "active" went out as soon as the SIGSTOPs were sent, and a victim
+    could still be running when the controller read it. Read at once after the apply, with
+    nothing awaited in between, every victim is stopped."""
+    inj = make_injector(tmp_path)
+    procs = victims.start(5, "-confirm")
+    c = ctx(inj, "c.0")
+    plan = await inj.plan(spec(f"{victims.token}-confirm$"), c)
+    m = await inj.apply(spec(f"{victims.token}-confirm$"), plan, c)
+    try:
+        assert [status(p) for p in procs] == [psutil.STATUS_STOPPED] * 5
+        assert m.note is None
+    finally:
+        await inj.revert(plan, c)
+
+
+async def test_a_process_resumed_right_after_its_sigstop_is_named_in_the_apply(
+    tmp_path: Path, victims: Victims, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGSTOP that has not taken effect within STOP_CONFIRM_S (a process in uninterruptible
+    sleep, or one that someone resumed at once) is said in the apply's measurements."""
+    import agent.faults.process as process
+
+    monkeypatch.setattr(process, "STOP_CONFIRM_S", 0.3)
+    real_signal = process._signal
+
+    def stop_then_resume(target: process.Target, signum: int) -> bool:
+        sent = real_signal(target, signum)
+        if signum == signal.SIGSTOP:
+            os.kill(target.pid, signal.SIGCONT)  # someone else resumes it at once
+        return sent
+
+    monkeypatch.setattr(process, "_signal", stop_then_resume)
+    inj = make_injector(tmp_path)
+    (proc,) = victims.start(1, "-resumed")
+    c = ctx(inj, "r.0")
+    plan = await inj.plan(spec(f"{victims.token}-resumed$"), c)
+    started = time.monotonic()
+    m = await inj.apply(spec(f"{victims.token}-resumed$"), plan, c)
+    try:
+        assert 0.3 <= time.monotonic() - started < 2.0
+        assert m.note is not None and m.note.startswith(
+            f"1 process(es) not stopped 0.3 s after their SIGSTOP ({proc.pid})"
+        )
+        assert m.hit_pids == [proc.pid]
+    finally:
+        monkeypatch.setattr(process, "_signal", real_signal)
+        await inj.revert(plan, c)
