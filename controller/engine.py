@@ -21,6 +21,7 @@ the end and the final revert in controller/ending.py.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -47,6 +48,11 @@ from proto.subjects import exp_control, exp_events, exp_lease, safe_token
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
+
+LEASE_SLACK_S = 0.25
+"""A gap in lease renewals this much short of the leaseTimeout can still lapse a lease (delivery)."""
+LEASE_BLAME_WINDOW_S = 1.0
+"""A renewal gap counts for a lapse reported within leaseTimeout plus this after the gap closed."""
 
 
 def _left_clean(view: NodeView | None) -> bool:
@@ -117,8 +123,10 @@ class ExperimentRunner(Starting, Ending):
         self.tracks: dict[tuple[str, str], Track] = {}
         self.problems: list[str] = []
         self.run_notes: list[str] = []  # what the report should say that is no failure
-        self.stalled_s = 0.0  # the longest time this controller did not run (see _monitor_loop)
-        self._monitor_pass = 0.0  # monotonic time of the monitor's latest pass (0: not running)
+        # lease renewals: when the last went out while connected, and the recent gaps long
+        # enough to lapse a lease (see _lease_loop, _controller_lapsed_s)
+        self._last_lease_at: float | None = None
+        self._lease_gaps: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
         self.stray_events = 0
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -309,15 +317,13 @@ class ExperimentRunner(Starting, Ending):
             self.abort(f"agent {track.node}: {track.fault_id} ({track.kind}) {state}: {reason}", node=track.node)
         elif state == "reverted" and changed and not self.aborted and not self._finishing:
             # Nobody here asked for it (halt, lease lapse, an agent stopping): the experiment is not what was planned.
-            # the event may be read before the monitor's first pass after a stall: the gap since the
-            # monitor's last pass counts too
-            stalled_s = max(self.stalled_s, time.monotonic() - self._monitor_pass) if self._monitor_pass else 0.0
-            lease_s = self.experiment.spec.abort.lease_timeout_s
-            if (reason or "").startswith("lease lapsed") and stalled_s >= lease_s:
+            gap_s = self._controller_lapsed_s() if (reason or "").startswith("lease lapsed") else None
+            if gap_s is not None:
                 # this controller stopped renewing the lease, not the agent doing anything wrong
                 self.abort(
-                    f"this controller did not run for {stalled_s:.1f}s, longer than the leaseTimeout: agent "
-                    f"{track.node} reverted {track.fault_id} on its own ({reason})"
+                    f"this controller renewed no lease for {gap_s:.1f}s (leaseTimeout "
+                    f"{self.experiment.spec.abort.lease_timeout_s:g}s; it did not run, or had no NATS link): "
+                    f"agent {track.node} reverted {track.fault_id} on its own ({reason})"
                 )
             else:
                 self.abort(f"agent {track.node} reverted {track.fault_id} on its own: {reason}", node=track.node)
@@ -365,6 +371,18 @@ class ExperimentRunner(Starting, Ending):
         if msg.reply:
             await msg.respond(encode(reply))
 
+    def _controller_lapsed_s(self) -> float | None:
+        """The gap in this controller's lease renewals that lapsed an agent's lease just now, if
+        there is one: a recent gap (or the one still open) of about the leaseTimeout. Only a gap
+        that could have caused the lapse counts, never an older one."""
+        lease_s = self.experiment.spec.abort.lease_timeout_s
+        now = time.monotonic()
+        gaps = [end - start for start, end in self._lease_gaps if now - end <= lease_s + LEASE_BLAME_WINDOW_S]
+        if self._last_lease_at is not None:
+            gaps.append(now - self._last_lease_at)  # read before the lease loop ran again
+        longest = max(gaps, default=0.0)
+        return longest if longest >= lease_s - LEASE_SLACK_S else None
+
     async def _lease_loop(self) -> None:
         lease_timeout_s = self.experiment.spec.abort.lease_timeout_s
         interval_s = min(1.0, lease_timeout_s / 3)
@@ -375,6 +393,13 @@ class ExperimentRunner(Starting, Ending):
                 await self.nc.publish(subject, encode(Lease(experiment_id=self.experiment_id, seq=seq)))
             except Exception as exc:  # noqa: BLE001 - keep trying: the lease is what keeps faults alive
                 log.warning("lease publish failed: %s", exc)
+            else:
+                # a lease given to a client that is reconnecting may never be sent: not a renewal
+                if getattr(self.nc, "is_connected", True):
+                    now = time.monotonic()
+                    last, self._last_lease_at = self._last_lease_at, now
+                    if last is not None and now - last >= lease_timeout_s - LEASE_SLACK_S:
+                        self._lease_gaps.append((last, now))
             seq += 1
             # a little jitter, always under the interval, so leases never bunch up late
             await asyncio.sleep(interval_s * self.rng.uniform(0.85, 1.0))
@@ -394,14 +419,13 @@ class ExperimentRunner(Starting, Ending):
                 # heartbeats that came meanwhile wait unread in its socket, so every agent looks
                 # silent. That time, and a grace to read them, is not counted against any agent.
                 stalled_s = now - last_pass
-                self.stalled_s = max(self.stalled_s, stalled_s)
                 blind.add(last_pass, now + stall_grace_s)
                 self.run_notes.append(
                     f"this controller did not run for {stalled_s:.1f}s (stopped or starved): no lease renewal "
                     "and no heartbeat read meanwhile; that time was not counted against any agent"
                 )
                 log.warning("controller stalled %.1fs; not counted against the agents", stalled_s)
-            last_pass = self._monitor_pass = now
+            last_pass = now
             self._reconcile_from_heartbeats()
             if self.aborted:
                 return

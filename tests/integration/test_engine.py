@@ -273,6 +273,34 @@ async def test_a_controller_that_did_not_run_for_a_while_blames_no_agent(nc: Any
     assert any(n.startswith("this controller did not run for 1.") for n in report.notes), report.notes
 
 
+async def test_a_lease_lapse_long_after_a_stall_of_the_controller_is_the_agent_s(
+    nc: Any, fleet: Fleet, agents: Any
+) -> None:
+    """Found by a review: a lapse was put down to this controller whenever it had once, at any
+    time in the run, not run for a leaseTimeout. A lapse reported well after that stall (an
+    agent cut off on its own side) now names the agent."""
+    a = await agents("n1")
+    await fleet.wait_for(["n1"], 5)
+    runner = ExperimentRunner(nc, fleet, experiment("30s"), progress=lambda _line: None)
+    run = asyncio.ensure_future(runner.run())
+    try:
+        await async_wait_until(lambda: a.held, 10, "the fault to be applied")
+        time.sleep(3.5)  # noqa: ASYNC251 - the controller does not run for longer than the leaseTimeout (3 s)
+        await asyncio.sleep(4.5)  # past leaseTimeout + LEASE_BLAME_WINDOW_S: that stall cannot lapse a lease now
+        (fid,) = a.held
+        await a._event(
+            a.held[fid], fid, runner.experiment_id, "reverted", "lease lapsed: no lease for 3.1s (timeout 3s)"
+        )
+        report = await asyncio.wait_for(run, 15)
+    finally:
+        if not run.done():
+            runner.abort("the test ended")
+            await asyncio.gather(run, return_exceptions=True)
+    assert report.abort is not None, report
+    assert report.abort.node == "n1", report.abort
+    assert report.abort.reason.startswith("agent n1 reverted"), report.abort.reason
+
+
 async def test_stalls_that_come_again_and_again_do_not_hide_a_silent_agent(nc: Any, fleet: Fleet, agents: Any) -> None:
     """Left by the tenth session: each stall of the controller restarted every agent's
     heartbeat clock, so stalls spaced closer than the heartbeatTimeout hid an agent that
