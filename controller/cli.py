@@ -26,7 +26,7 @@ from controller.console import err as _err
 from controller.console import out as _out
 from controller.dispatch import ConnectError, close, connect, with_tls
 from controller.engine import ExperimentRunner
-from controller.experiment import ExperimentError, json_schema_text, load_experiment
+from controller.experiment import Experiment, ExperimentError, json_schema_text, load_experiment
 from controller.fleet import Fleet
 from controller.fleet_commands import cmd_abort, cmd_agents, cmd_experiments, cmd_halt
 from controller.halting import HALT_WAIT_HELP
@@ -64,6 +64,7 @@ reverts.
 
 RUN_EPILOG = """examples:
   faultline run examples/pause-worker.yaml                  # no NATS configured: embedded server + local agent
+  faultline run examples/zone-outage.yaml --local           # a fleet's file, tried on this machine alone
   faultline run exp.yaml --nats nats://10.0.0.5:4222 --preview     # which processes each fault would hit now
   faultline run exp.yaml --nats nats://10.0.0.5:4222 -o json > report.json
   kubectl get cm exp -o jsonpath='{.data.exp\\.yaml}' | faultline run - --nats nats://nats:4222
@@ -107,7 +108,9 @@ def _indent(text: str) -> str:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     try:
-        target = configured(args.nats)
+        if args.local and args.nats:
+            raise NatsUrlError("--local runs on this machine with an embedded server: give --local or --nats, not both")
+        target = None if args.local else configured(args.nats)
         tls = natstls.from_env(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
         if target is not None:
             target = with_tls(target, args.tls_ca, args.tls_cert, args.tls_key)
@@ -125,8 +128,20 @@ async def cmd_run(args: argparse.Namespace) -> int:
             args, "experiment-file", f"{args.file}: invalid experiment file (nothing sent):\n" + _indent(str(exc))
         )
     say = (lambda _line: None) if args.quiet else _err
+    if target is None and not args.local and (fleet_only := _fleet_targets(exp)):
+        return _refused(
+            args,
+            "local-mode",
+            f"faultline: {args.file}: spec.targets names {fleet_only}: this file is for a fleet, but no NATS server "
+            "is configured (--nats, FAULTLINE_NATS_URL), so it would run on this machine instead (nothing sent). "
+            "Give --nats URL for the fleet, or --local to run it here against this machine's own agent",
+        )
     if target is None:
-        say("no NATS configured (--nats, FAULTLINE_NATS_URL): running on this machine with an embedded")
+        say(
+            "--local: running on this machine with an embedded"
+            if args.local
+            else "no NATS configured (--nats, FAULTLINE_NATS_URL): running on this machine with an embedded"
+        )
         say(f"nats-server and a local agent (its journal: {local_state_dir()}, FAULTLINE_STATE_DIR) ...")
         if tls.given:
             say("note: FAULTLINE_NATS_TLS_* not used: the embedded server listens on loopback only")
@@ -135,8 +150,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 assert env.fleet is not None
                 for line in env.recovery_lines():
                     _err(line)  # also under --quiet: it is about this machine, not progress
-                spec_t = exp.spec.targets
-                if spec_t.nodes or spec_t.labels or spec_t.mode != "all":
+                if _fleet_targets(exp) or exp.spec.targets.mode != "all":
                     say(f"note: spec.targets replaced by the local node {env.node} (local mode)")
                 return await _run_experiment(
                     args, exp, env.nc, env.fleet, [env.node], say, env.url, local=env.recovery_json
@@ -335,6 +349,20 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             loop.remove_signal_handler(sig)
 
 
+def _fleet_targets(exp: Experiment) -> str:
+    """What of spec.targets only a fleet can mean (nodes, labels, pods), for the refusal of a
+    local run; empty when the file fits this machine alone."""
+    t = exp.spec.targets
+    named = []
+    if t.nodes:
+        named.append(f"nodes {', '.join(t.nodes)}")
+    if t.labels:
+        named.append("labels " + ", ".join(f"{k}={v}" for k, v in t.labels.items()))
+    if t.pods is not None:
+        named.append(f"pods in namespace {t.pods.namespace}")
+    return "; ".join(named)
+
+
 # --- parser
 
 
@@ -401,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run an experiment file to its end: dispatch every fault to its targets, start them together, "
         "renew the lease, watch the targets' heartbeats (one silent for heartbeatTimeout aborts the run), "
         "revert, and report. Durations take us, ms, s, m, h (30s, 1m30s); sizes 512Mi, 1G; rates 8mbit; "
-        "percentages 5%%. `faultline schema` has every field.",
+        "percentages 5%. `faultline schema` has every field.",
         epilog=RUN_EPILOG,
         formatter_class=raw,
     )
@@ -417,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
         "applied): the processes a process fault would hit and those it would skip; a network fault's interface, "
         "what it would replace and what stays untouched; a cpu or memory fault's stressors and the memory room. "
         "Exit 1 if a fault would hit nothing or would be refused on a target",
+    )
+    r.add_argument(
+        "--local",
+        action="store_true",
+        help="run on this machine (embedded nats-server, local agent) even when FAULTLINE_NATS_URL is set or "
+        "the file targets nodes, labels or pods: they are replaced by this machine. Without NATS configured, "
+        "a file that targets nodes, labels or pods is refused unless --local is given",
     )
     r.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     a = sub.add_parser(

@@ -333,10 +333,22 @@ def test_demo_exits_0_and_leaves_nothing_behind(tmp_path: Path, running: Callabl
     assert not list((tmp_path / "state" / "journal").glob("*.json"))
 
 
-def test_run_without_nats_uses_local_agent(tmp_path: Path, victims: Victims) -> None:
+def test_run_without_nats_refuses_a_fleet_file_and_runs_it_locally_with_local(tmp_path: Path, victims: Victims) -> None:
+    """Found by a new user's review: a file for a fleet (nodes, labels), run without --nats on a
+    bastion host, was quietly retargeted to that host. It is refused unless --local is given."""
     (victim,) = victims.start(1)
     path = experiment_file(tmp_path, [pause(victims)], duration="1s", targets={"nodes": ["elsewhere"]})
-    r = faultline("run", str(path), "-o", "json", env=cli_env(FAULTLINE_STATE_DIR=str(tmp_path / "state")))
+    env = cli_env(FAULTLINE_STATE_DIR=str(tmp_path / "state"))
+    refused = faultline("run", str(path), "-o", "json", env=env)
+    assert refused.returncode == 2, refused.stderr
+    assert "spec.targets names nodes elsewhere: this file is for a fleet" in refused.stderr, refused.stderr
+    assert "--local" in refused.stderr
+    assert json.loads(refused.stdout)["stage"] == "local-mode"
+    assert status(victim) != psutil.STATUS_STOPPED
+    assert not (tmp_path / "state").exists(), "a refused run started the local environment"
+    both = faultline("run", str(path), "--local", "--nats", "nats://127.0.0.1:1", env=env)
+    assert both.returncode == 2 and "not both" in both.stderr, both.stderr
+    r = faultline("run", str(path), "--local", "-o", "json", env=env)
     assert r.returncode == 0, r.stderr
     assert "replaced by the local node" in r.stderr
     report = json.loads(r.stdout)
