@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -295,6 +297,7 @@ class _signals_abort:
         self.runner = runner
         self.count = 0
         self.task = asyncio.current_task()
+        self.after = _AfterTheRun()
 
     def _on(self, signum: int) -> None:
         self.count += 1
@@ -305,8 +308,8 @@ class _signals_abort:
         elif self.count == 2:
             _err(f"{name} again: not waiting any longer; agents revert what is left when the lease lapses")
             self.runner.give_up(f"interrupted twice ({name})")
-        elif self.task is not None:  # a third: out now, report or not
-            _err(f"{name} a third time: exiting without a report")
+        elif self.task is not None:  # a third: out now (a report already on its way still comes)
+            _err(f"{name} a third time: exiting now")
             self.task.cancel()
 
     def __enter__(self) -> _signals_abort:
@@ -319,6 +322,30 @@ class _signals_abort:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+            # the report is out (or the run is over): closing the connections and the local
+            # environment follows. A signal then must not meet the default handler, which ends the
+            # process by the signal, as if the run had been cut short.
+            signal.signal(sig, self.after)
+
+
+class _AfterTheRun:
+    """Signals once the run is over: the first says what is going on, the next exits now (the
+    local environment's agent and nats-server end with their parent)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self.count == 1:
+            _err(f"{name}: the run is over; closing its connections (again to exit now)")
+            return
+        _err(f"{name} again: exiting now")
+        for stream in (sys.stdout, sys.stderr):  # the report must not stay in a buffer
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(EXIT_INTERRUPTED)
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
@@ -558,27 +585,31 @@ SYNC_COMMANDS = {"validate": cmd_validate, "schema": cmd_schema}
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if args.command in SYNC_COMMANDS:
-        code = SYNC_COMMANDS[args.command](args)
-    else:
-        try:
+    # from here on, a Ctrl-C before a run's own handling is KeyboardInterrupt, answered below
+    # (with JSON under -o json); controller.entry's quiet exit covered the loading until now
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        if args.command in SYNC_COMMANDS:
+            code = SYNC_COMMANDS[args.command](args)
+        else:
             code = uvloop.run(ASYNC_COMMANDS[args.command](args))
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            # before an experiment started (a run's own Ctrl-C handling takes over then): nothing sent
-            code = EXIT_INTERRUPTED
-            _err(f"faultline {args.command}: interrupted")
-            if getattr(args, "output", None) == "json" and args.command in ("run", "demo"):
-                gone = {
-                    "outcome": "interrupted",
-                    "stage": "start",
-                    "error": "interrupted before the experiment started",
-                }
-                _out(json.dumps({**gone, "sent": False, "exit_code": code}, indent=2))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        # before an experiment started (a run's own Ctrl-C handling takes over then): nothing sent
+        code = EXIT_INTERRUPTED
+        _err(f"faultline {args.command}: interrupted")
+        if getattr(args, "output", None) == "json" and args.command in ("run", "demo"):
+            gone = {
+                "outcome": "interrupted",
+                "stage": "start",
+                "error": "interrupted before the experiment started",
+            }
+            _out(json.dumps({**gone, "sent": False, "exit_code": code}, indent=2))
     if console.output_lost and code == EXIT_OK:
         code = EXIT_FAILED  # the result did not reach its reader
     sys.exit(code)

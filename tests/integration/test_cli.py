@@ -1161,3 +1161,30 @@ def test_two_agents_under_one_node_name_are_named_and_refused(tmp_path: Path, na
     finally:
         for a in agents:
             a.stop()
+
+
+@pytest.mark.parametrize("after_s", [0.05, 0.15, 0.3, 0.6])
+def test_a_ctrl_c_while_the_cli_starts_exits_130_without_a_traceback(after_s: float) -> None:
+    """A new user's review: a Ctrl-C while the CLI was still importing printed a traceback from
+    whichever import it interrupted (once a pydantic SchemaError). Whenever it lands before a
+    run's own handling, the exit is 130 and one line says so."""
+    script = Path(sys.executable).parent / "faultline"
+    proc = subprocess.Popen(
+        [str(script), "agents", "--nats", "nats://127.0.0.1:1"],  # refused: it would retry for seconds
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+        text=True,
+    )
+    try:
+        time.sleep(after_s)  # the point is when the signal lands; nothing to await from outside
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert "interrupted" in err or "while starting: exited, nothing sent" in err, err
