@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from proto.faults import FAULT_KINDS, FaultSpec, SpecModel
 from proto.subjects import safe_token
@@ -72,6 +72,9 @@ class Targets(SpecModel):
         return self
 
 
+MIN_LEASE_TIMEOUT_S = 1.0
+
+
 class AbortSpec(SpecModel):
     heartbeat_timeout_s: PositiveDuration = Field(
         3.0, alias="heartbeatTimeout", description="a targeted agent silent this long aborts the experiment"
@@ -79,9 +82,20 @@ class AbortSpec(SpecModel):
     lease_timeout_s: PositiveDuration = Field(
         5.0,
         alias="leaseTimeout",
-        description="agents revert on their own when the controller is silent this long",
+        description="agents revert on their own when the controller is silent this long (at least 1s)",
         le=3600,
     )
+
+    @field_validator("lease_timeout_s")
+    @classmethod
+    def _lease_long_enough(cls, v: float) -> float:
+        if v < MIN_LEASE_TIMEOUT_S:
+            raise ValueError(
+                f"must be at least {MIN_LEASE_TIMEOUT_S:g}s: the controller renews the lease every "
+                "min(1s, leaseTimeout/3), and a shorter one lapses on an ordinary hiccup (a GC pause, a busy "
+                "node), reverting every fault early"
+            )
+        return v
 
 
 class ExperimentSpec(SpecModel):

@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterable, Mapping
 
 from controller.experiment import Targets, percent_count
+from proto.subjects import safe_token
 
 
 class TargetingError(ValueError):
@@ -27,17 +28,30 @@ def _describe(targets: Targets) -> str:
     return " and ".join(parts) or "any node"
 
 
+def agent_name(node: str) -> str:
+    """The name an agent started with ``--node node`` heartbeats under (proto.subjects.safe_token)."""
+    try:
+        return safe_token(node)
+    except ValueError:
+        return node  # no usable characters: not in any fleet, and the error says so by its own name
+
+
 def matching_nodes(fleet: Mapping[str, Mapping[str, str]], targets: Targets) -> list[str]:
     """Nodes named (if names are given) that carry every given label, sorted."""
     if targets.nodes:
-        unknown = [n for n in targets.nodes if n not in fleet]
+        # as the agents name themselves: `--node w1.example.com` heartbeats as w1_example_com
+        # (one NATS subject token), so a file may name a node either way
+        named = {agent_name(n): n for n in targets.nodes}
+        unknown = [
+            n if token == n else f"{n} (as agents name it: {token})" for token, n in named.items() if token not in fleet
+        ]
         if unknown:
             known = ", ".join(sorted(fleet)) or "none"
             raise TargetingError(
                 f"node {', '.join(unknown)} is not in the fleet (agents seen: {known}); "
                 "check `faultline agents` and the node name"
             )
-        candidates: Iterable[str] = dict.fromkeys(targets.nodes)
+        candidates: Iterable[str] = named
     else:
         candidates = fleet
     wanted = targets.labels or {}

@@ -239,3 +239,19 @@ def test_a_network_delay_needs_a_unit_where_a_bare_number_would_be_seconds() -> 
         "spec.faults[1].jitter: give a unit, for example '5ms' or '5s' (a bare number is read as seconds: 5 s)",
     ]
     parse_experiment(base(duration=30, faults=[{"kind": "network", "delay": "100ms", "jitter": 0}]))  # fine
+
+
+@pytest.mark.parametrize("lease", ["1us", "50ms", "0.9s"])
+def test_a_lease_shorter_than_a_second_is_refused_with_the_reason(lease: str) -> None:
+    """A new user's review: leaseTimeout 1us validated, then the run aborted at once."""
+    doc = {
+        "apiVersion": "faultline/v1",
+        "kind": "Experiment",
+        "metadata": {"name": "t"},
+        "spec": {"duration": "5s", "faults": [{"kind": "process-pause", "match": {"pid": 2}}], "abort": {"leaseTimeout": lease}},
+    }
+    with pytest.raises(ExperimentError) as refused:
+        parse_experiment(doc)
+    assert "spec.abort.leaseTimeout: must be at least 1s" in str(refused.value), str(refused.value)
+    doc["spec"]["abort"] = {"leaseTimeout": "1s"}  # type: ignore[index]
+    assert parse_experiment(doc).spec.abort.lease_timeout_s == 1.0

@@ -80,3 +80,15 @@ def test_mode_value_missing_is_caught_even_without_model_validation() -> None:
     targets = Targets.model_construct(nodes=None, labels=None, mode="fixed", value=None, pods=None)
     with pytest.raises(TargetingError, match="needs a value"):
         select_nodes(FLEET, targets)
+
+
+def test_a_node_named_as_given_to_its_agent_is_found_under_the_name_it_heartbeats_as() -> None:
+    """A new user's review: `faultline-agent --node w1.example.com` heartbeats as w1_example_com
+    (one NATS subject token), and `targets.nodes: [w1.example.com]` was "not in the fleet".
+    Kubernetes node names are usually dotted."""
+    fleet = {"w1_example_com": {}, "w2_example_com": {}}
+    assert select_nodes(fleet, t(nodes=["w1.example.com"])) == ["w1_example_com"]
+    assert select_nodes(fleet, t(nodes=["w1_example_com", "w1.example.com"])) == ["w1_example_com"]
+    with pytest.raises(TargetingError) as missing:
+        select_nodes(fleet, t(nodes=["w3.example.com"]))
+    assert "node w3.example.com (as agents name it: w3_example_com) is not in the fleet" in str(missing.value)
