@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Coroutine
@@ -50,7 +51,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 LEASE_SLACK_S = 0.25
-"""A gap in lease renewals this much short of the leaseTimeout can still lapse a lease (delivery)."""
+"""A gap in lease renewals this much short of the leaseTimeout (at most a tenth of it) can still
+lapse a lease: delivery takes time too."""
 LEASE_BLAME_WINDOW_S = 1.0
 """A renewal gap counts for a lapse reported within leaseTimeout plus this after the gap closed."""
 
@@ -60,8 +62,8 @@ def _left_clean(view: NodeView | None) -> bool:
 
 
 class BlindSpans:
-    """Times this controller could not judge heartbeats (it did not run, or had no NATS link),
-    each with the grace it needs afterwards to read what came meanwhile.
+    """Times this controller could not judge heartbeats because it did not run, each with the
+    grace it needs afterwards to read what came meanwhile.
 
     An agent's silence counts only the time outside them: a stall never blames an agent, and
     stalls that come again and again only postpone, by their own length plus the grace, the
@@ -75,13 +77,13 @@ class BlindSpans:
         self._spans: list[tuple[float, float]] = []  # (start, end), sorted, not overlapping
 
     def add(self, start: float, end: float) -> None:
-        if self._spans and start <= self._spans[-1][1]:
-            first, last = self._spans[-1]
-            self._spans[-1] = (min(first, start), max(last, end))
-        else:
-            self._spans.append((start, end))
-        if len(self._spans) > self.MAX_SPANS:  # forgetting the oldest only ever credits an agent less
-            del self._spans[0]
+        merged: list[tuple[float, float]] = []
+        for span in sorted([*self._spans, (start, end)]):  # coalesced, in whatever order they came
+            if merged and span[0] <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], span[1]))
+            else:
+                merged.append(span)
+        self._spans = merged[-self.MAX_SPANS :]  # forgetting the oldest only ever credits an agent less
 
     def judged_s(self, since: float, now: float) -> float:
         """Seconds between ``since`` and ``now`` outside every span."""
@@ -381,7 +383,7 @@ class ExperimentRunner(Starting, Ending):
         if self._last_lease_at is not None:
             gaps.append(now - self._last_lease_at)  # read before the lease loop ran again
         longest = max(gaps, default=0.0)
-        return longest if longest >= lease_s - LEASE_SLACK_S else None
+        return longest if longest >= lease_s - min(LEASE_SLACK_S, 0.1 * lease_s) else None
 
     async def _lease_loop(self) -> None:
         lease_timeout_s = self.experiment.spec.abort.lease_timeout_s
@@ -409,6 +411,7 @@ class ExperimentRunner(Starting, Ending):
         hb_timeout_s = self.experiment.spec.abort.heartbeat_timeout_s
         period_s = min(0.1, hb_timeout_s / 10)
         nats_lost_since: float | None = None
+        nats_back_at = -math.inf  # heartbeats sent while this controller was cut off were lost, not late
         blind = BlindSpans()
         stall_grace_s = min(1.0, hb_timeout_s / 2)  # to read the heartbeats that wait in the socket
         last_pass = time.monotonic()
@@ -443,17 +446,17 @@ class ExperimentRunner(Starting, Ending):
                 await asyncio.sleep(period_s)
                 continue
             if nats_lost_since is not None:
-                # heartbeats sent while this controller was cut off were lost, not late: the
-                # outage and one heartbeatTimeout after it are not counted against any agent
-                blind.add(nats_lost_since, now + hb_timeout_s)
-                nats_lost_since = None
+                # Lost, not late: judged from the reconnection, as every agent may have had to
+                # reconnect too. (A link that comes and goes faster than the heartbeatTimeout
+                # postpones the abort; one gone longer aborts the run, above.)
+                nats_back_at, nats_lost_since = now, None
             for node in targets:
                 view = self.fleet.get(node)
                 if view is None:
                     self.abort(f"agent {node} disappeared from the fleet", node=node)
                     return
                 hb = view.heartbeat
-                age_s = blind.judged_s(view.last_seen_monotonic, now)
+                age_s = min(blind.judged_s(view.last_seen_monotonic, now), now - nats_back_at)
                 if age_s > hb_timeout_s:
                     last = time.strftime("%H:%M:%S", time.localtime(view.received_at))
                     not_counted_s = view.age_s(now) - age_s

@@ -51,3 +51,14 @@ def test_the_oldest_spans_are_forgotten_past_the_bound() -> None:
     # the first ten spans are gone: their time counts again, which only ever credits an agent less
     assert blind.judged_s(0.0, 20.0) == pytest.approx(20.0)
     assert blind.judged_s(20.0, 30.0) == pytest.approx(5.0)
+
+
+def test_spans_that_come_out_of_order_are_coalesced() -> None:
+    """From a review: a span merged only with the last one, so one that began earlier and
+    covered it was counted twice."""
+    blind = BlindSpans()
+    blind.add(1.0, 4.0)
+    blind.add(0.0, 12.0)
+    blind.add(13.0, 14.0)
+    blind.add(12.5, 13.5)
+    assert blind.judged_s(-1.0, 20.0) == pytest.approx(1.0 + 0.5 + 6.0)
