@@ -109,6 +109,10 @@ class Lifecycle:
                 rec.measurements = merge(rec.measurements, m)
                 self.event(rec, state, reason)
 
+        def ending() -> bool:
+            rec = self.faults.get(fault_id)
+            return rec is not None and rec.ended.is_set()
+
         return FaultContext(
             fault_id=fault_id,
             experiment_id=experiment_id,
@@ -118,6 +122,7 @@ class Lifecycle:
             emit=emit,
             recovered=recovered,
             lease_timeout_s=lease_timeout_s,
+            ending=ending,
         )
 
     def arm_deadline(self, rec: FaultRecord) -> None:
@@ -160,6 +165,10 @@ class Lifecycle:
                     if await self._journal_before_act(rec, plan) and not rec.ended.is_set():
                         m = await within(inj.apply(spec, plan, ctx), timing.revert_timeout_s)
                         self._journal_narrowed(rec, inj, plan)
+                        if inj.settles:  # "active" says it has taken effect (a SIGSTOP: once stopped)
+                            note = await within(inj.settle(rec.plan or plan, ctx), timing.revert_timeout_s)
+                            if note:
+                                m = m.model_copy(update={"note": f"{m.note}; {note}" if m.note else note})
                         rec.measurements = merge(rec.measurements, m).model_copy(
                             update={"apply_s": round(time.monotonic() - t0, 4)}
                         )

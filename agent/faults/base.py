@@ -82,6 +82,9 @@ class FaultContext:
     """Publish a progress event (e.g. a restart observed) without ending the fault."""
     recovered: bool = False  # True when the runtime reverts from the journal after a restart
     lease_timeout_s: float | None = None  # the experiment's lease (an Inject's); None when reverting
+    ending: Callable[[], bool] = lambda: False
+    """Whether the fault's end has been asked for (a revert, a halt, its deadline): a wait in
+    settle() stops early then, so it never holds up the revert."""
 
 
 class Injector(abc.ABC):
@@ -115,6 +118,15 @@ class Injector(abc.ABC):
         """After a successful apply: the plan narrowed to what the apply did, when that is less
         than planned. The lifecycle journals it in place of the first, so a revert from the
         journal (after a crash) undoes only that. None (the default): the plan stands. Must not raise."""
+        return None
+
+    settles: ClassVar[bool] = False
+    """True when settle() does something: the lifecycle calls it only then."""
+
+    async def settle(self, plan: Plan, ctx: FaultContext) -> str | None:
+        """After the apply, once the journal holds what it did: wait (bounded) until what the
+        apply started has taken effect, returning a note for the "active" event when some of it
+        has not. Returns at once when ctx.ending() turns true. Must not raise."""
         return None
 
     def load_plan(self, raw: dict[str, Any]) -> Plan:

@@ -23,6 +23,7 @@ import random
 import re
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -397,6 +398,7 @@ class ProcessKill(_ProcessInjector):
 
 
 STOPPED = frozenset({psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP})
+GONE = frozenset({psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD})
 
 
 def _stopped_now(target: Target) -> bool:
@@ -416,13 +418,14 @@ STOP_CONFIRM_S = 1.0
 stops when it next runs, one in uninterruptible sleep (D) only when it leaves it."""
 
 
-async def _not_stopped_after(targets: list[Target], timeout_s: float) -> list[Target]:
-    """The targets still running after up to ``timeout_s`` (a process gone meanwhile is done)."""
+async def _not_stopped_after(targets: list[Target], timeout_s: float, ending: Callable[[], bool]) -> list[Target]:
+    """The targets still running after up to ``timeout_s``; a process gone meanwhile (or a
+    zombie: it will never run again) is done. Stops early, with nothing to say, once ``ending()``."""
 
     def running(t: Target) -> bool:
         proc = _same_process(t)
         try:
-            return proc is not None and proc.status() not in STOPPED
+            return proc is not None and proc.status() not in STOPPED | GONE
         except psutil.Error:
             return False
 
@@ -431,9 +434,13 @@ async def _not_stopped_after(targets: list[Target], timeout_s: float) -> list[Ta
     waiting = [t for t in targets if running(t)]
     while waiting and loop.time() < until:
         await asyncio.sleep(delay)
+        if ending():
+            return []
         delay = min(2 * delay, 0.05)
         waiting = [t for t in waiting if running(t)]
     return waiting
+
+
 UNRESUMED_KEEP = 256  # faults whose failed revert left processes stopped, remembered for the hint
 
 
@@ -527,17 +534,24 @@ class ProcessPause(_ProcessInjector):
         if not hit:
             raise _none_hit("stopped", late)
         m = self._measure(plan, hit)
-        update: dict[str, Any] = {"skipped": [*plan.skipped, *late]} if late else {}
-        # "active" says the processes are stopped: the SIGSTOP alone says only that they will be
-        lagging = await _not_stopped_after([t for t in plan.targets if t.pid in stopped], STOP_CONFIRM_S)
-        if lagging:
-            pids = ", ".join(str(t.pid) for t in lagging[:20]) + (" …" if len(lagging) > 20 else "")
-            update["note"] = (
-                f"{len(lagging)} process(es) not stopped {STOP_CONFIRM_S:g} s after their SIGSTOP ({pids}): "
-                "in uninterruptible sleep (they stop when they leave it), or resumed by someone else"
-            )
-            log.warning("fault %s: %s", ctx.fault_id, update["note"])
-        return m.model_copy(update=update) if update else m
+        return m.model_copy(update={"skipped": [*plan.skipped, *late]}) if late else m
+
+    settles = True
+
+    async def settle(self, plan: Plan, ctx: FaultContext) -> str | None:
+        """ "active" says the processes are stopped: their SIGSTOP says only that they will be."""
+        assert isinstance(plan, ProcessPlan)
+        stopped = self._stopped.get(ctx.fault_id, set())
+        lagging = await _not_stopped_after([t for t in plan.targets if t.pid in stopped], STOP_CONFIRM_S, ctx.ending)
+        if not lagging:
+            return None
+        pids = ", ".join(str(t.pid) for t in lagging[:20]) + (" …" if len(lagging) > 20 else "")
+        note = (
+            f"{len(lagging)} process(es) not stopped {STOP_CONFIRM_S:g} s after their SIGSTOP ({pids}): "
+            "in uninterruptible sleep (they stop when they leave it), or resumed by someone else"
+        )
+        log.warning("fault %s: %s", ctx.fault_id, note)
+        return note
 
     def _remember_unresumed(self, fault_id: str, targets: list[Target]) -> None:
         self._unresumed.pop(fault_id, None)

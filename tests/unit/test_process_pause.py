@@ -7,6 +7,7 @@ processes started by the test, each matched by a command line only it has.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -344,27 +345,25 @@ def _pid_of(pidfd: int) -> int:
     return -1
 
 
-async def test_the_apply_returns_only_once_its_processes_are_stopped(tmp_path: Path, victims: Victims) -> None:
+async def test_the_apply_settles_only_once_its_processes_are_stopped(tmp_path: Path, victims: Victims) -> None:
     """Found by a review: "active" went out as soon as the SIGSTOPs were sent, and a victim
-    could still be running when the controller read it. Read at once after the apply, with
-    nothing awaited in between, every victim is stopped."""
+    could still be running when the controller read it. Read at once after the apply and its
+    settle, with nothing awaited in between, every victim is stopped."""
     inj = make_injector(tmp_path)
     procs = victims.start(5, "-confirm")
     c = ctx(inj, "c.0")
     plan = await inj.plan(spec(f"{victims.token}-confirm$"), c)
-    m = await inj.apply(spec(f"{victims.token}-confirm$"), plan, c)
+    await inj.apply(spec(f"{victims.token}-confirm$"), plan, c)
     try:
+        assert await inj.settle(plan, c) is None
         assert [status(p) for p in procs] == [psutil.STATUS_STOPPED] * 5
-        assert m.note is None
     finally:
         await inj.revert(plan, c)
 
 
-async def test_a_process_resumed_right_after_its_sigstop_is_named_in_the_apply(
-    tmp_path: Path, victims: Victims, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A SIGSTOP that has not taken effect within STOP_CONFIRM_S (a process in uninterruptible
-    sleep, or one that someone resumed at once) is said in the apply's measurements."""
+@pytest.fixture
+def resumed_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every SIGSTOP is followed at once by a SIGCONT from "someone else": the target never stops."""
     import agent.faults.process as process
 
     monkeypatch.setattr(process, "STOP_CONFIRM_S", 0.3)
@@ -373,22 +372,67 @@ async def test_a_process_resumed_right_after_its_sigstop_is_named_in_the_apply(
     def stop_then_resume(target: process.Target, signum: int) -> bool:
         sent = real_signal(target, signum)
         if signum == signal.SIGSTOP:
-            os.kill(target.pid, signal.SIGCONT)  # someone else resumes it at once
+            os.kill(target.pid, signal.SIGCONT)
         return sent
 
     monkeypatch.setattr(process, "_signal", stop_then_resume)
+
+
+async def test_a_process_resumed_right_after_its_sigstop_is_named_by_the_settle(
+    tmp_path: Path, victims: Victims, resumed_at_once: None
+) -> None:
+    """A SIGSTOP that has not taken effect within STOP_CONFIRM_S (a process in uninterruptible
+    sleep, or one that someone resumed at once) is said in the "active" event's note."""
     inj = make_injector(tmp_path)
     (proc,) = victims.start(1, "-resumed")
     c = ctx(inj, "r.0")
     plan = await inj.plan(spec(f"{victims.token}-resumed$"), c)
-    started = time.monotonic()
     m = await inj.apply(spec(f"{victims.token}-resumed$"), plan, c)
     try:
+        started = time.monotonic()
+        note = await inj.settle(plan, c)
         assert 0.3 <= time.monotonic() - started < 2.0
-        assert m.note is not None and m.note.startswith(
-            f"1 process(es) not stopped 0.3 s after their SIGSTOP ({proc.pid})"
-        )
+        assert note is not None and note.startswith(f"1 process(es) not stopped 0.3 s after their SIGSTOP ({proc.pid})")
         assert m.hit_pids == [proc.pid]
     finally:
-        monkeypatch.setattr(process, "_signal", real_signal)
         await inj.revert(plan, c)
+
+
+async def test_the_settle_stops_waiting_when_the_fault_ends(
+    tmp_path: Path, victims: Victims, resumed_at_once: None
+) -> None:
+    """From a review: a revert or halt that came during the wait for the stops waited with it."""
+    inj = make_injector(tmp_path)
+    victims.start(1, "-ending")
+    ended = False
+    c = dataclasses.replace(ctx(inj, "e.0"), ending=lambda: ended)
+    plan = await inj.plan(spec(f"{victims.token}-ending$"), c)
+    await inj.apply(spec(f"{victims.token}-ending$"), plan, c)
+    try:
+
+        def end() -> None:
+            nonlocal ended
+            ended = True
+
+        asyncio.get_running_loop().call_later(0.05, end)
+        started = time.monotonic()
+        assert await inj.settle(plan, c) is None
+        assert time.monotonic() - started < 0.2
+    finally:
+        await inj.revert(plan, c)
+
+
+async def test_a_target_that_died_before_its_sigstop_does_not_hold_the_settle(tmp_path: Path, victims: Victims) -> None:
+    """From a review: a zombie counted as "not stopped yet", so the settle waited its whole bound
+    and blamed uninterruptible sleep."""
+    inj = make_injector(tmp_path)
+    (proc,) = victims.start(1, "-zombie")
+    c = ctx(inj, "z.0")
+    plan = await inj.plan(spec(f"{victims.token}-zombie$"), c)
+    proc.kill()  # the test's own child, not reaped: a zombie from here on (the fixture reaps it)
+    await async_wait_until(lambda: status(proc) == psutil.STATUS_ZOMBIE, 5, "the victim to be a zombie")
+    await inj.apply(spec(f"{victims.token}-zombie$"), plan, c)
+    started = time.monotonic()
+    assert await inj.settle(plan, c) is None
+    assert time.monotonic() - started < 0.5
+    await inj.revert(plan, c)
