@@ -9,6 +9,7 @@ known); nothing already injected is touched by a bad command.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections import OrderedDict
@@ -58,14 +59,16 @@ class PodLookups:
     def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
         self._started_at: float | None = None  # monotonic start of the lookup on the thread now
+        self._timed_out: concurrent.futures.Future[Any] | None = None  # the last lookup given up on
 
     async def scoped(self, spec: Any, pods: list[PodRef]) -> Any:
         """The spec scoped to its pod (pod_scoped), or Rejected within POD_LOOKUP_S."""
-        started_at = self._started_at
-        if started_at is not None and time.monotonic() - started_at >= POD_LOOKUP_S:
+        stuck = self._timed_out
+        if stuck is not None and not stuck.done():
+            started_at = self._started_at
+            held = f" for {time.monotonic() - started_at:.0f} s" if started_at is not None else ""
             raise Rejected(
-                f"an earlier pod lookup has not returned for {time.monotonic() - started_at:.0f} s "
-                "(a wedged /proc or cgroup filesystem?); not applied"
+                f"an earlier pod lookup has not returned{held} (a wedged /proc or cgroup filesystem?); not applied"
             )
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pod-lookup")
@@ -73,6 +76,7 @@ class PodLookups:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), POD_LOOKUP_S)
         except TimeoutError:
+            self._timed_out = fut  # running still (or queued behind one that is): the next is refused at once
             raise Rejected(f"locating the pod took longer than {POD_LOOKUP_S:g} s; not applied") from None
 
     def _timed(self, spec: Any, pods: list[PodRef]) -> Any:

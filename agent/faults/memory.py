@@ -213,9 +213,11 @@ class MemoryStress(StressInjector):
             await self._note_exit(running)  # before our own SIGKILL muddles the exit status
             if running.exit_code is None:
                 self._sample(plan, running, ctx)  # the monitor may not have looked for up to 0.5 s
-        running, killed, took_s = await self.stop(plan)
-        if running is not None and running.oom_watch is not None:
-            running.oom_watch.close()
+        try:
+            running, killed, took_s = await self.stop(plan)
+        finally:  # also when the stop fails: a retry tells an OOM kill from the counter alone
+            if running is not None and running.oom_watch is not None:
+                running.oom_watch.close()
         if running is None:
             return Measurements(
                 stressor_pids=killed,
