@@ -46,6 +46,9 @@ MAX_CLOCK_SKEW_S = 300.0
 # Bounded: the command subscription answers one command at a time, and a Revert queued behind
 # a lookup that does not return (a wedged filesystem) must not wait with it.
 POD_LOOKUP_S = 5.0
+PRECHECK_S = 2.0
+"""How long an Inject's precheck (a process fault's selection) may hold its Ack; past it the
+fault is accepted and its plan decides."""
 
 
 class PodLookups:
@@ -317,6 +320,20 @@ class CommandHandler:
                 why = self.capability_notes.get(cap, f"capability {cap} not available on this node")
                 return self._reject(cmd.id, why, cmd)
         ctx = self.make_context(fid, exp, cmd.expires_at, cmd.pods, lease_timeout_s=cmd.lease_timeout_s)
+        if injector.prechecks:
+            halts_before = self.halt_seq
+            try:
+                await asyncio.wait_for(injector.precheck(cmd.spec, ctx), PRECHECK_S)
+            except Rejected as exc:
+                return self._reject(cmd.id, str(exc), cmd)
+            except TimeoutError:
+                log.warning("precheck of %s took longer than %g s: accepted; its plan decides", fid, PRECHECK_S)
+            except Exception:  # advisory: the plan checks the same, and says why
+                log.exception("precheck of %s failed: accepted; its plan decides", fid)
+            if self.halt_seq != halts_before or self.stopping or exp in self.ended_experiments:
+                return self._reject(cmd.id, "halted or aborted while it was being checked; not applied", cmd)
+            if fid in self.faults or fid in self.ended or self.keeps_entry_of(fid):
+                return self._reject(cmd.id, f"fault {fid} was taken or ended while it was being checked")
         try:
             injector.check(cmd.spec, ctx)
         except Rejected as exc:

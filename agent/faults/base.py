@@ -104,6 +104,14 @@ class Injector(abc.ABC):
     def check(self, spec: Any, ctx: FaultContext) -> None:  # noqa: B027 - optional hook
         """Raise Rejected with a reason if this node cannot run spec. Must be fast."""
 
+    prechecks: ClassVar[bool] = False
+    """True when precheck() does something: the command handler awaits it only then."""
+
+    async def precheck(self, spec: Any, ctx: FaultContext) -> None:  # noqa: B027 - optional hook
+        """Before the Ack, read-only and bounded by the caller: raise Rejected when the fault
+        would be refused at its plan as things stand now (a selector that matches nothing), so
+        the two-phase start refuses it before any fault of the experiment is applied anywhere."""
+
     def release(self, ctx: FaultContext) -> None:  # noqa: B027 - optional hook
         """The fault's lifecycle is over, however it ended (reverted, failed before its plan,
         refused at its plan): drop what check() set aside for it. Must not raise."""

@@ -250,6 +250,13 @@ def _none_hit(what: str, skipped: list[SkippedProcess]) -> RuntimeError:
     return RuntimeError(f"no selected process was {what}" + (f": {why}" if why else ": every one was gone"))
 
 
+def _nothing_to_touch(match: ProcessMatch, skipped: list[SkippedProcess]) -> Rejected:
+    shown = ", ".join(f"{s.pid} ({s.reason})" for s in skipped[:10])
+    more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+    why = f"; skipped: {shown}{more}" if skipped else ""
+    return Rejected(f"no process matches {describe(match)} that may be touched{why}")
+
+
 class _ProcessInjector(Injector):
     plan_model = ProcessPlan
     default_all = False
@@ -261,6 +268,15 @@ class _ProcessInjector(Injector):
                 f"match.pid: {spec.match.pid} is protected ({'PID 1' if spec.match.pid == 1 else 'the agent'})"
             )
 
+    prechecks = True
+
+    async def precheck(self, spec: Any, ctx: FaultContext) -> None:
+        """A selector that matches nothing now is refused in the Ack, not at the start."""
+        procs, skipped = await asyncio.to_thread(select, spec.match, ctx)
+        procs, taken = self._exclude(procs, ctx)
+        if not procs:
+            raise _nothing_to_touch(spec.match, skipped + taken)
+
     async def plan(self, spec: Any, ctx: FaultContext) -> ProcessPlan:
         procs, skipped = await asyncio.to_thread(select, spec.match, ctx)
         # From here to the return there is no await: what _exclude() sees and what
@@ -268,10 +284,7 @@ class _ProcessInjector(Injector):
         procs, taken = self._exclude(procs, ctx)
         skipped = skipped + taken
         if not procs:
-            shown = ", ".join(f"{s.pid} ({s.reason})" for s in skipped[:10])
-            more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-            why = f"; skipped: {shown}{more}" if skipped else ""
-            raise Rejected(f"no process matches {describe(spec.match)} that may be touched{why}")
+            raise _nothing_to_touch(spec.match, skipped)
         chosen = _choose(procs, spec.count, spec.percent, self.default_all)
         targets = []
         for p in chosen:
@@ -297,7 +310,7 @@ class _ProcessInjector(Injector):
         n = _how_many(len(procs), spec.count, spec.percent, self.default_all)
         note = None
         if not procs:
-            note = f"no process matches {describe(spec.match)} that may be touched: an Inject now would be refused"
+            note = f"no process matches {describe(spec.match)} that may be touched: the fault would be refused now"
         elif n < len(procs):
             note = f"{n} of the {len(procs)} matches would be hit, picked at random when the fault is applied"
         return PreviewResult(

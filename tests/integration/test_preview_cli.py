@@ -51,7 +51,7 @@ def test_preview_of_a_fault_that_would_hit_nothing_exits_1(
     r = faultline("run", str(path), "--nats", nats_url, "--preview")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "fault 0 on node-a: would hit no process; the run would fail there" in r.stderr
-    assert "an Inject now would be refused" in r.stdout
+    assert "the fault would be refused now" in r.stdout
 
 
 def test_preview_of_network_cpu_and_memory_faults_shows_where_they_would_go(

@@ -990,3 +990,20 @@ def test_the_agent_raises_its_open_files_limit() -> None:
         assert soft == max(256, wanted)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, before)
+
+
+async def test_a_process_fault_that_matches_nothing_now_is_refused_in_its_ack(tmp_path: Path, victims: Victims) -> None:
+    """A new user's review: a fault whose selector matched nothing was accepted, so the two-phase
+    start went ahead and the experiment's other faults were applied (a victim paused) before
+    this one failed at its plan and aborted the run. Now the Ack refuses it, with the plan's reason."""
+    rt, _ = pausing_runtime(tmp_path)
+    (victim,) = victims.start(1, "-present")
+    nothing = decode(await rt.handle_command(encode(pause_of(f"{victims.token}-absent$", "e.7"))), Ack)
+    assert not nothing.accepted
+    assert nothing.reason == f"no process matches {{cmdline='{victims.token}-absent$'}} that may be touched", nothing
+    assert "e.7" not in rt.faults
+    present = pause_of(f"{victims.token}-present$", "e.8").model_copy(update={"await_start": True})
+    assert decode(await rt.handle_command(encode(present)), Ack).accepted
+    assert status(victim) != psutil.STATUS_STOPPED  # waiting for its start: nothing applied
+    rt.faults["e.8"].request_end("test over")
+    await async_wait_until(lambda: "e.8" not in rt.faults, 5, "the waiting fault to end")

@@ -121,7 +121,7 @@ async def test_nothing_matching_is_a_note_and_a_shortfall(tmp_path: Path) -> Non
     await rt.probe()
     ack = await preview(rt, ProcessPauseSpec(match=ProcessMatch(cmdline=f"no-such-{uuid.uuid4().hex}$")))
     assert ack.preview is not None and ack.preview.would_hit == 0
-    assert "an Inject now would be refused" in (ack.preview.note or "")
+    assert "the fault would be refused now" in (ack.preview.note or "")
     previews = [{"fault": 0, "kind": "process-pause", "name": None, "nodes": {"p": ack.preview.model_dump()}}]
     assert preview_shortfalls(previews) == ["fault 0 on p: would hit no process; the run would fail there"]
     assert any("would hit 0 of 0" in line for line in preview_lines(previews))
@@ -232,6 +232,7 @@ async def test_a_slow_preview_holds_up_no_other_command_and_runs_one_at_a_time(t
 
     rt.publish = publish  # type: ignore[method-assign]
     rt.injectors["process-pause"].preview = slow_preview  # type: ignore[method-assign]
+    rt.injectors["process-pause"].prechecks = False  # type: ignore[misc]  # pid 424242 matches nothing
     spec = ProcessPauseSpec(match=ProcessMatch(pid=424242))
     await rt._on_cmd(Msg(encode(Preview(spec=spec, expires_at=time.time() + 30)), "r.preview"))
     await rt._on_cmd(Msg(encode(Preview(spec=spec, expires_at=time.time() + 30)), "r.preview2"))
