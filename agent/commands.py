@@ -172,6 +172,25 @@ class CommandHandler:
             lease_timeout_s: float | None = None,
         ) -> FaultContext: ...
 
+    async def _precheck(self, injector: Injector, cmd: Inject, ctx: FaultContext) -> Ack | None:
+        """The injector's precheck before the Ack (a process fault's selection): the refusal to
+        send, or None to accept. Advisory past PRECHECK_S or on an error: the plan decides."""
+        fid, exp, halts_before = cmd.fault_id, cmd.experiment_id, self.halt_seq
+        try:
+            await asyncio.wait_for(injector.precheck(cmd.spec, ctx), PRECHECK_S)
+        except Rejected as exc:
+            return self._reject(cmd.id, str(exc), cmd)
+        except TimeoutError:
+            log.warning("precheck of %s took longer than %g s: accepted; its plan decides", fid, PRECHECK_S)
+        except Exception:
+            log.exception("precheck of %s failed: accepted; its plan decides", fid)
+        # a halt, an abort or a stop may have come in meanwhile, or the same fault id again
+        if self.halt_seq != halts_before or self.stopping or exp in self.ended_experiments:
+            return self._reject(cmd.id, "halted or aborted while it was being checked; not applied", cmd)
+        if fid in self.faults or fid in self.ended or self.keeps_entry_of(fid):
+            return self._reject(cmd.id, f"fault {fid} was taken or ended while it was being checked")
+        return None
+
     async def handle_command(self, data: bytes, preview_only: bool = False) -> bytes:
         """Decode and act on one command; returns the encoded Ack. Never raises. ``preview_only``:
         it came in looking like a Preview and is answered beside the other commands, not in turn."""
@@ -320,20 +339,6 @@ class CommandHandler:
                 why = self.capability_notes.get(cap, f"capability {cap} not available on this node")
                 return self._reject(cmd.id, why, cmd)
         ctx = self.make_context(fid, exp, cmd.expires_at, cmd.pods, lease_timeout_s=cmd.lease_timeout_s)
-        if injector.prechecks:
-            halts_before = self.halt_seq
-            try:
-                await asyncio.wait_for(injector.precheck(cmd.spec, ctx), PRECHECK_S)
-            except Rejected as exc:
-                return self._reject(cmd.id, str(exc), cmd)
-            except TimeoutError:
-                log.warning("precheck of %s took longer than %g s: accepted; its plan decides", fid, PRECHECK_S)
-            except Exception:  # advisory: the plan checks the same, and says why
-                log.exception("precheck of %s failed: accepted; its plan decides", fid)
-            if self.halt_seq != halts_before or self.stopping or exp in self.ended_experiments:
-                return self._reject(cmd.id, "halted or aborted while it was being checked; not applied", cmd)
-            if fid in self.faults or fid in self.ended or self.keeps_entry_of(fid):
-                return self._reject(cmd.id, f"fault {fid} was taken or ended while it was being checked")
         try:
             injector.check(cmd.spec, ctx)
         except Rejected as exc:
@@ -341,6 +346,9 @@ class CommandHandler:
         except Exception as exc:
             log.exception("check of %s failed", fid)
             return self._reject(cmd.id, f"check failed: {exc}", cmd)
+        if injector.prechecks and (refused := await self._precheck(injector, cmd, ctx)) is not None:
+            injector.release(ctx)  # what check() set aside
+            return refused
         # The Ack says "accepted" at once, with no I/O on its path; the lifecycle journals the
         # plan before it touches anything (invariant 4). A crash in between leaves nothing applied.
         rec = FaultRecord(

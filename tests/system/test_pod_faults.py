@@ -131,5 +131,5 @@ async def test_pod_not_on_this_node_is_rejected_with_the_reason(node: Node, nc, 
             assert not ack.accepted  # netem missing here, or the pod: either way a reason
         elif spec["kind"] == "cpu":
             assert not ack.accepted and "ghost-0" in (ack.reason or ""), ack.reason
-        else:
-            assert ack.accepted  # process selection happens after the ack: the fault fails with the reason
+        else:  # its selection, before the Ack, finds nothing of the pod here
+            assert not ack.accepted and ack.reason, ack

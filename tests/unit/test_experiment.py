@@ -248,7 +248,11 @@ def test_a_lease_shorter_than_a_second_is_refused_with_the_reason(lease: str) ->
         "apiVersion": "faultline/v1",
         "kind": "Experiment",
         "metadata": {"name": "t"},
-        "spec": {"duration": "5s", "faults": [{"kind": "process-pause", "match": {"pid": 2}}], "abort": {"leaseTimeout": lease}},
+        "spec": {
+            "duration": "5s",
+            "faults": [{"kind": "process-pause", "match": {"pid": 2}}],
+            "abort": {"leaseTimeout": lease},
+        },
     }
     with pytest.raises(ExperimentError) as refused:
         parse_experiment(doc)
