@@ -141,7 +141,7 @@ class Lifecycle:
         if not rec.ended.is_set():
             rec.set_state("injecting")
         else:
-            rec.end_reason = f"{rec.end_reason or 'ended'} before its start: nothing was applied"
+            rec.end_reason = f"{rec.end_reason or 'ended'}; it ended before its start: nothing was applied"
             if rec.end_state == "expired":
                 # it never ran: for the experiment that is a fault that failed, not one that expired
                 rec.end_state = "failed"
@@ -219,7 +219,9 @@ class Lifecycle:
                     rec.end_reason,
                 )
                 written.cancel()  # runs nothing if still queued; a write in progress finishes
-                rec.end_reason = f"{rec.end_reason or 'ended'} before its journal write returned: nothing was applied"
+                rec.end_reason = (
+                    f"{rec.end_reason or 'ended'}; it ended before its journal write returned: nothing was applied"
+                )
                 if rec.end_state == "expired":
                     rec.end_state = "failed"  # it never ran (as a fault ended before its start)
                 return False

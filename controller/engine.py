@@ -320,7 +320,10 @@ class ExperimentRunner(Starting, Ending):
         elif state == "reverted" and changed and not self.aborted and not self._finishing:
             # Nobody here asked for it (halt, lease lapse, an agent stopping): the experiment is not what was planned.
             gap_s = self._controller_lapsed_s() if (reason or "").startswith("lease lapsed") else None
-            if gap_s is not None:
+            if (reason or "").startswith("halt: "):
+                # `faultline halt`: someone asked every agent to revert; no agent did anything wrong
+                self.abort(f"halted: agent {track.node} reverted {track.fault_id} ({reason})")
+            elif gap_s is not None:
                 # this controller stopped renewing the lease, not the agent doing anything wrong
                 self.abort(
                     f"this controller renewed no lease for {gap_s:.1f}s (leaseTimeout "

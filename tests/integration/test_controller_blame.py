@@ -25,8 +25,8 @@ from controller.experiment import Experiment, parse_experiment
 from controller.fleet import Fleet
 from controller.report import render_text
 from proto.codec import decode, encode
-from proto.messages import Ack, Revert
-from proto.subjects import exp_control
+from proto.messages import Ack, Halt, Revert
+from proto.subjects import HALT, exp_control
 from tests.conftest import REPO, AgentProcess, Victims, async_wait_until, status
 
 pytestmark = pytest.mark.integration
@@ -229,3 +229,27 @@ async def test_abort_does_not_wait_for_a_target_that_left_cleanly(
     assert {f.node: f.state for f in report.faults} == {"node-a": "reverted", "node-b": "reverted"}, report.faults
     await async_wait_until(lambda: status(victim_b) != psutil.STATUS_STOPPED, 5, "node-b's victim to resume")
     assert b.settled_journal() == []
+
+
+async def test_a_halt_aborts_the_run_and_blames_no_agent(
+    nc: Any, fleet: Fleet, agent_factory: Callable[..., AgentProcess], victims: Victims
+) -> None:
+    """A new user's review: `faultline halt` during a run aborted it with "[agent n1]" in the
+    report, as if the agent had misbehaved. The abort says it was halted, and names no agent."""
+    agent_factory("node-a")
+    (victim,) = victims.start(1)
+    await fleet.wait_for(["node-a"], 10)
+    exp = experiment(["node-a"], {"pid": victim.pid}, duration="30s", heartbeat_timeout="3s", lease_timeout="5s")
+    runner = ExperimentRunner(nc, fleet, exp, progress=lambda _line: None)
+    run = asyncio.ensure_future(runner.run())
+    try:
+        await active_everywhere(runner, ["node-a"])
+        await nc.publish(HALT, encode(Halt(reason="incident 42", issued_by="pytest")))
+        report = await asyncio.wait_for(asyncio.shield(run), 20)
+    finally:
+        await settled(run, runner)
+    assert report.outcome == "aborted" and report.abort is not None, report
+    assert report.abort.node is None, report.abort
+    assert report.abort.reason.startswith("halted: agent node-a reverted "), report.abort.reason
+    assert "halt: incident 42 (by pytest)" in report.abort.reason, report.abort.reason
+    await async_wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 5, "the victim to resume")

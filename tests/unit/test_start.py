@@ -283,8 +283,8 @@ async def test_a_start_after_the_deadline_or_after_the_experiment_ended_starts_n
         assert inj.planned == [] and inj.applied == []
         assert runtime.ended["e.0"] == "failed" and runtime.ended["e.1"] == "reverted"
         reasons = {e.fault_id: e.reason or "" for e in events}
-        assert reasons["e.0"].startswith("deadline reached before its start"), reasons
-        assert reasons["e.1"].startswith("experiment e lease lapsed before its start"), reasons
+        assert reasons["e.0"].startswith("deadline reached; it ended before its start"), reasons
+        assert reasons["e.1"].startswith("experiment e lease lapsed; it ended before its start"), reasons
     finally:
         await settle(runtime)
 
