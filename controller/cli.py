@@ -23,6 +23,7 @@ from typing import Any
 import uvloop
 
 from controller import console
+from controller.aborting import cmd_abort
 from controller.console import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from controller.console import err as _err
 from controller.console import out as _out
@@ -30,7 +31,7 @@ from controller.dispatch import ConnectError, close, connect, with_tls
 from controller.engine import ExperimentRunner
 from controller.experiment import Experiment, ExperimentError, json_schema_text, load_experiment
 from controller.fleet import Fleet
-from controller.fleet_commands import cmd_abort, cmd_agents, cmd_experiments, cmd_halt
+from controller.fleet_commands import cmd_agents, cmd_experiments, cmd_halt
 from controller.halting import HALT_WAIT_HELP
 from controller.local import LocalEnvironment, LocalModeError, local_state_dir
 from controller.preview import preview_faults, preview_lines, preview_shortfalls
@@ -527,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--reason", default="aborted from the command line", help="logged by every agent and in the run's report"
     )
     nats_opt(ab, local=False)
+    output_opt(ab)
     h = sub.add_parser(
         "halt",
         help="every agent reverts everything now; waits until each agent seen confirms it holds nothing",

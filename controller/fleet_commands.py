@@ -5,22 +5,19 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import logging
 import re
 import socket
 import time
 from typing import Any
 
-from controller.console import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from controller.console import EXIT_BAD_INPUT, EXIT_OK
 from controller.console import err as _err
 from controller.console import out as _out
-from controller.dispatch import ConnectError, close, connect, revert_experiment, with_tls
+from controller.dispatch import ConnectError, close, connect, with_tls
 from controller.fleet import JOURNAL_ISSUES_HELP, Fleet, NodeView, duplicate_line, journal_issue_lines
-from controller.halting import HALT_WAIT_S, halt_and_confirm, wait_bound_s
-from proto.codec import DecodeError, decode, encode
-from proto.messages import Ack, Revert
+from controller.halting import halt_and_confirm
 from proto.natsurl import DEFAULT_NATS_URL, NatsTarget, NatsUrlError, configured, default_target, redacted
-from proto.subjects import exp_control, safe_token
+from proto.subjects import safe_token
 
 
 async def _with_fleet(target: NatsTarget) -> tuple[Any, Fleet]:
@@ -247,119 +244,6 @@ def fitted_reason(text: str, suffix: str = "") -> str:
 
 
 EXPERIMENT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-async def cmd_abort(args: argparse.Namespace) -> int:
-    try:
-        target = _fleet_target(args)
-    except NatsUrlError as exc:
-        return _bad_url(args, exc)
-    exp_id = args.experiment_id
-    if not EXPERIMENT_ID.match(exp_id):
-        _err(
-            f"faultline: {exp_id!r} is not an experiment id: 1-64 letters, digits, '_' or '-', "
-            "as `faultline run` prints it (running <id>; abort it ...)"
-        )
-        return EXIT_BAD_INPUT
-    reason = fitted_reason(args.reason, f" (by {_issuer()})")
-    try:
-        nc, fleet = await _with_fleet(target)
-    except ConnectError as exc:
-        return _connect_failed(args, target, exc)
-    try:
-        cmd = Revert(experiment_id=exp_id, reason=reason, expires_at=time.time() + 30.0)
-        sent_mono = time.monotonic()
-        try:
-            msg = await nc.request(exp_control(exp_id), encode(cmd), timeout=2.0)
-            ack = decode(msg.data, Ack)
-            if ack.accepted:
-                _out(f"experiment {exp_id}: abort requested; its controller is reverting on every target")
-                await fleet.gather()
-                return await _confirm_aborted(fleet, exp_id, sent_mono, ack.targets or [])
-            _err(f"experiment {exp_id}: the controller refused: {ack.reason}")
-        except (DecodeError, TimeoutError, Exception) as exc:  # no responder, timeout: fall back to the agents
-            logging.getLogger(__name__).debug("control request: %r", exc)
-        # No controller answers (it died, or runs elsewhere): revert directly on every agent holding its faults.
-        views = await fleet.gather()
-        holders = sorted(n for n, v in views.items() if _holds(v, exp_id))
-        if not holders:
-            _err(f"unknown experiment id {exp_id}: no controller runs it and no agent holds its faults")
-            return EXIT_BAD_INPUT
-        sent_mono = time.monotonic()
-        results = await revert_experiment(nc, holders, exp_id, reason)  # the agents say "requested: "
-        failed = [n for n, (a, _why) in results.items() if a is None]
-        for n, (a, why) in sorted(results.items()):
-            _out(f"{n}: " + ("revert requested (accepted)" if a is not None else f"no answer ({why})"))
-        confirmed = await _confirm_aborted(fleet, exp_id, sent_mono)
-        return EXIT_FAILED if failed else confirmed
-    finally:
-        await fleet.stop()
-        await close(nc)
-
-
-def _holds(view: NodeView, exp_id: str) -> bool:
-    """The agent's latest heartbeat lists a fault of the experiment, or a journal entry of it
-    kept unreverted."""
-    hb = view.heartbeat
-    return any(f.experiment_id == exp_id for f in hb.faults) or any(
-        i.experiment_id == exp_id for i in hb.journal_issues
-    )
-
-
-ABORT_UNSEEN_NOTE = (
-    "  (an agent that sends no heartbeat, frozen or cut off from NATS, is not seen: it reverts on its own when "
-    "the experiment's lease lapses, once it runs again)"
-)
-
-
-async def _confirm_aborted(fleet: Fleet, exp_id: str, sent_mono: float, targets: list[str] | None = None) -> int:
-    """An abort is done when no agent's heartbeat, sent after it, lists the experiment's faults:
-    an acknowledgement says only that the revert was asked for (a frozen agent acknowledges
-    nothing, and one that answers reverts afterwards). ``targets``: the nodes the experiment's
-    controller named; each must be heard from. Waits as `faultline halt` does."""
-    views = fleet.nodes()
-    wait_s = wait_bound_s(views) if views else HALT_WAIT_S
-    # who must answer: what held its faults when the abort began, and every target its controller named
-    held = {n for n, v in views.items() if _holds(v, exp_id)} | set(targets or [])
-
-    def left() -> list[str]:
-        nodes = fleet.nodes()
-        return sorted(
-            {n for n, v in nodes.items() if _holds(v, exp_id)}
-            | {n for n in held if n not in nodes or nodes[n].last_seen_monotonic <= sent_mono}
-        )
-
-    _err(f"confirming from heartbeats (up to {wait_s:g}s) that no agent holds its faults ...")
-    # counted from now, not from the abort: the request and the gather before took part of it
-    await fleet.wait_until(lambda: not left(), wait_s)
-    remaining = left()
-    now = time.monotonic()
-    if not remaining:
-        _out(f"experiment {exp_id}: abort confirmed: no agent seen holds any of its faults")
-        _out(ABORT_UNSEEN_NOTE)
-        return EXIT_OK
-    for n in remaining:
-        view = fleet.nodes().get(n)
-        if view is None:
-            _out(
-                f"{n}: NOT CONFIRMED: a target that sent no heartbeat at all (frozen, cut off from NATS, or not "
-                "running): its faults end when the experiment's lease lapses, once the agent runs again"
-            )
-            continue
-        hb = view.heartbeat
-        faults = [f.fault_id for f in hb.faults if f.experiment_id == exp_id]
-        kept = [i.entry for i in hb.journal_issues if i.experiment_id == exp_id]
-        if view.last_seen_monotonic <= sent_mono:
-            _out(
-                f"{n}: NOT CONFIRMED: no heartbeat since the abort (last one {now - view.last_seen_monotonic:.1f}s "
-                f"ago; frozen or cut off?); it last listed {', '.join(faults) or 'none of its faults'}: they end "
-                "when the experiment's lease lapses, once the agent runs again"
-            )
-        elif faults:
-            _out(f"{n}: NOT CONFIRMED: still holds {', '.join(faults)} {wait_s:g}s after the abort")
-        else:
-            _out(f"{n}: NOT CONFIRMED: revert failed, journal entry kept: {', '.join(kept)} ({JOURNAL_ISSUES_HELP})")
-    return EXIT_FAILED
 
 
 async def cmd_halt(args: argparse.Namespace) -> int:

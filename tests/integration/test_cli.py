@@ -867,8 +867,17 @@ def test_abort_from_another_process(
     run = running("run", str(path), "--nats", nats_url, "-o", "json")
     exp_id = run.experiment_id()
     wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
-    r = faultline("abort", exp_id, "--nats", nats_url, "--reason", "enough")
+    r = faultline("abort", exp_id, "--nats", nats_url, "--reason", "enough", "-o", "json")
     assert r.returncode == 0, r.stderr
+    done = json.loads(r.stdout)  # the lines go to stderr, the result to stdout
+    assert (done["outcome"], done["via"], done["targets"], done["exit_code"]) == (
+        "confirmed",
+        "controller",
+        ["node-a"],
+        0,
+    )
+    assert done["not_confirmed"] == [] and done["experiment_id"] == exp_id, done
+    assert "abort requested; its controller is reverting" in r.stderr
     assert run.wait(15) == 1
     report = json.loads(run.stdout())
     assert report["outcome"] == "aborted" and report["abort"]["reason"].startswith("enough (by "), report["abort"]
@@ -912,10 +921,14 @@ def test_abort_is_not_confirmed_while_a_target_still_holds_the_fault(
         tmp_path, nats_url, agent_factory, victims, running, "60s"
     )
     try:
-        r = faultline("abort", exp_id, "--nats", nats_url)
-        assert r.returncode == 1, r.stdout + r.stderr
-        assert "node-a: NOT CONFIRMED: a target that sent no heartbeat at all" in r.stdout, r.stdout
-        assert "abort requested; its controller is reverting" in r.stdout
+        j = faultline("abort", exp_id, "--nats", nats_url, "-o", "json")
+        assert j.returncode == 1, j.stdout + j.stderr
+        # the text lines, on stderr under -o json
+        assert "node-a: NOT CONFIRMED: a target that sent no heartbeat at all" in j.stderr, j.stderr
+        assert "abort requested; its controller is reverting" in j.stderr
+        held = json.loads(j.stdout)
+        assert held["outcome"] == "not-confirmed" and held["exit_code"] == 1, held
+        assert [(n["node"], n["result"]) for n in held["not_confirmed"]] == [("node-a", "never-seen")], held
     finally:
         agent.signal(signal.SIGCONT)
     wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 10, "the victim to resume once its agent runs")
@@ -972,7 +985,11 @@ def test_experiments_with_no_agent_says_so(nats_url: str) -> None:
 def test_abort_unknown_experiment(nats_url: str, agent_factory: Callable[..., AgentProcess]) -> None:
     agent_factory("node-a")
     r = faultline("abort", "no-such-exp-123456", "--nats", nats_url)
-    assert r.returncode == 2 and "unknown experiment id" in r.stderr
+    assert r.returncode == 2 and "faultline: unknown experiment id" in r.stderr
+    j = faultline("abort", "no-such-exp-123456", "--nats", nats_url, "-o", "json")
+    assert j.returncode == 2 and json.loads(j.stdout)["outcome"] == "unknown-experiment", j.stdout
+    bad = faultline("abort", "not an id", "--nats", nats_url, "-o", "json")
+    assert bad.returncode == 2 and json.loads(bad.stdout)["stage"] == "experiment-id", bad.stdout
 
 
 def test_halt(
