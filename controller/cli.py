@@ -196,8 +196,12 @@ async def _run_experiment(
         )
     if args.dry_run or args.preview:
         previews = await preview_faults(nc, fleet, list(exp.spec.faults), plan) if args.preview else None
+        short = preview_shortfalls(previews or [])
         data = {
-            "experiment": exp.metadata.name,
+            "outcome": "preview" if args.preview else "dry-run",
+            "name": exp.metadata.name,
+            "experiment": exp.metadata.name,  # as before "name" was added, for scripts that read it
+            "exit_code": EXIT_FAILED if short else EXIT_OK,
             "targets": plan.targets,
             # every key, null when unset: scripts read a stable shape
             "faults": [f.model_dump(mode="json", by_alias=True) for f in exp.spec.faults],
@@ -206,7 +210,6 @@ async def _run_experiment(
             "preview": previews,
         }
         data.update(local() if local else LocalEnvironment.absent_json())
-        short = preview_shortfalls(previews or [])
         if args.output == "json":
             _out(json.dumps(data, indent=2))
         else:
@@ -227,6 +230,8 @@ async def _run_experiment(
     say(
         f"running {runner.experiment_id}; abort it from elsewhere with: {abort_command(runner.experiment_id, url)}{tls}"
     )
+    for note in plan.notes:  # before anything is sent, not only in the report
+        say(f"note: {note}")
     signals = _signals_abort(runner)
     try:
         # the handlers stay until the report is out: a Ctrl-C just after the run ends is counted,

@@ -170,6 +170,11 @@ class ExperimentRunner(Starting, Ending):
         else:
             targets = select_nodes(self.fleet.labels(), spec.targets, self.rng)
             matching = matching_nodes(self.fleet.labels(), spec.targets)
+            if not spec.targets.nodes and not spec.targets.labels:
+                notes.append(
+                    f"spec.targets names no nodes and no labels: every agent of the fleet is a candidate "
+                    f"({len(matching)} seen)"
+                )
             if len(targets) < len(matching):
                 notes.append(
                     f"{len(targets)} of {len(matching)} matching node(s) picked at random (mode "

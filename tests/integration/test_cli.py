@@ -600,7 +600,10 @@ def test_run_example_against_a_real_agent(
     plan = json.loads(dry.stdout)
     assert plan["targets"] == ["node-a"]
     local_keys = {"local_recovery", "local_journal_issues", "local_journal_issues_total", "local_agent_restarts"}
-    assert set(plan) == {"experiment", "targets", "faults", "pods", "notes", "preview", *local_keys}
+    assert set(plan) == {
+        "outcome", "name", "experiment", "exit_code", "targets", "faults", "pods", "notes", "preview", *local_keys
+    }  # fmt: skip
+    assert (plan["outcome"], plan["name"], plan["exit_code"]) == ("dry-run", "zone-outage", 0), plan
     assert all(plan[k] is None for k in local_keys)  # one shape for scripts: null against a fleet
     assert plan["preview"] is None  # asked for with --preview only: a dry run sends nothing
     # every field of the fault, null when the file leaves it out

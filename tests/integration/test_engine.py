@@ -560,3 +560,15 @@ async def test_an_agent_answering_in_an_older_schema_mid_run_aborts(nc: Any, fle
     assert "cannot wait for the start" in report.abort.reason
     assert a.applied == [], "n1 started although n2 could not take part in the start"
     assert b.held == {} and a.waiting == {}
+
+
+async def test_a_file_without_nodes_or_labels_says_it_targets_the_whole_fleet(
+    nc: Any, fleet: Fleet, agents: Any
+) -> None:
+    """A new user's review: leaving out targets means every agent, said nowhere before the run."""
+    await agents("n1")
+    await agents("n2")
+    await fleet.wait_for(["n1", "n2"], 5)
+    plan = await ExperimentRunner(nc, fleet, experiment("1s"), progress=lambda _line: None).plan()
+    assert plan.targets == ["n1", "n2"]
+    assert "spec.targets names no nodes and no labels: every agent of the fleet is a candidate (2 seen)" in plan.notes
