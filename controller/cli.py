@@ -227,7 +227,8 @@ async def _run_experiment(
         for line in short:
             _err(f"faultline: {line}")
         return EXIT_FAILED if short else EXIT_OK
-    say(
+    # also under --quiet: the id is what `faultline abort` needs
+    _err(
         f"running {runner.experiment_id}; abort it from elsewhere with: {abort_command(runner.experiment_id, url)}{tls}"
     )
     for note in plan.notes:  # before anything is sent, not only in the report
@@ -486,7 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the file targets nodes, labels or pods: they are replaced by this machine. Without NATS configured, "
         "a file that targets nodes, labels or pods is refused unless --local is given",
     )
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    r.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress lines on stderr (the experiment id line stays)"
+    )
     a = sub.add_parser(
         "agents",
         help="list the agents that send heartbeats",
