@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from proto.messages import Measurements
+from proto.messages import TERMINAL_STATES, Measurements
 
 Outcome = Literal["completed", "aborted", "failed"]
 
@@ -155,10 +155,15 @@ def render_text(report: Report) -> str:
                     _rel(f.acked_at, start) if f.accepted is not False else "rejected",
                     _rel(f.active_at, start),
                     _rel(f.ended_at, start),
-                    f.state,
+                    f.state if f.state in TERMINAL_STATES else f"{f.state}?",
                 ]
             )
         lines.extend(_table(rows))
+        if any(f.state not in TERMINAL_STATES for f in report.faults):
+            lines.append(
+                "(STATE with ?: the last state heard; its end was not confirmed. The agents revert what is left "
+                "when the experiment's lease lapses; `faultline experiments` shows what still holds)"
+            )
         details = []
         for f in report.faults:
             reason = f.reason or f.ack_reason

@@ -97,3 +97,15 @@ def test_json_carries_the_same_data() -> None:
 
 def test_no_faults() -> None:
     assert "no faults were dispatched" in render_text(report(faults=[]))
+
+
+def test_a_state_whose_end_was_not_confirmed_is_marked_and_explained() -> None:
+    """A new user's review: after a second Ctrl-C the report said "active" for a fault whose
+    victim had already resumed; the controller had stopped listening. The state is the last heard."""
+    r = report(outcome="aborted", abort=AbortInfo(reason="interrupted twice (SIGINT)", at=T0 + 4.0))
+    unconfirmed = r.faults[0].model_copy(update={"state": "active", "ended_at": None})
+    text = render_text(r.model_copy(update={"faults": [unconfirmed, r.faults[1]]}))
+    (row,) = [line for line in text.splitlines() if line.startswith("node-a")]
+    assert row.endswith("active?"), row
+    assert "STATE with ?: the last state heard; its end was not confirmed" in text
+    assert "STATE with ?" not in render_text(report())
