@@ -16,6 +16,7 @@ import os
 import shlex
 import signal
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -410,12 +411,40 @@ def _positive_int(text: str) -> int:
     return n
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs: plain lines are wrapped to the terminal's width; indented lines
+    (examples, tables) are kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out: list[str] = []
+        paragraph: list[str] = []
+
+        def flush() -> None:
+            if paragraph:
+                joined = " ".join(paragraph)
+                out.extend(
+                    textwrap.wrap(
+                        joined, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
+                    )
+                )
+                paragraph.clear()
+
+        for line in text.splitlines():
+            if not line.strip() or line.startswith((" ", "\t")) or line.rstrip().endswith(":"):
+                flush()
+                out.append(indent + line)
+            else:
+                paragraph.append(line.strip())
+        flush()
+        return "\n".join(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="faultline",
         description="faultline: event-driven chaos experiments over NATS, with agents on every node.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Help,
     )
     p.add_argument("--version", action="version", version=f"faultline {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
@@ -447,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     def output_opt(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("-o", "--output", choices=["text", "json"], default="text", help="result format")
 
-    raw = argparse.RawDescriptionHelpFormatter
+    raw = _Help
     d = sub.add_parser(
         "demo",
         help="run a short experiment on this machine, against its own processes",
@@ -455,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
         "of its own (nothing else on the machine is touched), run a short experiment against them (pause, then "
         "kill with watchRestart) with live progress, print the report and tear everything down. Exit 0 when "
         "it all went as expected.",
+        epilog="examples:\n  faultline demo\n  faultline demo -o json | jq .outcome",
+        formatter_class=raw,
     )
     output_opt(d)
     r = sub.add_parser(
@@ -541,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
         "halt",
         help="every agent reverts everything now; waits until each agent seen confirms it holds nothing",
         description=HALT_WAIT_HELP,
+        epilog="examples:\n  faultline halt --nats nats://10.0.0.5:4222 --reason 'incident 42'\n"
+        "  faultline halt --nats nats://10.0.0.5:4222 --expect-agents 40 -o json   # the DaemonSet's 40 nodes",
+        formatter_class=raw,
     )
     h.add_argument("--reason", default="halt from the command line", help="logged by every agent and reported")
     h.add_argument(
@@ -594,7 +628,11 @@ SYNC_COMMANDS = {"validate": cmd_validate, "schema": cmd_schema}
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_help(sys.stderr)  # the commands, rather than "the following arguments are required"
+        sys.exit(EXIT_BAD_INPUT)
+    args = parser.parse_args(argv)
     # from here on, a Ctrl-C before a run's own handling is KeyboardInterrupt, answered below
     # (with JSON under -o json); controller.entry's quiet exit covered the loading until now
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -85,8 +85,9 @@ async def connect(
         )
     )
     gave_up = asyncio.ensure_future(fatal.wait())
+    bound_s = connect_timeout_s * 2 + 1
     try:
-        await asyncio.wait({attempt, gave_up}, timeout=connect_timeout_s * 2 + 1, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({attempt, gave_up}, timeout=bound_s, return_when=asyncio.FIRST_COMPLETED)
         if not attempt.done():
             attempt.cancel()
             with contextlib.suppress(BaseException):
@@ -95,7 +96,7 @@ async def connect(
                 await asyncio.wait_for(nc.close(), 1.0)
             if fatal.is_set():
                 raise ConnectError(f"cannot connect to NATS at {redacted(url)}: {redacted(_tls_why(seen[-1]))}")
-            raise TimeoutError("no connection within the timeout")
+            raise TimeoutError(f"no connection within {bound_s:g} s")
         attempt.result()
         return nc
     except ConnectError:

@@ -85,6 +85,8 @@ def _check_one(url: str) -> str:
     parts = urlsplit(url)
     if not parts.hostname or parts.hostname == "none":  # nats-py refuses the host "none" too
         raise ValueError(f"no host in {url}")
+    if any(c.isspace() for c in parts.netloc):
+        raise ValueError(f"{parts.hostname!r} has white space in it; several servers are comma-separated")
     try:
         parts.port  # noqa: B018 - urlsplit parses the port lazily; this raises on a bad one
     except ValueError:

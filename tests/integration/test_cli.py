@@ -148,13 +148,14 @@ def test_help_teaches_with_examples() -> None:
 
 
 @pytest.mark.parametrize("command", ["run", "agents", "experiments", "abort", "halt", "validate", "schema", "demo"])
-def test_every_command_s_help_says_what_it_does_and_most_show_examples(command: str) -> None:
+def test_every_command_s_help_says_what_it_does_and_shows_examples(command: str) -> None:
     r = faultline(command, "--help")
     assert r.returncode == 0, r.stderr
     usage, _, rest = r.stdout.partition("\n\n")
     assert rest.strip() and not rest.lstrip().startswith(("positional arguments", "options")), r.stdout
-    if command not in ("demo", "halt"):
-        assert "examples:" in r.stdout, r.stdout
+    assert "examples:" in r.stdout, r.stdout
+    assert "%%" not in r.stdout, r.stdout
+    assert max(len(line) for line in r.stdout.splitlines()) <= 120, r.stdout  # wrapped, examples aside
     assert "help message and exit" in r.stdout and "--reason" not in r.stdout or "logged by" in r.stdout
 
 
@@ -1211,3 +1212,10 @@ def test_a_ctrl_c_while_the_cli_starts_exits_130_without_a_traceback(after_s: fl
     assert proc.returncode == 130, err
     assert "Traceback" not in err, err
     assert "interrupted" in err or "while starting: exited, nothing sent" in err, err
+
+
+def test_faultline_alone_prints_its_commands() -> None:
+    """A new user's review: `faultline` with no command gave only argparse's "required" error."""
+    r = faultline()
+    assert r.returncode == 2
+    assert "COMMAND" in r.stderr and "demo" in r.stderr and "getting started:" in r.stderr, r.stderr

@@ -40,6 +40,8 @@ def test_accepted(given: str, servers: list[str]) -> None:
         ("nats://a:1,,nats://b:1", "an empty entry"),
         ("nats://none:4222", "no host in nats://none:4222"),
         ("h/path", "neither a URL with a scheme nor HOST[:PORT]"),
+        ("foo bar", "'foo bar' has white space in it; several servers are comma-separated"),
+        ("nats://a b:4222", "has white space in it"),
     ],
 )
 def test_refused_with_the_reason(given: str, why: str) -> None:
