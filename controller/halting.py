@@ -67,7 +67,8 @@ class HaltNode(_Model):
     journal_issues_total: int
     heartbeat_after_halt_s: float | None
     """When its last heartbeat arrived, seconds after the halt was sent; None: none arrived since."""
-    last_seen_s: float
+    last_seen_s: float | None
+    """None: never seen (an --expect node that sent no heartbeat)."""
 
 
 class HaltReport(_Model):
@@ -262,7 +263,7 @@ def never_seen(node: str) -> HaltNode:
         journal_issues=[],
         journal_issues_total=0,
         heartbeat_after_halt_s=None,
-        last_seen_s=-1.0,
+        last_seen_s=None,
     )
 
 

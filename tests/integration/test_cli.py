@@ -1067,6 +1067,7 @@ def test_halt_is_not_clear_while_an_expected_agent_is_frozen(
         result = json.loads(named.stdout)
         assert result["outcome"] == "not-clear" and result["expected_nodes"] == ["node-a", "node_b"]
         assert {n["node"]: n["result"] for n in result["nodes"]} == {"node-a": "never-seen", "node_b": "clear"}
+        assert {n["node"]: n["last_seen_s"] is None for n in result["nodes"]} == {"node-a": True, "node_b": False}
 
         counted = faultline("halt", "--nats", nats_url, "--expect-agents", "2")
         assert counted.returncode == 1, counted.stdout + counted.stderr
