@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -84,17 +85,30 @@ times: exit at once (130), no report.
 # --- validate / schema
 
 
+_FIELD_ERROR = re.compile(r"^([A-Za-z_][\w.\[\]-]*): (.+)$")
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     code = EXIT_OK
+    files: list[dict[str, Any]] = []
     for path in args.files:
         try:
             exp = load_experiment(path)
         except ExperimentError as exc:
             _err(f"{path}: invalid experiment file:\n" + _indent(str(exc)))
             code = EXIT_BAD_INPUT
+            errors = []
+            for line in str(exc).splitlines():
+                m = _FIELD_ERROR.match(line.strip())
+                errors.append({"field": m.group(1), "reason": m.group(2)} if m else {"field": None, "reason": line})
+            files.append({"path": path, "valid": False, "name": None, "faults": None, "errors": errors})
             continue
-        kinds = ", ".join(f.kind for f in exp.spec.faults)
-        _out(f"{path}: valid (experiment {exp.metadata.name}: {len(exp.spec.faults)} fault(s): {kinds})")
+        kinds = [f.kind for f in exp.spec.faults]
+        files.append({"path": path, "valid": True, "name": exp.metadata.name, "faults": kinds, "errors": []})
+        if args.output != "json":
+            _out(f"{path}: valid (experiment {exp.metadata.name}: {len(kinds)} fault(s): {', '.join(kinds)})")
+    if args.output == "json":
+        _out(json.dumps({"valid": code == EXIT_OK, "files": files, "exit_code": code}, indent=2))
     return code
 
 
@@ -605,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "files", nargs="+", metavar="FILE", help="experiment file(s) (YAML), - for standard input; each is reported"
     )
+    output_opt(v)
     sub.add_parser(
         "schema",
         help="print the JSON Schema of the experiment file",

@@ -179,6 +179,14 @@ def test_validate_reports_every_file_and_fails_if_one_is_invalid(tmp_path: Path)
     assert r.returncode == 2, r.stdout + r.stderr
     assert all(f"{g}: valid" in r.stdout for g in good), r.stdout
     assert f"{bad}: invalid experiment file" in r.stderr and "spec.faults" in r.stderr
+    # -o json: every file, with each error's field path and reason (a new user's review: it had none)
+    j = faultline("validate", *good, str(bad), "-o", "json")
+    assert j.returncode == 2, j.stderr
+    result = json.loads(j.stdout)
+    assert result["valid"] is False and result["exit_code"] == 2
+    by_path = {f["path"]: f for f in result["files"]}
+    assert all(by_path[g]["valid"] and by_path[g]["errors"] == [] and by_path[g]["faults"] for g in good), result
+    assert by_path[str(bad)]["valid"] is False and by_path[str(bad)]["errors"][0]["field"] == "spec.faults", result
 
 
 def test_unreachable_nats_is_named_with_a_reason() -> None:
