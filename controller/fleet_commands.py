@@ -120,7 +120,7 @@ async def cmd_agents(args: argparse.Namespace) -> int:
     if not rows:
         _out(f"no agents sent a heartbeat on {redacted(url)} within 5 s")
         return EXIT_OK
-    table = [["NODE", "VERSION", "STATE", "LABELS", "CAPABILITIES", "FAULTS", "CPU", "MEM", "LAST SEEN"]]
+    table = [["NODE", "VERSION", "STATE", "LABELS", "FAULT KINDS", "FAULTS", "CPU", "MEM", "LAST SEEN"]]
     for r in rows:
         table.append(
             [
@@ -128,7 +128,8 @@ async def cmd_agents(args: argparse.Namespace) -> int:
                 r["version"],
                 r["state"],
                 ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or "-",
-                ",".join(r["capabilities"]) or "-",
+                # the fault kinds; their parts (network.netem ...) are in -o json, and those missing below
+                ",".join(c for c in r["capabilities"] if "." not in c) or "-",
                 ",".join(f"{f['fault_id']}:{f['state']}" for f in r["faults"]) or "-",
                 "-" if r["cpu_percent"] is None else f"{r['cpu_percent']:.0f}%",
                 "-" if r["memory_percent"] is None else f"{r['memory_percent']:.0f}%",
