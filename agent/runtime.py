@@ -64,6 +64,7 @@ from proto.statelock import StateDirBusy, StateLock
 log = logging.getLogger("faultline.agent")
 
 NATS_ERROR_REPEAT_S = 60.0  # a NATS error that keeps coming is logged again this often
+NATS_UNREACHABLE_REPEAT_S = 20.0  # while NATS cannot be reached, the agent says so this often (not per attempt)
 
 ENDED_IN_HEARTBEATS_S = 120.0
 CONTROL_PLANE_TTL_S = 60.0  # NATS servers' resolved addresses are asked again this often (pods move)
@@ -131,6 +132,7 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         self.halt_seq = 0  # bumped by every halt; an Inject that awaited across one is refused
         self.nc: NATS | None = None
         self._nats_errors: dict[str, tuple[float, int]] = {}  # NATS error text -> when last logged, repeats since
+        self._unreachable_told = -math.inf  # when "still cannot reach NATS" was last logged (monotonic)
         self.connected = False
         self.recovery_done = False
         self.nats_lost_since: float | None = time.monotonic()
@@ -351,6 +353,7 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
                 log.warning(
                     "cannot reach NATS at %s: %s; retrying", redacted(",".join(nats_cfg.urls)), redacted(str(exc))
                 )
+                self._still_unreachable(redacted(str(exc) or type(exc).__name__))
                 delay = await self._close_and_wait(nc, delay)
                 continue
             self.nc = nc
@@ -449,6 +452,25 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
                 del self._nats_errors[next(iter(self._nats_errors))]
         else:
             self._nats_errors[text] = (since, repeats + 1)
+        self._still_unreachable(text)
+
+    def _still_unreachable(self, last_error: str) -> None:
+        """While there is no NATS connection, say so every NATS_UNREACHABLE_REPEAT_S, with for how
+        long and the last error: the error lines above come once per distinct text, so without this
+        an agent retrying for minutes looks the same as one that gave up."""
+        if self.connected or self.stopping or self.nats_lost_since is None:
+            return
+        now = time.monotonic()
+        if now - max(self.nats_lost_since, self._unreachable_told) < NATS_UNREACHABLE_REPEAT_S:
+            return
+        self._unreachable_told = now
+        log.warning(
+            "still cannot reach NATS at %s after %.0fs (last error: %s); retrying every %gs or so",
+            ", ".join(redacted(u) for u in self.settings.nats.urls),
+            now - self.nats_lost_since,
+            last_error,
+            self.settings.nats.reconnect_wait_s,
+        )
 
     def _flush_pending(self) -> None:
         pending, self._pending_events = self._pending_events, []
