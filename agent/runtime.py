@@ -531,7 +531,8 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         try:
             # before the journal: an agent still stopping on this directory keeps its faults
             wait_s = self.settings.timing.stop_timeout_s + 5.0
-            if not await self.state_lock.acquire(wait_s, self._lock_busy, give_up=self.stop_event.is_set):
+            busy = functools.partial(self._lock_busy, wait_s=wait_s)
+            if not await self.state_lock.acquire(wait_s, busy, give_up=self.stop_event.is_set):
                 return 0  # stopped while waiting: nothing held, nothing to revert
         except StateDirBusy as exc:
             log.error("%s", exc)
@@ -553,9 +554,11 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
             self.journal.close()
             self.pod_lookups.close()
 
-    def _lock_busy(self, holder: str) -> None:
+    def _lock_busy(self, holder: str, wait_s: float) -> None:
         log.warning(
-            "state directory %s is held by another faultline-agent (%s); waiting for it to stop",
+            "state directory %s is held by another faultline-agent (%s); waiting up to %gs "
+            "(timing.stop_timeout_s + 5) for it to stop, then exiting 2",
             self.settings.state_dir,
             holder,
+            wait_s,
         )
