@@ -1,7 +1,8 @@
 """Agent settings, grouped by concern. Each field: unit and default in its docstring.
 
 Sources, later wins: defaults, a YAML/JSON config file (--config), FAULTLINE_*
-environment variables, command-line flags. See agent/main.py.
+environment variables, command-line flags. See agent/main.py. Durations (the
+``*_s`` fields) take seconds or the forms --heartbeat-interval takes: "500ms", "30s", "1m30s".
 """
 
 from __future__ import annotations
@@ -11,13 +12,29 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from proto.faults import check_each
 from proto.natstls import TlsFiles
 from proto.natsurl import split_servers
 from proto.subjects import safe_token
+from proto.units import parse_duration
+
+
+def _seconds(value: Any) -> float:
+    # a quoted number ("1.5") was taken before durations were: still seconds
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return parse_duration(value)
+
+
+Seconds = Annotated[float, BeforeValidator(_seconds)]
+"""Seconds, also written as the --heartbeat-interval flag takes them: 1.5, "1.5", "500ms", "30s", "1m30s"."""
 
 
 def default_state_dir() -> Path:
@@ -53,11 +70,11 @@ class NatsSettings(_Group):
         # http://... would fail for ever after a DNS lookup of "http": refuse it at start instead
         return split_servers(",".join(urls))
 
-    connect_timeout_s: float = 2.0
+    connect_timeout_s: Seconds = 2.0
     """Per-attempt connect timeout, seconds. Default 2."""
-    reconnect_wait_s: float = 0.5
+    reconnect_wait_s: Seconds = 0.5
     """Pause between reconnect attempts, seconds. Default 0.5. The agent reconnects forever."""
-    drain_timeout_s: float = 2.0
+    drain_timeout_s: Seconds = 2.0
     """Time allowed to drain at stop, seconds. Default 2."""
     tls_ca: Path | None = None
     """PEM CA bundle that signed the NATS server's certificate. Default: the system's CAs.
@@ -79,18 +96,18 @@ class NatsSettings(_Group):
 
 
 class TimingSettings(_Group):
-    heartbeat_interval_s: float = Field(1.0, ge=0.05, le=60, allow_inf_nan=False)
+    heartbeat_interval_s: Seconds = Field(1.0, ge=0.05, le=60, allow_inf_nan=False)
     """Heartbeat period, seconds, 0.05 to 60. Default 1. A little jitter is added."""
-    watchdog_interval_s: float = Field(1.0, gt=0)
+    watchdog_interval_s: Seconds = Field(1.0, gt=0)
     """Longest time between two checks of leases, NATS loss and (as a second line) deadlines,
     seconds. Default 1. The watchdog also wakes exactly when a lease could lapse; each
     deadline has its own timer as well."""
-    nats_lost_timeout_s: float = Field(10.0, gt=0)
+    nats_lost_timeout_s: Seconds = Field(10.0, gt=0)
     """Revert everything when NATS has been unreachable this long, seconds. Default 10.
     Each fault's own lease timeout (usually shorter) applies as well."""
-    revert_timeout_s: float = Field(10.0, gt=0)
+    revert_timeout_s: Seconds = Field(10.0, gt=0)
     """Time allowed to revert one fault, seconds. Default 10."""
-    stop_timeout_s: float = Field(20.0, gt=0)
+    stop_timeout_s: Seconds = Field(20.0, gt=0)
     """Bound on graceful stop (revert all, last heartbeat, drain), seconds. Default 20."""
 
 

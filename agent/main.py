@@ -37,6 +37,8 @@ examples:
   FAULTLINE_NATS_URL=nats://nats:4222 FAULTLINE_NODE=$NODE_NAME faultline-agent --http-addr 0.0.0.0:9464
   faultline-agent --nats tls://agent:$PASSWORD@nats.example:4222 --tls-ca /etc/faultline/ca.pem
 
+Durations in a --config file take seconds or a unit: 2, 0.5, 500ms, 30s, 1m30s.
+
 TLS: a tls:// URL or any --tls-* setting makes TLS required; the agent never
 falls back to plaintext, also on reconnect (docs/deploy.md, "Securing the
 control link").
