@@ -11,14 +11,15 @@ import ipaddress
 import os
 import re
 import socket
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from proto.faults import check_each
 from proto.natstls import TlsFiles
-from proto.natsurl import split_servers
+from proto.natsurl import redacted, split_servers
 from proto.subjects import safe_token
 from proto.units import parse_duration
 
@@ -171,3 +172,64 @@ class AgentSettings(_Group):
 
     kubernetes_labels: bool = False
     """Read the node's labels from the Kubernetes API at start (in-cluster service account)."""
+
+
+class SettingsInvalid(ValueError):
+    """Settings the agent cannot run with: one line per problem, naming where the value came from."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = lines
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A --config file's settings: JSON for *.json, else YAML; ValueError naming the file."""
+    text = path.read_text()
+    if path.suffix == ".json":
+        import json
+
+        try:
+            raw = json.loads(text) or {}
+        except ValueError as exc:
+            raise ValueError(f"--config {path}: not valid JSON: {exc}") from None
+    else:
+        import yaml  # only for a YAML settings file: an agent without one never loads it
+
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            why = getattr(exc, "problem", None) or exc
+            raise ValueError(f"--config {path}: not valid YAML{where}: {why}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings")
+    return raw
+
+
+def settings_errors(exc: ValidationError, config: Path | None = None, overridden: Collection[str] = ()) -> list[str]:
+    """One line per error: the setting's path (nats.urls; --nats and FAULTLINE_NATS_URL set it) and why,
+    after "--config FILE: " when the value came from that file rather than a variable or flag."""
+    lines = []
+    for e in exc.errors():
+        loc = [str(p) for p in e["loc"]]
+        path = ".".join(loc)
+        why = str(e["msg"]).removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            why = f"not a setting ({_known(loc[:-1])})"
+        from_file = config is not None and not any(path == o or path.startswith(o + ".") for o in overridden)
+        where = f"--config {config}: " if from_file else ""
+        lines.append(redacted(f"{where}{path or '(settings)'}: {why}"))
+    return lines
+
+
+def _known(parent: list[str]) -> str:
+    """The settings a group takes, for an unknown one: "identity takes: node, labels"."""
+    model: Any = AgentSettings
+    for key in parent:
+        field = getattr(model, "model_fields", {}).get(key)
+        model = field.annotation if field is not None else None
+    names = list(getattr(model, "model_fields", {}))
+    if not names:
+        return "nothing can be set here"
+    return f"{'.'.join(parent) or 'the top level'} takes: {', '.join(names)}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -22,7 +21,7 @@ import uvloop
 from pydantic import ValidationError
 
 from agent import lean  # noqa: F401  (first: nats-py and pydantic imported without importlib.metadata)
-from agent.config import AgentSettings
+from agent.config import AgentSettings, SettingsInvalid, read_config_file, settings_errors
 from agent.lean import release_startup_memory
 from agent.runtime import AgentRuntime
 from proto import __version__
@@ -167,34 +166,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _set(tree: dict[str, Any], path: str, value: Any) -> None:
-    *parents, leaf = path.split(".")
-    for key in parents:
-        tree = tree.setdefault(key, {})
-    tree[leaf] = value
-
-
 def load_settings(args: argparse.Namespace, environ: dict[str, str]) -> AgentSettings:
-    raw: dict[str, Any] = {}
-    if args.config:
-        text = args.config.read_text()
-        if args.config.suffix == ".json":
-            try:
-                raw = json.loads(text) or {}
-            except ValueError as exc:
-                raise ValueError(f"--config {args.config}: not valid JSON: {exc}") from None
-        else:
-            import yaml  # only for a YAML settings file: an agent without one never loads it
+    """The settings from --config, FAULTLINE_* variables and flags (later wins); SettingsInvalid
+    (or ValueError, OSError) when they cannot be used, naming the file, variable or flag."""
+    config: Path | None = args.config
+    raw: dict[str, Any] = read_config_file(config) if config else {}
+    overridden: set[str] = set()  # paths set by a variable or flag: their errors are not the file's
 
-            try:
-                raw = yaml.safe_load(text) or {}
-            except yaml.YAMLError as exc:
-                mark = getattr(exc, "problem_mark", None)
-                where = f" (line {mark.line + 1})" if mark is not None else ""
-                why = getattr(exc, "problem", None) or exc
-                raise ValueError(f"--config {args.config}: not valid YAML{where}: {why}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{args.config}: expected a mapping of settings")
+    def put(path: str, value: Any) -> None:
+        *parents, leaf = path.split(".")
+        tree = raw
+        for depth, key in enumerate(parents):
+            tree = tree.setdefault(key, {})
+            if not isinstance(tree, dict):  # only a file can put a non-mapping there
+                raise SettingsInvalid([f"--config {config}: {'.'.join(parents[: depth + 1])}: expected a mapping"])
+        tree[leaf] = value
+        overridden.add(path)
+
+    def before(path: str, kind: type[Any]) -> Any:
+        """What the file (or a variable) set at path, to add to; empty if nothing."""
+        tree: Any = raw
+        for key in path.split("."):
+            tree = tree.get(key) if isinstance(tree, dict) else None
+        if tree is not None and not isinstance(tree, kind):
+            what = "a list" if kind is list else "a mapping"
+            raise SettingsInvalid([f"--config {config}: {path}: expected {what}"])
+        return kind(tree or ())
+
     env_map: dict[str, tuple[str, Callable[[str], Any]]] = {
         "FAULTLINE_NATS_URL": ("nats.urls", lambda v: [u.strip() for u in v.split(",") if u.strip()]),
         "FAULTLINE_NODE": ("identity.node", str),
@@ -208,31 +206,32 @@ def load_settings(args: argparse.Namespace, environ: dict[str, str]) -> AgentSet
     }
     for var, (path, conv) in env_map.items():
         if environ.get(var):
-            _set(raw, path, conv(environ[var]))
+            put(path, conv(environ[var]))
     if args.nats:
-        _set(raw, "nats.urls", [u.strip() for u in args.nats.split(",") if u.strip()])
+        put("nats.urls", [u.strip() for u in args.nats.split(",") if u.strip()])
     for flag in ("tls_ca", "tls_cert", "tls_key"):
         if getattr(args, flag) is not None:
-            _set(raw, f"nats.{flag}", str(getattr(args, flag)))
+            put(f"nats.{flag}", str(getattr(args, flag)))
     if args.node is not None:  # --node "" is an error, not the host name
-        _set(raw, "identity.node", args.node)
+        put("identity.node", args.node)
     if args.label:
-        labels = dict(raw.get("identity", {}).get("labels", {}))
-        labels.update(_labels(args.label))
-        _set(raw, "identity.labels", labels)
+        put("identity.labels", before("identity.labels", dict) | _labels(args.label))
     if args.state_dir:
-        _set(raw, "state_dir", str(args.state_dir))
+        put("state_dir", str(args.state_dir))
     if args.heartbeat_interval is not None:  # 0 is an error, not the default
-        _set(raw, "timing.heartbeat_interval_s", args.heartbeat_interval)
+        put("timing.heartbeat_interval_s", args.heartbeat_interval)
     if args.http_addr is not None:
-        _set(raw, "http_addr", args.http_addr)
+        put("http_addr", args.http_addr)
     if args.kubernetes_labels:
-        _set(raw, "kubernetes_labels", True)
+        put("kubernetes_labels", True)
     if args.deny:
-        _set(raw, "safety.deny", list(raw.get("safety", {}).get("deny", [])) + args.deny)
+        put("safety.deny", before("safety.deny", list) + args.deny)
     if args.exempt:
-        _set(raw, "safety.exempt", list(raw.get("safety", {}).get("exempt", [])) + args.exempt)
-    return AgentSettings.model_validate(raw)
+        put("safety.exempt", before("safety.exempt", list) + args.exempt)
+    try:
+        return AgentSettings.model_validate(raw)
+    except ValidationError as exc:
+        raise SettingsInvalid(settings_errors(exc, config, overridden)) from None
 
 
 class StopSignals:
@@ -329,8 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         settings = load_settings(args, dict(os.environ))
-    except ValidationError as exc:
-        for line in settings_errors(exc):
+    except SettingsInvalid as exc:
+        for line in exc.lines:
             print(f"faultline-agent: invalid settings: {line}", file=sys.stderr)
         sys.exit(2)
     except (ValueError, OSError) as exc:
@@ -392,14 +391,6 @@ def print_config(settings: AgentSettings) -> None:
     data["nats"]["urls"] = [redacted(u) for u in data["nats"]["urls"]]
     print("# faultline-agent settings: --config reads this shape; flags and FAULTLINE_* variables override it")
     print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False), end="")
-
-
-def settings_errors(exc: ValidationError) -> list[str]:
-    """One line per error: the setting's path (nats.urls; --nats and FAULTLINE_NATS_URL set it) and why."""
-    return [
-        redacted(f"{'.'.join(str(p) for p in e['loc']) or '(settings)'}: {str(e['msg']).removeprefix('Value error, ')}")
-        for e in exc.errors()
-    ]
 
 
 def state_dir_problem(state_dir: Path) -> str | None:
