@@ -36,6 +36,10 @@ examples:
   FAULTLINE_NATS_URL=nats://nats:4222 FAULTLINE_NODE=$NODE_NAME faultline-agent --http-addr 0.0.0.0:9464
   faultline-agent --nats tls://agent:$PASSWORD@nats.example:4222 --tls-ca /etc/faultline/ca.pem
 
+FAULTLINE_LABELS holds KEY=VALUE pairs separated by commas or spaces:
+  FAULTLINE_LABELS=zone=a,region=r1   or   FAULTLINE_LABELS='zone=a region=r1'
+Label values cannot contain commas or spaces (as in Kubernetes); --label adds to them.
+
 Durations in a --config file take seconds or a unit: 2, 0.5, 500ms, 30s, 1m30s.
 
 TLS: a tls:// URL or any --tls-* setting makes TLS required; the agent never
@@ -48,17 +52,21 @@ journal (--state-dir) still holds.
 """
 
 
-def _labels(values: list[str]) -> dict[str, str]:
+LABELS_FORMAT = "KEY=VALUE pairs separated by commas or spaces (zone=a,region=r1 or 'zone=a region=r1')"
+
+
+def _labels(values: list[str], source: str = "--label") -> dict[str, str]:
+    """Labels from --label and FAULTLINE_LABELS: KEY=VALUE pairs separated by commas or whitespace.
+    Whitespace separates too because a label value cannot hold it (Kubernetes' rule; the agent reads
+    its Node's labels as well): "zone=a region=r1" read as one value, zone="a region=r1", would
+    silently match no selector."""
     out: dict[str, str] = {}
     for item in values:
-        for part in item.split(","):
-            part = part.strip()
-            if not part:
-                continue
+        for part in item.replace(",", " ").split():
             key, sep, value = part.partition("=")
             if not sep or not key:
-                raise ValueError(f"--label {part!r}: expected key=value")
-            out[key.strip()] = value.strip()
+                raise ValueError(f"{source} {item!r}: {part!r} is not KEY=VALUE; expected {LABELS_FORMAT}")
+            out[key] = value
     return out
 
 
@@ -119,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key (PEM) [FAULTLINE_NATS_TLS_KEY]")
     p.add_argument(
-        "--label", action="append", default=[], metavar="KEY=VALUE", help="node label, repeatable [FAULTLINE_LABELS]"
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="node label, repeatable; one --label may hold several, separated by commas or spaces "
+        "[FAULTLINE_LABELS='zone=a,region=r1']",
     )
     p.add_argument(
         "--state-dir", type=Path, help="journal directory [FAULTLINE_STATE_DIR; default /var/lib/faultline as root]"
@@ -201,7 +214,7 @@ def load_settings(args: argparse.Namespace, environ: dict[str, str]) -> AgentSet
         "FAULTLINE_NATS_TLS_KEY": ("nats.tls_key", str),
         "FAULTLINE_STATE_DIR": ("state_dir", str),
         "FAULTLINE_HTTP_ADDR": ("http_addr", str),
-        "FAULTLINE_LABELS": ("identity.labels", lambda v: _labels([v])),
+        "FAULTLINE_LABELS": ("identity.labels", lambda v: _labels([v], "FAULTLINE_LABELS")),
         "FAULTLINE_KUBERNETES_LABELS": ("kubernetes_labels", lambda v: v.lower() in ("1", "true", "yes")),
     }
     for var, (path, conv) in env_map.items():
