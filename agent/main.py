@@ -26,7 +26,6 @@ from agent.lean import release_startup_memory
 from agent.runtime import AgentRuntime
 from proto import __version__
 from proto.natstls import TlsSettingsError
-from proto.natsurl import redacted
 
 log = logging.getLogger("faultline.agent")
 
@@ -167,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-config",
         action="store_true",
         help="print the settings this agent would run with (defaults, file, variables and flags; passwords "
-        "masked) as YAML and exit",
+        "masked, users kept) as YAML and exit",
     )
     p.add_argument(
         "--log-level",
@@ -396,12 +395,25 @@ def raise_fd_limit() -> None:
         log.warning("could not raise the open-files limit: %s", exc)
 
 
+def password_masked(url: str) -> str:
+    """A URL for --print-config: its password shown as ``***``, its user kept, since the output is a
+    starting point for a settings file. A bare ``TOKEN@`` (nats-py's token auth) is all secret:
+    ``***@``. proto.natsurl.redacted masks the user as well, for messages; its callers rely on that."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")  # to the last '@', as nats-py splits
+    if not sep or not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{f'{user}:***' if colon else '***'}@{host}{slash}{path}"
+
+
 def print_config(settings: AgentSettings) -> None:
-    """The effective settings as YAML, in the shape --config reads (passwords in URLs masked)."""
+    """The effective settings as YAML, in the shape --config reads (passwords in URLs masked, users kept)."""
     import yaml
 
     data = settings.model_dump(mode="json")
-    data["nats"]["urls"] = [redacted(u) for u in data["nats"]["urls"]]
+    data["nats"]["urls"] = [password_masked(u) for u in data["nats"]["urls"]]
     print("# faultline-agent settings: --config reads this shape; flags and FAULTLINE_* variables override it")
     print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False), end="")
 

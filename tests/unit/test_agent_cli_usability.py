@@ -177,3 +177,29 @@ async def test_a_second_agent_says_how_long_it_waits_for_the_state_directory(
         assert await asyncio.wait_for(running, 5) == 0
         holder.release()
     assert "waiting up to 6.5s (timing.stop_timeout_s + 5) for it to stop, then exiting 2" in caplog.text
+
+
+# --- 5. --print-config masks the password, not the user -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("nats://agent:s3cret@nats:4222", "nats://agent:***@nats:4222"),
+        ("tls://agent:p@ss@nats:4222", "tls://agent:***@nats:4222"),  # to the last '@', as nats-py splits
+        ("nats://s3cret-token@nats:4222", "nats://***@nats:4222"),  # a bare token is all secret
+        ("nats://nats:4222", "nats://nats:4222"),
+    ],
+)
+def test_print_config_masks_only_the_password_of_a_nats_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, shown: str
+) -> None:
+    """Before, nats://agent:s3cret@ printed as nats://***@: the printed starting point lost the user."""
+    import yaml
+
+    from agent.main import print_config
+
+    print_config(load_settings(build_parser().parse_args(["--nats", url, "--state-dir", str(tmp_path)]), {}))
+    text = capsys.readouterr().out
+    assert yaml.safe_load(text)["nats"]["urls"] == [shown]
+    assert "s3cret" not in text and "p@ss" not in text

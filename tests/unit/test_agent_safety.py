@@ -697,7 +697,7 @@ def test_print_config_shows_the_effective_settings_in_the_shape_config_reads(
     assert "s3cret" not in text
     data = yaml.safe_load(text)
     assert data["timing"]["heartbeat_interval_s"] == 0.5 and data["identity"]["node"] == "node-7"
-    assert data["nats"]["urls"] == ["nats://***@nats:4222"]
+    assert data["nats"]["urls"] == ["nats://agent:***@nats:4222"]
     # what it prints is a settings file the agent reads back (with the password given again)
     data["nats"]["urls"] = ["nats://agent:s3cret@nats:4222"]
     (tmp_path / "agent.yaml").write_text(yaml.safe_dump(data))
