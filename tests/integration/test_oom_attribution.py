@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,7 @@ from agent.faults.base import AgentEnv
 from agent.faults.memory import MemoryStress
 from agent.faults.oomwatch import OomWatch, in_initial_pid_namespace
 from proto.faults import MemorySpec
+from proto.messages import Measurements
 from tests.conftest import wait_until
 from tests.integration.test_stressors import Events, MiB, ctx_for, gone, wait_for
 
@@ -51,6 +53,27 @@ def limited(name: str, limit_bytes: int) -> cgroups.CgroupTarget:
     return target
 
 
+class MemoryFault:
+    """One memory fault of the real injector, in ``target``, with its events kept."""
+
+    def __init__(self, env: AgentEnv, target: cgroups.CgroupTarget, size: str) -> None:
+        self.events: Events = []
+        self.inj, self.ctx = MemoryStress(env), ctx_for(env, self.events)
+        self.spec = MemorySpec(size=size, cgroup=target.path)
+        self.plan: Any = None
+
+    async def apply(self) -> int:
+        """The stressor's pid."""
+        self.plan = await self.inj.plan(self.spec, self.ctx)
+        applied = await self.inj.apply(self.spec, self.plan, self.ctx)
+        return (applied.stressor_pids or [0])[0]
+
+    async def revert(self) -> Measurements:
+        if self.plan is None:  # the plan itself failed: nothing to revert
+            return Measurements()
+        return await self.inj.revert(self.plan, self.ctx)
+
+
 def watch_source(source: str, target: cgroups.CgroupTarget) -> str:
     return "the kernel log" if source == "the kernel log" else f"the OOM kill counter of cgroup {target.path}"
 
@@ -60,16 +83,12 @@ async def test_an_oom_kill_of_the_stressor_is_reported(
 ) -> None:
     target = limited(make_cgroup(), 64 * MiB)
     assert OomWatch(target).source == watch_source(source, target)
-    events: Events = []
-    inj, ctx = MemoryStress(env), ctx_for(env, events)
-    spec = MemorySpec(size="128Mi", cgroup=target.path)
-    plan = await inj.plan(spec, ctx)
+    fault = MemoryFault(env, target, "128Mi")
     try:
-        applied = await inj.apply(spec, plan, ctx)
-        pid = (applied.stressor_pids or [0])[0]
-        await wait_for(lambda: any(m.oom_killed for _, m, _ in events), 10, "an OOM-kill progress event")
+        pid = await fault.apply()
+        await wait_for(lambda: any(m.oom_killed for _, m, _ in fault.events), 10, "an OOM-kill progress event")
     finally:
-        m = await inj.revert(plan, ctx)
+        m = await fault.revert()
     assert gone(pid)
     assert m.oom_killed is True and m.note and "OOM" in m.note
 
@@ -101,18 +120,14 @@ async def test_a_stray_sigkill_during_an_unrelated_oom_kill_is_not_blamed_on_the
     """Left by the tenth session: the node-wide OOM counter moved (another cgroup's OOM kill)
     while someone SIGKILLed the stressor, and the report said the OOM killer ended it."""
     target = limited(make_cgroup(), 512 * MiB)  # the stressor's own cgroup: room enough
-    events: Events = []
-    inj, ctx = MemoryStress(env), ctx_for(env, events)
-    spec = MemorySpec(size="16Mi", cgroup=target.path)
-    plan = await inj.plan(spec, ctx)
+    fault = MemoryFault(env, target, "16Mi")
     try:
-        applied = await inj.apply(spec, plan, ctx)
-        pid = (applied.stressor_pids or [0])[0]
+        pid = await fault.apply()
         oom_kill_elsewhere(make_cgroup())
         os.kill(pid, signal.SIGKILL)  # someone else's SIGKILL
         wait_until(lambda: gone(pid), 5, "the stressor to die of its SIGKILL")
     finally:
-        m = await inj.revert(plan, ctx)
+        m = await fault.revert()
     assert m.oom_killed is False, m
     assert m.note == "memory stressor exited before revert with code -9", m.note
-    assert not any(mm.oom_killed for _, mm, _ in events), events
+    assert not any(mm.oom_killed for _, mm, _ in fault.events), fault.events
