@@ -862,7 +862,7 @@ def test_three_quick_sigints_never_lose_the_output_nor_claim_nothing_was_sent(
         assert code == 130 and out["sent"] is True and out["experiment_id"] == exp_id, out
         assert "leaseTimeout 3s" in out["error"], out
     else:
-        assert code == 1 and out["outcome"] == "aborted", (code, out)
+        assert code == 1 and out["outcome"] == "aborted", (code, out["outcome"], run.stderr())
     wait_until(lambda: status(victim) != psutil.STATUS_STOPPED, 10, "the victim to resume")
 
 
