@@ -46,9 +46,10 @@ MAX_CLOCK_SKEW_S = 300.0
 # Bounded: the command subscription answers one command at a time, and a Revert queued behind
 # a lookup that does not return (a wedged filesystem) must not wait with it.
 POD_LOOKUP_S = 5.0
-PRECHECK_S = 2.0
+PRECHECK_S = 1.0
 """How long an Inject's precheck (a process fault's selection) may hold its Ack; past it the
-fault is accepted and its plan decides."""
+fault is accepted and its plan decides. Well under the controller's 2 s request timeout, so a
+slow scan never costs a retry."""
 
 
 class PodLookups:
@@ -347,7 +348,8 @@ class CommandHandler:
             log.exception("check of %s failed", fid)
             return self._reject(cmd.id, f"check failed: {exc}", cmd)
         if injector.prechecks and (refused := await self._precheck(injector, cmd, ctx)) is not None:
-            injector.release(ctx)  # what check() set aside
+            if fid not in self.faults:  # else the same id, delivered again meanwhile, holds it: not ours to drop
+                injector.release(ctx)  # what check() set aside
             return refused
         # The Ack says "accepted" at once, with no I/O on its path; the lifecycle journals the
         # plan before it touches anything (invariant 4). A crash in between leaves nothing applied.

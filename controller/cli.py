@@ -85,7 +85,7 @@ times: exit at once (130), no report.
 # --- validate / schema
 
 
-_FIELD_ERROR = re.compile(r"^([A-Za-z_][\w.\[\]-]*): (.+)$")
+_FIELD_ERROR = re.compile(r"^([A-Za-z_][\w.\[\]/-]*): (.+)$")  # label keys may hold '/' (k8s.io/zone)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -126,7 +126,7 @@ def _indent(text: str) -> str:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     try:
-        if args.local and args.nats:
+        if args.local and args.nats is not None:
             raise NatsUrlError("--local runs on this machine with an embedded server: give --local or --nats, not both")
         target = None if args.local else configured(args.nats)
         tls = natstls.from_env(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
@@ -394,8 +394,10 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             _out(json.dumps({**failed, "exit_code": EXIT_FAILED}, indent=2))
         return EXIT_FAILED
     finally:
+        after = _AfterTheRun()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+            signal.signal(sig, after)  # as after a run: never the default handler while it closes
 
 
 def _fleet_targets(exp: Experiment) -> str:
@@ -666,13 +668,19 @@ def main(argv: list[str] | None = None) -> None:
         # before an experiment started (a run's own Ctrl-C handling takes over then): nothing sent
         code = EXIT_INTERRUPTED
         _err(f"faultline {args.command}: interrupted")
-        if getattr(args, "output", None) == "json" and args.command in ("run", "demo"):
-            gone = {
-                "outcome": "interrupted",
-                "stage": "start",
-                "error": "interrupted before the experiment started",
-            }
-            _out(json.dumps({**gone, "sent": False, "exit_code": code}, indent=2))
+        if getattr(args, "output", None) == "json":  # a script always has JSON to read
+            if args.command in ("run", "demo"):
+                gone = {
+                    "outcome": "interrupted",
+                    "stage": "start",
+                    "error": "interrupted before the experiment started",
+                }
+                _out(json.dumps({**gone, "sent": False, "exit_code": code}, indent=2))
+            else:
+                # abort and halt may have sent their command already: not known here
+                sent = None if args.command in ("abort", "halt") else False
+                gone = {"outcome": "interrupted", "stage": args.command, "error": "interrupted"}
+                _out(json.dumps({**gone, "sent": sent, "exit_code": code}, indent=2))
     # The result is decided and written. The interpreter's finalization puts Python-set handlers
     # back to the default, so a Ctrl-C in it ended the process by the signal (exit -2, seen in
     # 1 of 10 runs of a test); an ignored signal stays ignored there.

@@ -16,8 +16,22 @@ from types import FrameType
 EXIT_INTERRUPTED = 130  # as controller.console's; not imported: that is what this module avoids
 
 
+def _wants_json(argv: list[str]) -> bool:
+    """-o json / --output json, read by hand: argparse is what is still loading."""
+    pairs = zip(argv, argv[1:], strict=False)
+    return any(a in ("-o", "--output") and b == "json" for a, b in pairs) or any(
+        a in ("-ojson", "--output=json") for a in argv
+    )
+
+
 def _while_loading(signum: int, _frame: FrameType | None) -> None:
     sys.stderr.write(f"faultline: {signal.Signals(signum).name} while starting: exited, nothing sent\n")
+    if _wants_json(sys.argv[1:]):  # a script always has JSON to read
+        sys.stdout.write(
+            '{"outcome": "interrupted", "stage": "start", "error": "interrupted while starting", '
+            f'"sent": false, "exit_code": {EXIT_INTERRUPTED}}}\n'
+        )
+        sys.stdout.flush()
     os._exit(EXIT_INTERRUPTED)
 
 

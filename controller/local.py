@@ -109,6 +109,14 @@ def _pdeathsig_term() -> None:
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
+def local_agent_env() -> dict[str, str]:
+    """The local agent's environment: this one without FAULTLINE_* settings. They are the
+    fleet's (`run --local` is for a shell where FAULTLINE_NATS_URL is set), and the local agent
+    gets all it needs as flags: a fleet's FAULTLINE_NATS_TLS_* made it demand TLS from the
+    embedded plaintext server and never become ready."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("FAULTLINE_")}
+
+
 class LocalEnvironment:
     """``async with LocalEnvironment() as env``: env.url, env.nc, env.fleet, env.node."""
 
@@ -232,6 +240,7 @@ class LocalEnvironment:
                 stderr=log,
                 preexec_fn=_pdeathsig_term,
                 start_new_session=True,
+                env=local_agent_env(),
             )
 
     async def _supervise(self) -> None:

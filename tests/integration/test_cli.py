@@ -187,6 +187,13 @@ def test_validate_reports_every_file_and_fails_if_one_is_invalid(tmp_path: Path)
     by_path = {f["path"]: f for f in result["files"]}
     assert all(by_path[g]["valid"] and by_path[g]["errors"] == [] and by_path[g]["faults"] for g in good), result
     assert by_path[str(bad)]["valid"] is False and by_path[str(bad)]["errors"][0]["field"] == "spec.faults", result
+    slashed = tmp_path / "slashed.yaml"  # a label key with '/' is still a field path (a review)
+    slashed.write_text(
+        "apiVersion: faultline/v1\nkind: Experiment\nmetadata: {name: x}\nspec:\n  duration: 5s\n"
+        "  targets: {labels: {k8s.io/zone: [a]}}\n  faults: [{kind: process-pause, match: {pid: 2}}]\n"
+    )
+    (error,) = json.loads(faultline("validate", str(slashed), "-o", "json").stdout)["files"][0]["errors"]
+    assert error["field"] == "spec.targets.labels.k8s.io/zone", error
 
 
 def test_unreachable_nats_is_named_with_a_reason() -> None:
@@ -340,6 +347,23 @@ def test_demo_exits_0_and_leaves_nothing_behind(tmp_path: Path, running: Callabl
     assert not _alive(seen), f"left behind: {_alive(seen)}"
     assert elapsed < 20, f"demo took {elapsed:.1f}s"
     assert not list((tmp_path / "state" / "journal").glob("*.json"))
+
+
+def test_run_local_ignores_the_fleet_s_faultline_settings(tmp_path: Path) -> None:
+    """A review: `run --local` is for a shell with FAULTLINE_NATS_URL set, which has the fleet's
+    FAULTLINE_NATS_TLS_* too; the local agent inherited them, demanded TLS of the embedded
+    plaintext server and never became ready (20 s, then exit 2)."""
+    ca = tmp_path / "fleet-ca.pem"
+    ca.write_text("not a certificate: the fleet's, not for the embedded server\n")
+    env = cli_env(
+        FAULTLINE_STATE_DIR=str(tmp_path / "state"),
+        FAULTLINE_NATS_URL="tls://127.0.0.1:1",
+        FAULTLINE_NATS_TLS_CA=str(ca),
+        FAULTLINE_LABELS="zone=a",
+    )
+    r = faultline("run", str(EXAMPLES / "zone-outage.yaml"), "--local", "--dry-run", env=env, timeout_s=60)
+    assert r.returncode == 0, r.stderr
+    assert "would target" in r.stdout, r.stdout
 
 
 def test_run_without_nats_refuses_a_fleet_file_and_runs_it_locally_with_local(tmp_path: Path, victims: Victims) -> None:
@@ -1196,14 +1220,18 @@ def test_two_agents_under_one_node_name_are_named_and_refused(tmp_path: Path, na
             a.stop()
 
 
+@pytest.mark.parametrize("command", ["agents", "abort"])
 @pytest.mark.parametrize("after_s", [0.05, 0.15, 0.3, 0.6])
-def test_a_ctrl_c_while_the_cli_starts_exits_130_without_a_traceback(after_s: float) -> None:
+def test_a_ctrl_c_while_the_cli_starts_exits_130_without_a_traceback(after_s: float, command: str) -> None:
     """A new user's review: a Ctrl-C while the CLI was still importing printed a traceback from
     whichever import it interrupted (once a pydantic SchemaError). Whenever it lands before a
-    run's own handling, the exit is 130 and one line says so."""
+    run's own handling, the exit is 130 and one line says so; under -o json, stdout has JSON
+    (a review: `abort -o json` had none)."""
     script = Path(sys.executable).parent / "faultline"
+    extra = ["some-exp-123456"] if command == "abort" else []
     proc = subprocess.Popen(
-        [str(script), "agents", "--nats", "nats://127.0.0.1:1"],  # refused: it would retry for seconds
+        # refused: it would retry for seconds
+        [str(script), command, *extra, "--nats", "nats://127.0.0.1:1", "-o", "json"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -1213,7 +1241,7 @@ def test_a_ctrl_c_while_the_cli_starts_exits_130_without_a_traceback(after_s: fl
     try:
         time.sleep(after_s)  # the point is when the signal lands; nothing to await from outside
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=10)
+        out, err = proc.communicate(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -1221,6 +1249,7 @@ def test_a_ctrl_c_while_the_cli_starts_exits_130_without_a_traceback(after_s: fl
     assert proc.returncode == 130, err
     assert "Traceback" not in err, err
     assert "interrupted" in err or "while starting: exited, nothing sent" in err, err
+    assert json.loads(out)["outcome"] == "interrupted", out
 
 
 def test_faultline_alone_prints_its_commands() -> None:
