@@ -48,6 +48,8 @@ class FaultRecord:
     measurements: Measurements = field(default_factory=no_measurements)
     task: asyncio.Task[None] | None = None
     timer: asyncio.TimerHandle | None = None
+    kept: bool = False
+    """Guarded by the agent's keeper (agent/keepers.py): applied, of a kind the kernel holds."""
     on_end: Callable[[FaultRecord], None] | None = None
     """Set while the fault waits for its Start (no task yet): called once when an end is asked for."""
 

@@ -22,6 +22,9 @@ from agent.faults_table import FaultRecord, merge
 from agent.journal import Journal
 from proto.messages import EndedFault, FaultState, JournalProblem, Measurements
 
+if TYPE_CHECKING:
+    from agent.keepers import Keepers
+
 log = logging.getLogger("faultline.agent")
 
 MAX_REMEMBERED = 4096
@@ -78,6 +81,7 @@ class Lifecycle:
     _cleanup_timer: asyncio.TimerHandle | None
     _tombstones_pruned_at: float
     _cleanups: set[asyncio.Task[None]]
+    keepers: Keepers | None
 
     if TYPE_CHECKING:
         # Declared for the type checker only (see CommandHandler).
@@ -165,6 +169,8 @@ class Lifecycle:
                     if await self._journal_before_act(rec, plan) and not rec.ended.is_set():
                         m = await within(inj.apply(spec, plan, ctx), timing.revert_timeout_s)
                         self._journal_narrowed(rec, inj, plan)
+                        if inj.kept and not rec.ended.is_set():  # held by the kernel: a keeper beside it
+                            m = self._arm_keeper(rec, m)
                         if inj.settles:  # "active" says it has taken effect (a SIGSTOP: once stopped)
                             note = await within(inj.settle(rec.plan or plan, ctx), timing.revert_timeout_s)
                             if note:
@@ -272,13 +278,46 @@ class Lifecycle:
 
         return (Rejected,)
 
+    def _arm_keeper(self, rec: FaultRecord, m: Measurements) -> Measurements:
+        """Put the applied fault under the agent's keeper (agent/keepers.py), which reverts it from
+        its journal entry should this agent freeze or die. Without it (it could not be started)
+        the fault goes on, held as before by this agent alone, and its report says so."""
+        if self.keepers is None:
+            from agent.keepers import Keepers  # loaded with the first pause or network fault, not by an idle agent
+
+            self.keepers = Keepers(
+                str(self.settings.state_dir), self.settings.timing.revert_timeout_s, self.spawn, self._kept_fired
+            )
+        why = self.keepers.guard(rec.fault_id, rec.cmd.lease_timeout_s)
+        if why is None:
+            rec.kept = True
+            return m
+        log.warning("fault %s: %s", rec.fault_id, why)
+        return m.model_copy(update={"note": f"{m.note}; {why}" if m.note else why})
+
+    def _kept_fired(self, fault_id: str, what: str) -> None:
+        """The keeper began to revert the fault (this agent was frozen): it ends here too, and the
+        agent reverts it again, idempotently, and reports it."""
+        rec = self.faults.get(fault_id)
+        if rec is not None:
+            rec.request_end(what)
+
     async def _revert(self, rec: FaultRecord) -> None:
+        kept_note = None
+        if rec.kept and self.keepers is not None:
+            rec.kept = False
+            kept_note = self.keepers.release(rec.fault_id)  # the agent reverts it now (again: idempotent)
         rec.set_state("reverting")
         error: str | None = None
         t0 = time.monotonic()
         if rec.plan is not None:
             error = await self._revert_with_retries(rec)
         rec.measurements = rec.measurements.model_copy(update={"revert_s": round(time.monotonic() - t0, 4)})
+        if kept_note:
+            note = rec.measurements.note
+            rec.measurements = rec.measurements.model_copy(
+                update={"note": f"{note}; {kept_note}" if note else kept_note}
+            )
         state: FaultState = "failed" if error else rec.end_state
         reason = rec.end_reason or "reverted"
         if error:

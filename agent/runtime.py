@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Coroutine
 from concurrent.futures import Executor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -60,6 +60,9 @@ from proto.messages import (
 )
 from proto.natsurl import redacted
 from proto.statelock import StateDirBusy, StateLock
+
+if TYPE_CHECKING:
+    from agent.keepers import Keepers
 
 log = logging.getLogger("faultline.agent")
 
@@ -146,6 +149,7 @@ class AgentRuntime(CommandHandler, Recovery, KeptEntries, Lifecycle, Watchdog, B
         self._cleanup_timer: asyncio.TimerHandle | None = None
         self._tombstones_pruned_at = time.monotonic()  # recovery prunes them at start
         self._cleanups: set[asyncio.Task[None]] = set()  # journal bookkeeping in flight
+        self.keepers: Keepers | None = None  # the keeper of pause and network faults, made on first use
         self._watchdog_timer: asyncio.TimerHandle | None = None
         self._watchdog_next = math.inf  # monotonic time of the watchdog's next check; none armed
         self._watchdog_closed = False

@@ -219,7 +219,27 @@ class AgentProcess:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.proc.pid, sig)
 
-    def kill9(self) -> None:
+    def keepers(self) -> list[psutil.Process]:
+        """The agent's keeper processes (agent/keepers.py), one per pause or network fault held."""
+        try:
+            children = psutil.Process(self.pid).children()
+        except psutil.Error:
+            return []
+        out = []
+        for c in children:
+            with contextlib.suppress(psutil.Error):
+                if "agent.keeper_main" in c.cmdline():
+                    out.append(c)
+        return out
+
+    def kill9(self, with_keepers: bool = False) -> None:
+        """SIGKILL the agent; ``with_keepers``: its keepers first, as a container runtime ends a
+        dead agent's container, so only a restart's journal recovery reverts what it held."""
+        if with_keepers:
+            for k in self.keepers():
+                with contextlib.suppress(psutil.Error):
+                    k.kill()
+                    k.wait(5)
         self.signal(signal.SIGKILL)
         assert self.proc is not None
         self.proc.wait(timeout=10)

@@ -128,6 +128,10 @@ class Injector(abc.ABC):
         journal (after a crash) undoes only that. None (the default): the plan stands. Must not raise."""
         return None
 
+    kept: ClassVar[bool] = False
+    """True for a kind whose effect the kernel holds (a SIGSTOP, a qdisc): once applied, a keeper
+    process (agent/keepers.py) reverts it from its journal entry should the agent freeze or die."""
+
     settles: ClassVar[bool] = False
     """True when settle() does something: the lifecycle calls it only then."""
 

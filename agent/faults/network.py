@@ -146,6 +146,7 @@ def _kernel_text(exc: BaseException) -> str:
 class NetworkFault(Injector):
     kind: ClassVar[str] = "network"
     plan_model: ClassVar[type[Plan]] = NetworkPlan
+    kept: ClassVar[bool] = True  # a frozen agent's qdiscs are removed by its keeper (agent/keepers.py)
 
     def __init__(self, env: Any) -> None:
         super().__init__(env)

@@ -27,6 +27,7 @@ STARTUP_TIMEOUT_S = 30.0
 class LazyNetworkFault(LazyInjector):
     kind = "network"
     real = "agent.faults.network:NetworkFault"
+    kept = True  # as NetworkFault's
 
     def __init__(self, env: Any) -> None:
         super().__init__(env)

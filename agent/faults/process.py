@@ -468,6 +468,7 @@ def left_stopped_reason(fault_id: str) -> str:
 class ProcessPause(_ProcessInjector):
     kind = "process-pause"
     default_all = True
+    kept = True  # a frozen agent's pause is resumed by its keeper (agent/keepers.py)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -44,12 +44,15 @@ async def test_pause_then_revert_resumes_and_empties_journal(nc, agent_factory, 
     assert all(status(p) == "stopped" for p in procs)
     active = events.events("exp1.0", "active")[0]
     assert sorted(active.measurements.hit_pids or []) == sorted(p.pid for p in procs)
+    (keeper,) = agent.keepers()  # one per pause held: it resumes them should the agent freeze
 
     ack = await send(nc, "node-a", Revert(experiment_id="exp1", expires_at=time.time() + 10, reason="test"))
     assert ack.accepted
-    await async_wait_until(lambda: events.events("exp1.0", "reverted"), 5, "a reverted event")
+    (ended,) = await async_wait_until(lambda: events.events("exp1.0", "reverted"), 5, "a reverted event")
     assert all(status(p) != "stopped" for p in procs)
     assert agent.settled_journal() == []
+    assert "keeper" not in (ended.measurements.note or ""), ended.measurements.note  # it only waited
+    await async_wait_until(lambda: not keeper.is_running() and not agent.keepers(), 5, "the disarmed keeper gone")
 
 
 async def test_deadline_expires_the_fault(nc, agent_factory, victims, events):
@@ -144,7 +147,7 @@ async def test_crash_recovery_resumes_paused_victim(nc, agent_factory, victims, 
     (proc,) = victims.start(1)
     assert (await send(nc, "node-a", pause(victims.token))).accepted
     await async_wait_until(lambda: status(proc) == "stopped", 5, "victim paused")
-    agent.kill9()
+    agent.kill9(with_keepers=True)  # its keeper too: only the journal is left to resume the victim
     assert status(proc) == "stopped"
     assert agent.journal() == ["exp1.0.json"]
     agent.start().wait_ready()
@@ -158,6 +161,59 @@ async def test_crash_recovery_resumes_paused_victim(nc, agent_factory, victims, 
     assert hb
     ev = await async_wait_until(lambda: events.events("exp1.0", "reverted"), 5, "a recovery event")
     assert ev[0].measurements.recovered_from_journal
+
+
+async def test_a_killed_agents_keeper_resumes_its_paused_victim_at_once(nc, agent_factory, victims, events):
+    """kill -9 of the agent alone (not of its container): its keeper sees the leash pipe close and
+    resumes the victim from the journal entry at once, not at the agent's restart, which may be
+    minutes away (a crash-looping pod). The restart reverts the same entry again and reports it."""
+    agent = agent_factory("node-a")
+    (proc,) = victims.start(1)
+    assert (await send(nc, "node-a", pause(victims.token))).accepted
+    await async_wait_until(lambda: events.events("exp1.0", "active"), 5, "the pause active")
+    (keeper,) = agent.keepers()
+    agent.kill9()
+    killed_at = time.monotonic()
+    await async_wait_until(lambda: status(proc) not in ("stopped", "gone"), 3, "the keeper to resume the victim")
+    took = time.monotonic() - killed_at
+    keeper.wait(5)  # it exits once done (orphaned: waited for through psutil)
+    assert agent.journal() == ["exp1.0.json"], "the keeper must leave the journal to the agent"
+    agent.start().wait_ready()
+    (ev,) = await async_wait_until(lambda: events.events("exp1.0", "reverted"), 5, "the restart's recovery event")
+    assert ev.measurements.recovered_from_journal
+    assert agent.settled_journal() == []
+    assert took < 2.0, f"resumed {took:.2f}s after the agent died"
+
+
+async def test_a_frozen_agents_pause_is_resumed_by_its_keeper_within_its_leash(nc, agent_factory, victims, events):
+    """An agent frozen (SIGSTOP, a debugger, a stalled event loop) cannot revert, and its own lease
+    watchdog is frozen with it: before, the victim stayed stopped until the agent thawed or the
+    liveness probe restarted it (about a minute). Now its keeper resumes it once the agent has not
+    fed its leash for the fault's leaseTimeout (5 s at least), and the thawed agent reports it."""
+    from agent.keepers import LEASH_MIN_S
+
+    agent = agent_factory("node-a")
+    (proc,) = victims.start(1)
+    assert (await send(nc, "node-a", pause(victims.token, lease_s=2))).accepted
+    await async_wait_until(lambda: events.events("exp1.0", "active"), 5, "the pause active")
+    agent.signal(signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    try:
+        await async_wait_until(
+            lambda: status(proc) not in ("stopped", "gone"), LEASH_MIN_S + 3, "the keeper to resume the victim"
+        )
+        took = time.monotonic() - frozen_at
+        assert took >= LEASH_MIN_S - 1.5, f"resumed {took:.1f}s after the freeze: before its leash (a false end)"
+    finally:
+        agent.signal(signal.SIGCONT)
+    (ended,) = await async_wait_until(
+        lambda: [e for e in events.events("exp1.0") if e.state in ("reverted", "failed", "expired")], 10, "the end"
+    )
+    assert ended.state == "reverted", ended
+    assert "reverted by its keeper" in (ended.measurements.note or ""), ended.measurements.note
+    assert status(proc) not in ("stopped", "gone")
+    assert agent.settled_journal() == []
+    await async_wait_until(lambda: not agent.keepers(), 5, "no keeper left")
 
 
 async def test_a_second_agent_on_the_same_state_dir_waits_and_touches_nothing(

@@ -478,10 +478,13 @@ async def test_the_journal_keeps_only_what_a_pause_stopped_so_recovery_resumes_n
 
         await async_wait_until(lambda: journaled() == [mine.pid], 3, "the journal to be narrowed")
 
-        # the agent dies here (nothing reverted); the next one recovers from the journal
+        # the agent dies here (nothing reverted), its keeper with it (as in its container); the
+        # next one recovers from the journal
         for t in list(rt.faults.values()):
             if t.timer is not None:
                 t.timer.cancel()
+        assert rt.keepers is not None
+        rt.keepers.kill()
         again, _ = pausing_runtime(tmp_path)
         await again.recover()
         await async_wait_until(lambda: status(mine) != psutil.STATUS_STOPPED, 3, "our victim resumed at start")

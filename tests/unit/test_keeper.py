@@ -1,0 +1,156 @@
+"""The keeper (agent/keeper_main.py, agent/keepers.py): its leash protocol, with a recording
+revert in place of the agent's; the process itself, started and retired by the agent's side."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agent import keeper_main
+from agent.keeper_main import FIRED, FIRING, REVERTED, Keeper, watch
+from agent.keepers import Keepers
+from tests.conftest import async_wait_until
+
+
+class Recording(Keeper):
+    def __init__(self) -> None:
+        super().__init__("/nonexistent", parent=1, timeout_s=1.0, news_fd=None)
+        self.reverted: list[tuple[float, list[str], str]] = []
+
+    def revert(self, fault_ids: list[str], why: str) -> None:
+        for fid in fault_ids:
+            self.guarded.pop(fid, None)
+        self.fired = True
+        self.reverted.append((time.monotonic(), list(fault_ids), why))
+
+
+@pytest.fixture
+def leash() -> Iterator[tuple[int, int]]:
+    r, w = os.pipe()
+    yield r, w
+    for fd in (r, w):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def run_watch(keeper: Keeper, fd: int) -> tuple[threading.Thread, list[int]]:
+    code: list[int] = []
+    t = threading.Thread(target=lambda: code.append(watch(keeper, fd)), daemon=True)
+    t.start()
+    return t, code
+
+
+def test_lines_guard_release_and_exit() -> None:
+    k = Recording()
+    assert k.take(b"+a 5\n+b 7.5\n+c")  # a line cut in two is read once whole
+    assert k.guarded == {"a": 5.0, "b": 7.5}
+    assert k.take(b" 9\n-a\n.\n+bad x\n")
+    assert k.guarded == {"b": 7.5, "c": 9.0}
+    assert not k.take(b"x\n")
+
+
+def test_each_fault_is_reverted_at_its_own_leash_once_the_agent_goes_silent(leash: tuple[int, int]) -> None:
+    r, w = leash
+    k = Recording()
+    t0 = time.monotonic()
+    os.write(w, b"+short 0.3\n+long 0.8\n")
+    thread, code = run_watch(k, r)
+    try:
+        deadline = time.monotonic() + 5
+        while len(k.reverted) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [ids for _, ids, _ in k.reverted] == [["short"], ["long"]], k.reverted
+        (at_short, _, why), (at_long, _, _) = k.reverted
+        assert 0.25 <= at_short - t0 < 0.75, at_short - t0
+        assert 0.75 <= at_long - t0 < 1.5, at_long - t0
+        assert "did not feed its leash" in why
+    finally:
+        os.write(w, b"x\n")
+        thread.join(5)
+    assert code == [FIRED]
+
+
+def test_feeding_holds_it_off_and_x_ends_it_with_nothing_done(leash: tuple[int, int]) -> None:
+    r, w = leash
+    k = Recording()
+    os.write(w, b"+a 0.3\n")
+    thread, code = run_watch(k, r)
+    for _ in range(8):  # 0.8 s of feeds, each well inside the 0.3 s leash
+        time.sleep(0.1)
+        os.write(w, b".\n")
+    os.write(w, b"x\n")
+    thread.join(5)
+    assert k.reverted == [] and code == [keeper_main.DONE]
+
+
+def test_the_pipe_closing_without_x_reverts_everything_at_once(leash: tuple[int, int]) -> None:
+    r, w = leash
+    k = Recording()
+    os.write(w, b"+a 30\n+b 60\n")
+    thread, code = run_watch(k, r)
+    time.sleep(0.1)
+    os.close(w)  # the agent died: every writer gone
+    thread.join(5)
+    assert [sorted(ids) for _, ids, _ in k.reverted] == [["a", "b"]]
+    assert "is gone" in k.reverted[0][2]
+    assert code == [FIRED]
+
+
+def test_bad_arguments_are_refused_with_a_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    assert keeper_main.main(["--leash-fd=3"]) == keeper_main.BAD_USAGE
+    assert "--parent-pid is required" in capsys.readouterr().err
+    assert keeper_main.main(["stray"]) == keeper_main.BAD_USAGE
+
+
+def test_a_fault_with_no_journal_entry_left_is_nothing_to_revert(tmp_path: Path) -> None:
+    from agent.keeper_revert import revert_entry
+
+    assert revert_entry(str(tmp_path), "gone.0", 1.0).startswith("nothing journaled")
+
+
+# --- the agent's side, with a real keeper process ------------------------------------
+
+
+async def test_the_agent_starts_retires_and_replaces_its_keeper(tmp_path: Path) -> None:
+    fired: list[tuple[str, str]] = []
+    tasks: set[asyncio.Task[object]] = set()
+
+    def spawn_task(coro, name):  # type: ignore[no-untyped-def]
+        task = asyncio.create_task(coro, name=name)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    k = Keepers(str(tmp_path), 1.0, spawn_task, lambda fid, what: fired.append((fid, what)))
+    try:
+        assert k.guard("a", 30) is None and k.guard("b", 2) is None
+        first = psutil.Process(k.pid)  # one keeper for both
+        assert k.guarded == {"a": 30.0, "b": 5.0}  # a leash is 5 s at least
+        first.kill()  # someone kills it: the next tick starts another and tells it of both
+        await async_wait_until(lambda: k.pid not in (None, first.pid), 5, "a new keeper after the first was killed")
+        assert set(k.guarded) == {"a", "b"}
+        second = psutil.Process(k.pid)
+        assert k.release("a") is None and k.pid == second.pid  # still guarding b
+        assert k.release("b") is None and k.pid is None  # nothing left: retired
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert not second.is_running() or second.status() == psutil.STATUS_ZOMBIE
+        assert fired == []
+    finally:
+        for task in list(tasks):
+            task.cancel()
+        if k.pid is not None:
+            psutil.Process(k.pid).kill()
+
+
+def test_news_words_are_single_letters() -> None:
+    # the agent reads "<word> <fault id>" lines; a fault id never holds a space
+    assert {FIRING, REVERTED, keeper_main.FAILED} == {"f", "r", "e"}
