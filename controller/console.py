@@ -14,7 +14,9 @@ output_lost = False
 
 def out(text: str) -> None:
     """Results (stdout): what -o json consumers and pipes read. If stdout cannot take them, say
-    so once on stderr, never with a traceback: the command itself (a run, its reverts) is done."""
+    so once on stderr, never with a traceback: the command itself (a run, its reverts) is done.
+    A closed pipe is not reported (the reader, `| head`, stopped on purpose); the exit code still
+    says the result did not all reach it."""
     global output_lost
     if output_lost:
         return
@@ -24,7 +26,8 @@ def out(text: str) -> None:
         output_lost = True
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), sys.stdout.fileno())  # Python's own flush at exit must not fail too
-        err(f"faultline: could not write the result to stdout ({exc.strerror or exc})")
+        if not isinstance(exc, BrokenPipeError):  # a reader that stopped reading (`| head`) knows it did
+            err(f"faultline: could not write the result to stdout ({exc.strerror or exc})")
 
 
 def err(text: str) -> None:

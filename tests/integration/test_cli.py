@@ -274,6 +274,22 @@ def test_a_stdout_that_cannot_take_the_result_is_said_once_not_a_traceback() -> 
     assert r.stderr.strip() == "faultline: could not write the result to stdout (No space left on device)", r.stderr
 
 
+def test_a_reader_that_stops_reading_gets_no_complaint_on_stderr() -> None:
+    """`faultline schema | head -1`: the reader closed the pipe on purpose; before, every such
+    pipe printed "could not write the result to stdout (Broken pipe)" under head's output."""
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)  # a reader already gone: the first write meets EPIPE
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "controller.cli", "schema"],
+            stdout=w_fd, stderr=subprocess.PIPE, text=True, timeout=30, cwd=REPO, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    finally:
+        os.close(w_fd)
+    assert r.stderr == "", r.stderr
+    assert r.returncode == 1  # the result did not all reach its reader: a script still sees it
+
+
 def test_an_experiment_can_come_from_standard_input() -> None:
     text = (REPO / "examples" / "pause-worker.yaml").read_text()
     r = subprocess.run(
