@@ -552,12 +552,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser(
         "experiments",
         help="list the experiments holding faults on the fleet now, from the agents' heartbeats",
-        description="Every experiment that holds faults on an agent now (also one whose controller is gone: "
-        "its faults stay until their lease lapses), with its nodes, the faults' states and kinds, and "
-        "about how long until they expire. Read from heartbeats for about 1.5 heartbeat intervals; "
-        "sends nothing to the agents.",
+        description="Every experiment that holds faults on an agent now, with its nodes, the faults' states and "
+        "kinds, and about how long until they expire; and whether its controller is still there: "
+        "CONTROLLER renewing (its lease was heard while listening) or none (gone or cut off: its faults stay "
+        "until their lease lapses, then the agents revert them on their own). Read from heartbeats and "
+        "leases for about 1.5 heartbeat intervals; sends nothing to the agents.",
         epilog="examples:\n  faultline experiments --nats nats://10.0.0.5:4222\n"
-        "  faultline experiments -o json | jq -r '.[].experiment_id'",
+        "  faultline experiments -o json | jq -r '.[].experiment_id'\n"
+        "  faultline experiments -o json | jq -r '.[] | select(.controller != \"renewing\") | .experiment_id'"
+        "   # orphaned",
         formatter_class=raw,
     )
     nats_opt(ex, local=False)

@@ -16,8 +16,10 @@ from controller.console import out as _out
 from controller.dispatch import ConnectError, close, connect, with_tls
 from controller.fleet import JOURNAL_ISSUES_HELP, Fleet, NodeView, duplicate_line, journal_issue_lines
 from controller.halting import halt_and_confirm
+from proto.codec import DecodeError, decode
+from proto.messages import Lease
 from proto.natsurl import DEFAULT_NATS_URL, NatsTarget, NatsUrlError, configured, default_target, redacted
-from proto.subjects import safe_token
+from proto.subjects import ALL_LEASES, safe_token
 
 
 async def _with_fleet(target: NatsTarget) -> tuple[Any, Fleet]:
@@ -85,8 +87,31 @@ def _connect_failed(args: argparse.Namespace, target: NatsTarget, exc: ConnectEr
     return _refuse(args, "connect", lines)
 
 
-async def _gathered(args: argparse.Namespace) -> tuple[NatsTarget, Fleet, dict[str, NodeView]] | int:
-    """The fleet's heartbeats, gathered for a listing; an exit code when NATS cannot be used."""
+class LeaseWatch:
+    """The leases heard while a listing gathers heartbeats: a controller renews its experiment's
+    lease every second at most (``min(1 s, leaseTimeout / 3)``), so one that is still running is
+    heard within the gathering window (1.5 s at least); one that is gone is not."""
+
+    def __init__(self) -> None:
+        self.heard: dict[str, float] = {}  # experiment id -> monotonic time of its last lease
+        self.since = time.monotonic()
+
+    async def on_lease(self, msg: Any) -> None:
+        try:
+            lease = decode(msg.data, Lease)
+        except DecodeError:
+            return  # not a lease of ours: nothing said of any experiment
+        self.heard[lease.experiment_id] = time.monotonic()
+
+    def listened_s(self, now: float) -> float:
+        return now - self.since
+
+
+async def _gathered(
+    args: argparse.Namespace, leases: LeaseWatch | None = None
+) -> tuple[NatsTarget, Fleet, dict[str, NodeView]] | int:
+    """The fleet's heartbeats, gathered for a listing (and, given ``leases``, the experiments'
+    leases heard meanwhile); an exit code when NATS cannot be used."""
     try:
         target = _fleet_target(args)
     except NatsUrlError as exc:
@@ -96,6 +121,9 @@ async def _gathered(args: argparse.Namespace) -> tuple[NatsTarget, Fleet, dict[s
     except ConnectError as exc:
         return _connect_failed(args, target, exc)
     try:
+        if leases is not None:
+            await nc.subscribe(ALL_LEASES, cb=leases.on_lease)
+            leases.since = time.monotonic()
         views = await fleet.gather()
     finally:
         await fleet.stop()
@@ -159,9 +187,10 @@ async def cmd_agents(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def experiment_rows(views: dict[str, NodeView], now: float) -> list[dict[str, Any]]:
+def experiment_rows(views: dict[str, NodeView], now: float, leases: LeaseWatch | None = None) -> list[dict[str, Any]]:
     """The experiments that hold faults on the fleet now, from the agents' heartbeats: one row
-    each, with every fault it holds and where (also one whose controller is gone)."""
+    each, with every fault it holds and where (also one whose controller is gone: ``leases``
+    tells which controllers were heard renewing their lease meanwhile)."""
     grouped: dict[str, list[tuple[str, Any]]] = {}
     for node, view in sorted(views.items()):
         for f in view.heartbeat.faults:
@@ -186,15 +215,22 @@ def experiment_rows(views: dict[str, NodeView], now: float) -> list[dict[str, An
                 ],
             }
         )
+        if leases is not None:
+            mono = time.monotonic()
+            heard = leases.heard.get(exp_id)
+            rows[-1]["controller"] = "renewing" if heard is not None else "not heard"
+            rows[-1]["lease_heard_s_ago"] = round(mono - heard, 1) if heard is not None else None
+            rows[-1]["listened_s"] = round(leases.listened_s(mono), 1)
     return rows
 
 
 async def cmd_experiments(args: argparse.Namespace) -> int:
-    gathered = await _gathered(args)
+    leases = LeaseWatch()
+    gathered = await _gathered(args, leases)
     if isinstance(gathered, int):
         return gathered
     target, _, views = gathered
-    rows = experiment_rows(views, time.time())
+    rows = experiment_rows(views, time.time(), leases)
     if args.output == "json":
         _out(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -204,12 +240,13 @@ async def cmd_experiments(args: argparse.Namespace) -> int:
     if not rows:
         _out(f"no experiment holds faults on the {len(views)} agent(s) that sent a heartbeat")
         return EXIT_OK
-    table = [["EXPERIMENT", "NODES", "FAULTS", "STATES", "KINDS", "EXPIRES IN"]]
+    table = [["EXPERIMENT", "CONTROLLER", "NODES", "FAULTS", "STATES", "KINDS", "EXPIRES IN"]]
     for r in rows:
         nodes = r["nodes"]
         table.append(
             [
                 r["experiment_id"],
+                "renewing" if r["controller"] == "renewing" else f"none ({r['listened_s']:g}s)",
                 ",".join(nodes) if len(nodes) <= 3 else f"{','.join(nodes[:3])},... ({len(nodes)})",
                 str(len(r["faults"])),
                 ",".join(f"{k}={v}" for k, v in r["states"].items()),
@@ -219,6 +256,11 @@ async def cmd_experiments(args: argparse.Namespace) -> int:
         )
     _print_table(table)
     _out("")
+    if any(r["controller"] != "renewing" for r in rows):
+        _out(
+            "CONTROLLER none: no lease heard while listening (the time in brackets): its controller is gone or "
+            "cut off, and its agents revert on their own once the experiment's lease lapses (its leaseTimeout)"
+        )
     _out("abort one: faultline abort EXPERIMENT [--nats URL]    revert everything everywhere: faultline halt")
     return EXIT_OK
 

@@ -1004,6 +1004,8 @@ def test_experiments_lists_what_holds_faults_and_its_abort_empties_it(
     run = running("run", str(path), "--nats", nats_url)
     exp_id = run.experiment_id()
     wait_until(lambda: status(victim) == psutil.STATUS_STOPPED, 15, "the victim to be paused")
+    (alive,) = json.loads(faultline("experiments", "--nats", nats_url, "-o", "json").stdout)
+    assert alive["controller"] == "renewing" and alive["lease_heard_s_ago"] is not None, alive
     run.kill()  # its controller is gone: the faults stay until their lease lapses (60 s)
 
     r = faultline("experiments", "--nats", nats_url, "-o", "json")
@@ -1012,10 +1014,13 @@ def test_experiments_lists_what_holds_faults_and_its_abort_empties_it(
     assert row["experiment_id"] == exp_id and row["nodes"] == ["node-a"], row
     assert row["states"] == {"active": 1} and row["kinds"] == ["process-pause"], row
     assert 0 < row["expires_in_s"] <= 60 and row["faults"][0]["node"] == "node-a", row
+    # no lease heard while it listened: the controller is gone, which is what an SRE must know
+    assert row["controller"] == "not heard" and row["lease_heard_s_ago"] is None and row["listened_s"] >= 1.4, row
     text = faultline("experiments", "--nats", nats_url)
-    assert re.search(rf"^{re.escape(exp_id)}\s+node-a\s+1\s+active=1\s+process-pause\s+~\d+s$", text.stdout, re.M), (
-        text.stdout
-    )
+    assert re.search(
+        rf"^{re.escape(exp_id)}\s+none \([\d.]+s\)\s+node-a\s+1\s+active=1\s+process-pause\s+~\d+s$", text.stdout, re.M
+    ), text.stdout
+    assert "its controller is gone or cut off" in text.stdout
     assert "faultline abort EXPERIMENT" in text.stdout
 
     assert faultline("abort", exp_id, "--nats", nats_url).returncode == 0
