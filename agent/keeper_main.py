@@ -9,20 +9,32 @@ while the agent holds such faults. The agent tells it on the leash pipe, a
 line each:
 
     + FAULT_ID LEASH_S   guard this fault (applied, and journaled)
-    - FAULT_ID           the agent reverts it itself: guard it no more
+    - FAULT_ID           the agent takes it back to end it itself (answered)
     .                    a feed, every second
     x                    nothing left to guard: exit
 
 A fault not fed for its leash (its leaseTimeout, at least 5 s) is reverted from
 its journal entry: the agent is frozen. When the pipe closes without "x", every
 guarded fault is reverted at once: the agent died. The keeper tells the agent
-on the news pipe (``f FAULT_ID`` before it reverts, then ``r FAULT_ID`` or
-``e FAULT_ID``), so a thawed agent knows at once.
+on the news pipe, a line each:
+
+    f FAULT_ID            it reverts the fault now
+    r FAULT_ID JSON       reverted (JSON: what the revert measured)
+    e FAULT_ID REASON     its revert failed
+    k FAULT_ID            the answer to "-": it will not touch that fault again
+
+So the agent ends a fault it put under the keeper only once the keeper has
+answered for it (k, r or e; or the keeper is gone): a revert of the keeper's
+can never land after the agent's own end of the fault, on whatever came next
+(another fault's pause of the same process, another agent's tree on the same
+interface). Before each revert it reads what the agent said meanwhile, and a
+fault taken back is left alone.
 
 The revert is the agent's own code, run as crash recovery runs it (the
-journaled plan, nothing in memory), and so it is idempotent: the agent, when it
-thaws, or its successor, when it starts, reverts the same entry again and
-reports the fault's end. The keeper never touches the journal.
+journaled plan, nothing in memory). A thawed agent that hears "r" does not
+revert again (the process may have been stopped by someone else since, the
+interface taken by another agent); its successor, at start, reverts the
+journal entry as always. The keeper never touches the journal.
 
 Stdlib only while it waits (about 11 MiB): the agent's code is imported only
 when there is something to revert. One keeper, however many faults: its memory
@@ -48,6 +60,7 @@ MARK = "faultline-keeper"
 FIRING = "f"
 REVERTED = "r"
 FAILED = "e"
+KEPT_BACK = "k"
 
 
 class Keeper:
@@ -57,30 +70,44 @@ class Keeper:
         self.last_fed = time.monotonic()
         self.fired = False
         self.failed = False
+        self.told_x = False
+        self.agent_gone = False
         self._partial = b""
         self._injectors: dict[str, Any] = {}
 
     # -- the leash ------------------------------------------------------------------
 
-    def take(self, data: bytes) -> bool:
-        """Lines from the agent; False once told "x"."""
+    def take(self, data: bytes) -> None:
+        """Lines from the agent."""
         self._partial += data
         *lines, self._partial = self._partial.split(b"\n")
         self.last_fed = time.monotonic()  # any word from the agent is a feed
         for raw in lines:
             line = raw.decode(errors="replace").strip()
             if line == "x":
-                return False
-            if line.startswith("+"):
+                self.told_x = True
+            elif line.startswith("+"):
                 parts = line[1:].split()
-                if len(parts) == 2:
-                    try:
-                        self.guarded[parts[0]] = float(parts[1])
-                    except ValueError:
-                        _say(f"ignored a line it cannot read: {line[:100]!r}")
+                try:
+                    self.guarded[parts[0]] = float(parts[1])
+                except (IndexError, ValueError):
+                    _say(f"ignored a line it cannot read: {line[:100]!r}")
             elif line.startswith("-"):
-                self.guarded.pop(line[1:].strip(), None)
-        return True
+                fid = line[1:].strip()
+                self.guarded.pop(fid, None)
+                self._tell(KEPT_BACK, fid)
+
+    def drain(self, fd: int) -> None:
+        """Take whatever the agent has said (never blocks); notes an EOF as the agent gone."""
+        while True:
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                return
+            if not data:
+                self.agent_gone = True
+                return
+            self.take(data)
 
     def due_in(self) -> float | None:
         if not self.guarded:
@@ -93,30 +120,37 @@ class Keeper:
 
     # -- acting ---------------------------------------------------------------------
 
-    def _tell(self, news: str, fault_id: str) -> None:
+    def _tell(self, news: str, fault_id: str, detail: str = "") -> None:
         if self.news_fd is not None:
+            line = f"{news} {fault_id} {detail}".rstrip() + "\n"
             try:
-                os.write(self.news_fd, f"{news} {fault_id}\n".encode())
+                os.write(self.news_fd, line.encode())
             except OSError:
                 pass  # the agent is gone or not listening: nobody to tell
 
-    def revert(self, fault_ids: list[str], why: str) -> None:
+    def revert(self, fd: int, fault_ids: list[str], why: str) -> None:
+        """Revert each fault still guarded, one at a time, hearing the agent out before each:
+        a fault it has taken back meanwhile (it thawed) is its own again."""
+        from agent.keeper_revert import revert_entry  # the agent's code: loaded only now
+
         for fid in fault_ids:
-            self.guarded.pop(fid, None)
+            if not self.agent_gone:
+                self.drain(fd)
+            if fid not in self.guarded:
+                continue
+            del self.guarded[fid]
             self._tell(FIRING, fid)
-        for fid in fault_ids:
             self.fired = True
             try:
-                from agent.keeper_revert import revert_entry  # the agent's code: loaded only now
-
                 done = revert_entry(self.state_dir, fid, self.timeout_s, self._injectors)
             except Exception as exc:  # noqa: BLE001 - said; the agent (or its successor) tries again
                 self.failed = True
-                self._tell(FAILED, fid)
-                _say(f"fault {fid}: {why}; its revert failed: {exc}")
+                reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+                self._tell(FAILED, fid, reason)
+                _say(f"fault {fid}: {why}; its revert failed: {reason}")
                 continue
-            self._tell(REVERTED, fid)
-            _say(f"fault {fid}: {why}; reverted from its journal entry ({done})")
+            self._tell(REVERTED, fid, done.model_dump_json(exclude_none=True))
+            _say(f"fault {fid}: {why}; reverted from its journal entry ({done.note or done.resumed_pids})")
 
     def exit_code(self) -> int:
         return FIRED_FAILED if self.failed else FIRED if self.fired else DONE
@@ -124,27 +158,27 @@ class Keeper:
 
 def watch(keeper: Keeper, fd: int) -> int:
     """Until told "x", or the agent is gone and everything it left is reverted."""
+    os.set_blocking(fd, False)
     while True:
+        if keeper.told_x:
+            return keeper.exit_code()
+        if keeper.agent_gone:  # every writer gone without "x": the agent died
+            keeper.revert(fd, list(keeper.guarded), f"the agent (pid {keeper.parent}) is gone")
+            return keeper.exit_code()
         due = keeper.due_in()
         if due is not None and due <= 0:
+            keeper.drain(fd)  # a word that came just now is a feed: look again
+            again = keeper.due_in()
+            if keeper.told_x or keeper.agent_gone or again is None or again > 0:
+                continue
             late = keeper.overdue()
-            keeper.revert(late, f"the agent (pid {keeper.parent}) did not feed its leash: frozen or stalled")
+            keeper.revert(fd, late, f"the agent (pid {keeper.parent}) did not feed its leash: frozen or stalled")
             continue
         try:
-            ready, _, _ = select.select([fd], [], [], due)
+            select.select([fd], [], [], due)
         except InterruptedError:  # pragma: no cover - PEP 475 retries
             continue
-        if not ready:
-            continue
-        try:
-            data = os.read(fd, 4096)
-        except BlockingIOError:
-            continue
-        if not data:  # every writer gone without "x": the agent died
-            keeper.revert(list(keeper.guarded), f"the agent (pid {keeper.parent}) is gone")
-            return keeper.exit_code()
-        if not keeper.take(data):
-            return keeper.exit_code()
+        keeper.drain(fd)
 
 
 def _args(argv: list[str]) -> dict[str, str]:

@@ -10,11 +10,14 @@ from pathlib import Path
 from agent.faults import INJECTORS, load_injectors
 from agent.faults.base import AgentEnv, FaultContext, Injector
 from agent.journal import Journal
+from proto.messages import Measurements
 
 
-def revert_entry(state_dir: str, fault_id: str, timeout_s: float, injectors: dict[str, Injector] | None = None) -> str:
-    """Revert the fault's journaled plan; what was done, in a few words. Raises when it could
-    not be done. Nothing journaled (the agent finished first, or never applied it): nothing to do.
+def revert_entry(
+    state_dir: str, fault_id: str, timeout_s: float, injectors: dict[str, Injector] | None = None
+) -> Measurements:
+    """Revert the fault's journaled plan; what the revert measured. Raises when it could not be
+    done. Nothing journaled (the agent finished first, or never applied it): nothing to do.
     ``injectors``: kind -> injector, filled as kinds are needed (one keeper reverts many faults)."""
     journal = Journal(Path(state_dir))
     try:
@@ -22,7 +25,7 @@ def revert_entry(state_dir: str, fault_id: str, timeout_s: float, injectors: dic
     finally:
         journal.close()
     if entry is None or entry.plan is None:
-        return "nothing journaled: nothing to revert"
+        return Measurements(note="nothing journaled: nothing to revert")
     kind = entry.spec.kind
     if kind not in INJECTORS:
         raise RuntimeError(f"no injector for {kind} faults")
@@ -45,10 +48,7 @@ def revert_entry(state_dir: str, fault_id: str, timeout_s: float, injectors: dic
         recovered=True,
     )
 
-    async def run() -> str:
-        m = await asyncio.wait_for(inj.revert(plan, ctx), timeout_s)
-        if m.resumed_pids is not None:
-            return f"resumed pids {m.resumed_pids}"
-        return m.note or "reverted"
+    async def run() -> Measurements:
+        return await asyncio.wait_for(inj.revert(plan, ctx), timeout_s)
 
     return asyncio.run(run())

@@ -1,13 +1,13 @@
-"""The agent's side of its keeper (agent/keeper_main.py).
+"""The agent's side of its keeper (agent/keeper_main.py, which describes the protocol).
 
 A fault whose effect the kernel holds (a pause's SIGSTOP, a network fault's
 qdiscs) is put under the keeper once it is applied. The keeper is one process
 for the whole agent, started with the first such fault and told "x" (exit)
 when the last one ends. The agent feeds its leash every LEASH_TICK_S while it
-guards anything, and takes each fault back ("-") before it reverts it itself.
-A fault not fed for its leash (its leaseTimeout, at least LEASH_MIN_S) is
-reverted by the keeper from its journal entry: the agent is frozen. When the
-agent dies, the keeper reverts everything it guards at once.
+guards anything. Before it ends such a fault itself it takes it back ("-") and
+waits for the keeper's answer: after that the keeper never touches it, and if
+the keeper reverted it first (this agent was frozen) the agent does not revert
+it again.
 
 Spawned from the event loop's thread, as stressors are (see agent/faults/stressor.py).
 """
@@ -16,25 +16,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
-from agent.keeper_main import FAILED, FIRING, MARK, REVERTED
+from agent.keeper_main import FAILED, FIRING, KEPT_BACK, MARK, REVERTED
 
 log = logging.getLogger("faultline.agent")
 
 LEASH_TICK_S = 1.0  # as the stressors' leash
 LEASH_MIN_S = 5.0
 RETIRE_WAIT_S = 2.0  # how long a keeper told "x" is given to exit before it is killed
+ANSWER_EXTRA_S = 2.0  # beyond the keeper's own revert bound, for its answer to "-"
+QUICK_DEATH_S = 5.0  # a keeper that dies this soon after its start...
+QUICK_DEATHS_MAX = 3  # ...this many times in a row is not started again until a new fault comes
 
 
 def leash_of(lease_timeout_s: float | None) -> float:
     return max(LEASH_MIN_S, lease_timeout_s or 0.0)
+
+
+@dataclass
+class Released:
+    """What became of a fault the agent took back from the keeper."""
+
+    by_keeper: bool = False  # the keeper reverted it first: the agent must not revert it again
+    measurements: dict[str, Any] | None = None  # what the keeper's revert measured
+    note: str | None = None  # a line for the fault's report, when there is something to say
 
 
 class Keepers:
@@ -50,8 +65,10 @@ class Keepers:
         self.state_dir, self.revert_timeout_s = state_dir, revert_timeout_s
         self._spawn_task, self._on_fired = spawn_task, on_fired
         self.guarded: dict[str, float] = {}  # fault id -> its leash, seconds
-        self.news: dict[str, str] = {}  # fault id -> the keeper's last word on it (FIRING, REVERTED, FAILED)
+        self.news: dict[str, tuple[str, str]] = {}  # fault id -> the keeper's last (word, detail) on it
         self._proc: subprocess.Popen[bytes] | None = None
+        self._started_at = 0.0
+        self._quick_deaths = 0
         self._leash: int | None = None  # write end
         self._news: int | None = None  # read end
         self._partial = b""
@@ -65,62 +82,83 @@ class Keepers:
 
     def guard(self, fault_id: str, lease_timeout_s: float | None) -> str | None:
         """Put an applied fault under the keeper; None, or why it could not be."""
-        leash = leash_of(lease_timeout_s)
-        try:
-            if self._proc is None or self._proc.poll() is not None or self._leash is None:
-                self._start()
-        except OSError as exc:
-            return f"no keeper ({exc}): a frozen agent holds this fault until it thaws or is restarted"
-        if not self._say(f"+{fault_id} {leash:g}\n"):
-            return "its keeper could not be told of it: a frozen agent holds this fault until it thaws or is restarted"
-        self.guarded[fault_id] = leash
+        self.guarded[fault_id] = leash_of(lease_timeout_s)
+        self._quick_deaths = 0  # a new fault: worth another try, whatever happened before
+        if not self._alive():
+            why = self._replace()  # tells it of every fault guarded, this one too
+        elif not self._say(f"+{fault_id} {self.guarded[fault_id]:g}\n"):
+            why = "its keeper could not be told of it"
+        else:
+            why = None
+        if why is not None:
+            self.guarded.pop(fault_id, None)
+            return f"{why}: a frozen agent holds this fault until it thaws or is restarted"
         if self._feeder is None or self._feeder.done():
             self._feeder = self._spawn_task(self._feed(), "keeper-leash")
         return None
 
-    def release(self, fault_id: str) -> str | None:
-        """The agent reverts the fault itself now: the keeper guards it no more. Returns a line for
-        its report when the keeper did more than wait (it reverted it first)."""
+    async def release(self, fault_id: str) -> Released:
+        """Take the fault back: the agent ends it itself now. Returns once the keeper has answered
+        for it (it will not touch it again, or it reverted it first, or tried); a keeper that does
+        not answer within its own revert bound is killed, so it can never act on it late."""
+        if fault_id in self.guarded:
+            if self._say(f"-{fault_id}\n"):
+                if not await self._answer(fault_id, self.revert_timeout_s + ANSWER_EXTRA_S):
+                    log.warning("keeper (pid %s) did not answer for fault %s: killed", self.pid, fault_id)
+                    self._kill()
+            elif self._alive():
+                self._kill()  # it could not be told: it must not act on this fault later
+            self.guarded.pop(fault_id, None)
         self._listen()
-        note = self.what_happened(fault_id)
-        if self.guarded.pop(fault_id, None) is not None:
-            self._say(f"-{fault_id}\n")
-        self.news.pop(fault_id, None)
+        word, detail = self.news.pop(fault_id, ("", ""))
         if not self.guarded:
             self._retire()
-        return note
-
-    def what_happened(self, fault_id: str) -> str | None:
-        word = self.news.get(fault_id)
-        if word == FAILED:
-            return "its keeper tried to revert it while the agent was frozen, and failed"
-        if word in (FIRING, REVERTED):
-            leash = self.guarded.get(fault_id)
-            how_long = f" for {leash:g} s" if leash else ""
-            return (
-                f"reverted by its keeper first: the agent had not fed it{how_long} "
-                "(frozen: SIGSTOP, a debugger, a stalled event loop)"
+        elif not self._alive() and self._proc is None:
+            self._spawn_task(self._restart(), "keeper-restart")
+        if word == REVERTED:
+            try:
+                measured = json.loads(detail) if detail else {}
+            except ValueError:
+                measured = {}
+            return Released(
+                by_keeper=True,
+                measurements=measured if isinstance(measured, dict) else {},
+                note="reverted by its keeper while the agent was frozen (SIGSTOP, a debugger, a stalled event loop)",
             )
-        return None
+        if word in (FIRING, FAILED):
+            why = f": {detail}" if detail else ""
+            return Released(note=f"its keeper's revert, while the agent was frozen, failed{why}; reverted by the agent")
+        return Released()
 
     def kill(self) -> None:
         """SIGKILL the keeper and forget what it guarded, reverting nothing: what a container
         runtime does to it when the agent dies. For tests of journal recovery in one process."""
-        proc, self._proc = self._proc, None
         self.guarded.clear()
         if self._feeder is not None:
             self._feeder.cancel()
-        for fd in (self._leash, self._news):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._leash = self._news = None
-        if proc is not None:
-            with contextlib.suppress(OSError):
-                proc.kill()
-            proc.wait(5)
+        self._kill()
 
     # -- the process ----------------------------------------------------------------
+
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None and self._leash is not None
+
+    def _replace(self) -> str | None:
+        """A keeper for every fault guarded (the one there was, if any, is dropped: dead, or not
+        listening); None, or why there is none."""
+        self._drop()
+        if not self.guarded:
+            return None
+        if self._quick_deaths >= QUICK_DEATHS_MAX:
+            return f"its keeper died within {QUICK_DEATH_S:g} s of its start {self._quick_deaths} times"
+        try:
+            self._start()
+        except OSError as exc:
+            return f"no keeper ({exc})"
+        lines = "".join(f"+{fid} {leash:g}\n" for fid, leash in self.guarded.items())
+        if not self._say(lines):
+            return "its keeper could not be told of it"
+        return None
 
     def _start(self) -> None:
         leash_r, leash_w = os.pipe()
@@ -162,40 +200,72 @@ class Keepers:
             os.close(leash_r)  # the keeper's ends
             os.close(news_w)
         self._proc, self._leash, self._news, self._partial = proc, leash_w, news_r, b""
+        self._started_at = time.monotonic()
         log.info("keeper started (pid %d): it reverts pause and network faults should this agent freeze", proc.pid)
 
-    def _say(self, line: str) -> bool:
+    def _say(self, text: str) -> bool:
         if self._leash is None:
             return False
         try:
-            os.write(self._leash, line.encode())
+            os.write(self._leash, text.encode())
             return True
-        except OSError as exc:  # full (the keeper is stopped too) or gone: the next tick sees which
-            log.warning("keeper (pid %s) not told %r: %s", self.pid, line.strip(), exc)
+        except OSError as exc:  # full (the keeper is stopped too) or gone
+            log.warning("keeper (pid %s) not told %r: %s", self.pid, text.strip()[:80], exc)
             return False
 
     def _listen(self) -> None:
-        """Read the keeper's news; a fault it began to revert is ended here too (on_fired)."""
+        """Read the keeper's news; a fault it begins to revert is ended here too (on_fired)."""
         if self._news is None:
             return
         data = b""
-        try:
+        with contextlib.suppress(OSError):  # BlockingIOError: all read; other errors: it is gone
             while chunk := os.read(self._news, 4096):
                 data += chunk
-            # every writer gone: it has exited (the next tick starts another if needed)
-        except BlockingIOError:
-            pass
-        except OSError:
-            pass
         *lines, self._partial = (self._partial + data).split(b"\n")
         for raw in lines:
-            word, _, fid = raw.decode(errors="replace").partition(" ")
+            word, _, rest = raw.decode(errors="replace").partition(" ")
+            fid, _, detail = rest.partition(" ")
             if not fid:
                 continue
-            first = fid not in self.news
-            self.news[fid] = word
-            if word == FIRING and first and fid in self.guarded:
-                self._on_fired(fid, self.what_happened(fid) or "reverted by its keeper")
+            self.news[fid] = (word, detail)
+            if word == FIRING and fid in self.guarded:
+                self._on_fired(fid, "its keeper is reverting it: this agent was frozen")
+
+    async def _answer(self, fault_id: str, timeout_s: float) -> bool:
+        """Wait for the keeper's k, r or e on the fault (or its exit); False on timeout."""
+        end = time.monotonic() + timeout_s
+        while True:
+            self._listen()
+            if self.news.get(fault_id, ("", ""))[0] in (KEPT_BACK, REVERTED, FAILED):
+                return True
+            if self._proc is None or self._proc.poll() is not None:
+                self._listen()
+                return True  # gone: it will not act on anything any more
+            left = end - time.monotonic()
+            if left <= 0 or self._news is None:
+                return False
+            await _readable(self._news, min(left, 0.5))  # also polls its exit twice a second
+
+    def _drop(self) -> None:
+        """Forget the current keeper process (killing it if it still runs), closing our ends."""
+        proc = self._proc
+        if proc is not None and proc.poll() is not None and time.monotonic() - self._started_at < QUICK_DEATH_S:
+            self._quick_deaths += 1
+        self._kill()
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        for fd in (self._leash, self._news):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._leash = self._news = None
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(2)  # SIGKILLed (or gone already): only the reaping is left
 
     def _retire(self) -> None:
         """Nothing left to guard: "x", and the process is collected in the background."""
@@ -211,36 +281,34 @@ class Keepers:
         elif news is not None:
             os.close(news)
 
+    async def _restart(self) -> None:
+        if self.guarded and not self._alive():
+            why = self._replace()
+            if why is not None:
+                log.error("no keeper for %d fault(s): %s", len(self.guarded), why)
+                self.guarded.clear()
+
     async def _feed(self) -> None:
         """While anything is guarded: a feed every tick, its news read, a keeper that died
         replaced (and told again of every fault it guarded)."""
         while self.guarded:
-            self._say(".\n")
             self._listen()
-            if self._proc is not None and self._proc.poll() is not None and self.guarded:
+            if self._alive():
+                self._say(".\n")
+            else:
+                code = self._proc.returncode if self._proc is not None else None
                 log.warning(
-                    "keeper (pid %d) ended (exit %s) while guarding %d fault(s): starting another",
-                    self._proc.pid,
-                    self._proc.returncode,
+                    "keeper (pid %s) ended (exit %s) while guarding %d fault(s): starting another",
+                    self.pid,
+                    code,
                     len(self.guarded),
                 )
-                self._listen()
-                old = dict(self.guarded)
-                self.guarded.clear()
-                if self._news is not None:
-                    os.close(self._news)
-                if self._leash is not None:
-                    os.close(self._leash)
-                self._proc = self._leash = self._news = None
-                for fid, leash in old.items():
-                    if self.news.get(fid) is None and self.guard(fid, leash) is not None:
-                        log.warning("fault %s: no keeper guards it now", fid)
+                await self._restart()
             await asyncio.sleep(LEASH_TICK_S)
 
 
 async def _reap(proc: subprocess.Popen[bytes], news: int | None) -> None:
-    """Collect a retired keeper: wait (bounded) for its exit, killing it if it has not gone by then
-    (one busy with a revert that the agent now does itself)."""
+    """Collect a retired keeper: wait (bounded) for its exit, killing it if it has not gone by then."""
     try:
         if proc.poll() is None and not await _exited(proc.pid, RETIRE_WAIT_S):
             with contextlib.suppress(OSError):
@@ -253,25 +321,32 @@ async def _reap(proc: subprocess.Popen[bytes], news: int | None) -> None:
                 os.close(news)
 
 
+async def _readable(fd: int, timeout_s: float) -> bool:
+    """Until ``fd`` can be read (True), or ``timeout_s`` (False)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def on_ready() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, on_ready)
+    try:
+        await asyncio.wait_for(ready, timeout_s)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+
+
 async def _exited(pid: int, timeout_s: float) -> bool:
     """Whether our (unreaped) child has exited within ``timeout_s``: its pidfd turns readable."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         return True
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def on_exit() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    loop.add_reader(pidfd, on_exit)
     try:
-        await asyncio.wait_for(done, timeout_s)
-        return True
-    except TimeoutError:
-        return False
+        return await _readable(pidfd, timeout_s)  # a pidfd turns readable when its process exits
     finally:
-        loop.remove_reader(pidfd)
         os.close(pidfd)

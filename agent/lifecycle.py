@@ -296,28 +296,34 @@ class Lifecycle:
         return m.model_copy(update={"note": f"{m.note}; {why}" if m.note else why})
 
     def _kept_fired(self, fault_id: str, what: str) -> None:
-        """The keeper began to revert the fault (this agent was frozen): it ends here too, and the
-        agent reverts it again, idempotently, and reports it."""
+        """The keeper began to revert the fault (this agent was frozen): it ends here too. Its end
+        waits for the keeper's word on it (Keepers.release), and reverts only if the keeper's failed."""
         rec = self.faults.get(fault_id)
         if rec is not None:
             rec.request_end(what)
 
     async def _revert(self, rec: FaultRecord) -> None:
-        kept_note = None
+        released = None
         if rec.kept and self.keepers is not None:
             rec.kept = False
-            kept_note = self.keepers.release(rec.fault_id)  # the agent reverts it now (again: idempotent)
+            # taken back from the keeper, which answers for it first: it never acts on it after this
+            released = await self.keepers.release(rec.fault_id)
         rec.set_state("reverting")
         error: str | None = None
         t0 = time.monotonic()
-        if rec.plan is not None:
+        if released is not None and released.by_keeper:
+            # reverted by the keeper while this agent was frozen: not again (the process may have
+            # been stopped by someone else since, the interface taken by another agent's fault)
+            try:
+                rec.measurements = merge(rec.measurements, Measurements.model_validate(released.measurements or {}))
+            except ValueError:
+                pass  # its figures are a report's detail: the revert itself is done
+        elif rec.plan is not None:
             error = await self._revert_with_retries(rec)
         rec.measurements = rec.measurements.model_copy(update={"revert_s": round(time.monotonic() - t0, 4)})
-        if kept_note:
-            note = rec.measurements.note
-            rec.measurements = rec.measurements.model_copy(
-                update={"note": f"{note}; {kept_note}" if note else kept_note}
-            )
+        if released is not None and released.note:
+            note, what = rec.measurements.note, released.note
+            rec.measurements = rec.measurements.model_copy(update={"note": f"{note}; {what}" if note else what})
         state: FaultState = "failed" if error else rec.end_state
         reason = rec.end_reason or "reverted"
         if error:

@@ -18,6 +18,7 @@ import psutil
 
 AGENT_MARKERS = ("faultline-agent", "agent.main")
 STRESSOR_MARKER = "faultline-stressor:"
+KEEPER_MARKER = "faultline-keeper"  # agent/keepers.py passes --mark=faultline-keeper
 CONTROLLER_SCRIPT = "faultline"  # the console script (controller.cli:main)
 CONTROLLER_MODULE = "controller.cli"
 
@@ -104,6 +105,8 @@ def protection_reason(
     if STRESSOR_MARKER in cmdline:
         # any agent's stressor (also one started after the protected-pid snapshot, or another agent's)
         return "a faultline stressor"
+    if KEEPER_MARKER in cmdline:
+        return "a faultline keeper"  # any agent's: paused or killed, it would guard nothing
     for pattern in deny:
         if pattern.search(name) or pattern.search(cmdline):
             return f"on the deny list ({pattern.pattern})"

@@ -212,6 +212,12 @@ class NetworkFault(Injector):
         with self._ops:
             return func(*args)
 
+    def release(self, ctx: FaultContext) -> None:
+        # after a revert (its claim is gone already), or one its keeper did while the agent was
+        # frozen: the interface is no longer this fault's
+        self._may_install.discard(ctx.fault_id)
+        self._drop_claims(ctx.fault_id)
+
     def _forget(self, fault_id: str) -> None:
         with self._ops:
             self._drop_claims(fault_id)

@@ -24,7 +24,7 @@ class Recording(Keeper):
         super().__init__("/nonexistent", parent=1, timeout_s=1.0, news_fd=None)
         self.reverted: list[tuple[float, list[str], str]] = []
 
-    def revert(self, fault_ids: list[str], why: str) -> None:
+    def revert(self, fd: int, fault_ids: list[str], why: str) -> None:
         for fid in fault_ids:
             self.guarded.pop(fid, None)
         self.fired = True
@@ -51,11 +51,44 @@ def run_watch(keeper: Keeper, fd: int) -> tuple[threading.Thread, list[int]]:
 
 def test_lines_guard_release_and_exit() -> None:
     k = Recording()
-    assert k.take(b"+a 5\n+b 7.5\n+c")  # a line cut in two is read once whole
+    k.take(b"+a 5\n+b 7.5\n+c")  # a line cut in two is read once whole
     assert k.guarded == {"a": 5.0, "b": 7.5}
-    assert k.take(b" 9\n-a\n.\n+bad x\n")
-    assert k.guarded == {"b": 7.5, "c": 9.0}
-    assert not k.take(b"x\n")
+    k.take(b" 9\n-a\n.\n+bad x\n")
+    assert k.guarded == {"b": 7.5, "c": 9.0} and not k.told_x
+    k.take(b"x\n")
+    assert k.told_x
+
+
+def test_a_fault_taken_back_is_answered_and_never_reverted_after(
+    leash: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent thawed while the keeper was about to revert: its "-" is read before each revert,
+    answered ("k"), and that fault left alone; the other one, still guarded, is reverted."""
+    import agent.keeper_revert
+    from proto.messages import Measurements
+
+    reverted: list[str] = []
+
+    def fake_revert(state_dir: str, fid: str, timeout_s: float, injectors: object = None) -> Measurements:
+        reverted.append(fid)
+        return Measurements(resumed_pids=[1])
+
+    monkeypatch.setattr(agent.keeper_revert, "revert_entry", fake_revert)
+    news_r, news_w = os.pipe()
+    try:
+        r, w = leash
+        os.set_blocking(r, False)
+        k = Keeper("/nonexistent", parent=1, timeout_s=1.0, news_fd=news_w)
+        k.take(b"+a 5\n+b 5\n")
+        os.write(w, b"-a\n")  # said after the keeper decided to act, before its first revert
+        k.revert(r, ["a", "b"], "test")
+        assert reverted == ["b"]
+        os.set_blocking(news_r, False)
+        words = os.read(news_r, 4096).decode().splitlines()
+        assert words[0] == "k a" and words[1] == "f b" and words[2].startswith("r b {"), words
+    finally:
+        os.close(news_r)
+        os.close(news_w)
 
 
 def test_each_fault_is_reverted_at_its_own_leash_once_the_agent_goes_silent(leash: tuple[int, int]) -> None:
@@ -114,7 +147,7 @@ def test_bad_arguments_are_refused_with_a_reason(capsys: pytest.CaptureFixture[s
 def test_a_fault_with_no_journal_entry_left_is_nothing_to_revert(tmp_path: Path) -> None:
     from agent.keeper_revert import revert_entry
 
-    assert revert_entry(str(tmp_path), "gone.0", 1.0).startswith("nothing journaled")
+    assert (revert_entry(str(tmp_path), "gone.0", 1.0).note or "").startswith("nothing journaled")
 
 
 # --- the agent's side, with a real keeper process ------------------------------------
@@ -139,10 +172,18 @@ async def test_the_agent_starts_retires_and_replaces_its_keeper(tmp_path: Path) 
         await async_wait_until(lambda: k.pid not in (None, first.pid), 5, "a new keeper after the first was killed")
         assert set(k.guarded) == {"a", "b"}
         second = psutil.Process(k.pid)
-        assert k.release("a") is None and k.pid == second.pid  # still guarding b
-        assert k.release("b") is None and k.pid is None  # nothing left: retired
+        # a keeper killed just before a new fault comes: the new one is told of all three
+        second.kill()
+        second.wait(5)
+        assert k.guard("c", 2) is None and k.pid not in (None, first.pid, second.pid)
+        third = psutil.Process(k.pid)
+        assert set(k.guarded) == {"a", "b", "c"}
+        released = await k.release("a")  # answered ("k") before it returns
+        assert not released.by_keeper and released.note is None and k.pid == third.pid  # still guarding b, c
+        assert not (await k.release("b")).by_keeper
+        assert not (await k.release("c")).by_keeper and k.pid is None  # nothing left: retired
         await asyncio.wait_for(asyncio.gather(*tasks), 5)
-        assert not second.is_running() or second.status() == psutil.STATUS_ZOMBIE
+        assert not third.is_running() or third.status() == psutil.STATUS_ZOMBIE
         assert fired == []
     finally:
         for task in list(tasks):
@@ -152,5 +193,5 @@ async def test_the_agent_starts_retires_and_replaces_its_keeper(tmp_path: Path) 
 
 
 def test_news_words_are_single_letters() -> None:
-    # the agent reads "<word> <fault id>" lines; a fault id never holds a space
-    assert {FIRING, REVERTED, keeper_main.FAILED} == {"f", "r", "e"}
+    # the agent reads "<word> <fault id> [detail]" lines; a fault id never holds a space
+    assert {FIRING, REVERTED, keeper_main.FAILED, keeper_main.KEPT_BACK} == {"f", "r", "e", "k"}
