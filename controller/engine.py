@@ -61,6 +61,25 @@ def _left_clean(view: NodeView | None) -> bool:
     return view is not None and view.heartbeat.state == "leaving" and not view.heartbeat.faults
 
 
+FLAP_FACTOR = 2.0
+"""An agent unheard for this many heartbeatTimeouts of the time this controller could read it
+(outside its own stalls and NATS outages, each with its grace) aborts the run, however often the
+controller's link came and went meanwhile."""
+FLAP_WINDOW_FACTOR = 5.0
+"""This controller's own NATS outages adding up to more than the heartbeatTimeout within this
+many heartbeatTimeouts abort the run: it cannot watch its agents through such a link."""
+
+
+def _lost_within(
+    outages: list[tuple[float, float]], ongoing_since: float | None, now: float, window_s: float
+) -> tuple[float, int]:
+    """Seconds of outage within the last ``window_s`` (the ongoing one included), and how many."""
+    since = now - window_s
+    spans = [*outages, *([(ongoing_since, now)] if ongoing_since is not None else [])]
+    hit = [(max(a, since), min(b, now)) for a, b in spans if b > since]
+    return sum(b - a for a, b in hit), len(hit)
+
+
 class BlindSpans:
     """Times this controller could not judge heartbeats because it did not run, each with the
     grace it needs afterwards to read what came meanwhile.
@@ -421,6 +440,11 @@ class ExperimentRunner(Starting, Ending):
         nats_lost_since: float | None = None
         nats_back_at = -math.inf  # heartbeats sent while this controller was cut off were lost, not late
         blind = BlindSpans()
+        # the same, with every outage of this controller's own link too (and the grace after it):
+        # outside them it could read every heartbeat, so a link that comes and goes faster than the
+        # heartbeatTimeout no longer hides a silent agent for good (judged on FLAP_FACTOR x the timeout)
+        flaps = BlindSpans()
+        outages: list[tuple[float, float]] = []  # this controller's NATS outages, (lost, back)
         stall_grace_s = min(1.0, hb_timeout_s / 2)  # to read the heartbeats that wait in the socket
         last_pass = time.monotonic()
         while not self.aborted:
@@ -431,6 +455,7 @@ class ExperimentRunner(Starting, Ending):
                 # silent. That time, and a grace to read them, is not counted against any agent.
                 stalled_s = now - last_pass
                 blind.add(last_pass, now + stall_grace_s)
+                flaps.add(last_pass, now + stall_grace_s)
                 self.run_notes.append(
                     f"this controller did not run for {stalled_s:.1f}s (stopped or starved): no lease renewal "
                     "and no heartbeat read meanwhile; that time was not counted against any agent"
@@ -451,12 +476,23 @@ class ExperimentRunner(Starting, Ending):
                         f"(heartbeatTimeout {hb_timeout_s:g}s); the agents revert by lease lapse"
                     )
                     return
+                lost_s, times = _lost_within(outages, nats_lost_since, now, FLAP_WINDOW_FACTOR * hb_timeout_s)
+                if lost_s > hb_timeout_s:
+                    self.abort(
+                        f"this controller's NATS link is unstable: lost {times} times, {lost_s:.1f}s in all, "
+                        f"in the last {FLAP_WINDOW_FACTOR * hb_timeout_s:g}s (more than heartbeatTimeout "
+                        f"{hb_timeout_s:g}s): it cannot watch its agents; they revert by lease lapse"
+                    )
+                    return
                 await asyncio.sleep(period_s)
                 continue
             if nats_lost_since is not None:
                 # Lost, not late: judged from the reconnection, as every agent may have had to
-                # reconnect too. (A link that comes and goes faster than the heartbeatTimeout
-                # postpones the abort; one gone longer aborts the run, above.)
+                # reconnect too. A link that comes and goes faster than the heartbeatTimeout is
+                # caught by the two checks on its outages: their sum (above) and `flaps` (below).
+                outages.append((nats_lost_since, now))
+                del outages[: -BlindSpans.MAX_SPANS]
+                flaps.add(nats_lost_since, now + stall_grace_s)
                 nats_back_at, nats_lost_since = now, None
             for node in targets:
                 view = self.fleet.get(node)
@@ -465,6 +501,16 @@ class ExperimentRunner(Starting, Ending):
                     return
                 hb = view.heartbeat
                 age_s = min(blind.judged_s(view.last_seen_monotonic, now), now - nats_back_at)
+                read_s = flaps.judged_s(view.last_seen_monotonic, now)
+                if read_s > FLAP_FACTOR * hb_timeout_s and age_s <= hb_timeout_s:
+                    last = time.strftime("%H:%M:%S", time.localtime(view.received_at))
+                    self.abort(
+                        f"agent {node} silent for {read_s:.1f}s of the time this controller could read it "
+                        f"(its own NATS link came and went {len(outages)} times; {FLAP_FACTOR:g} x heartbeatTimeout "
+                        f"{hb_timeout_s:g}s; last heartbeat at {last})",
+                        node=node,
+                    )
+                    return
                 if age_s > hb_timeout_s:
                     last = time.strftime("%H:%M:%S", time.localtime(view.received_at))
                     not_counted_s = view.age_s(now) - age_s

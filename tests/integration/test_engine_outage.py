@@ -116,3 +116,82 @@ async def test_an_agent_silent_across_the_controller_s_nats_outage_is_caught_one
     assert "agent n2 silent for" in report.abort.reason, report.abort.reason
     # the safety bound: heartbeatTimeout after the reconnection, plus a monitor pass and the final revert's start
     assert caught_after_s < 3.0 + 1.0, f"n2 caught {caught_after_s:.1f}s after the reconnection"
+
+
+async def _flap(proxy: CuttableProxy, client: Any, down_s: float, up_s: float, stop: asyncio.Event) -> int:
+    """Cut the controller's link for ``down_s``, let it back for ``up_s`` (from its reconnection),
+    until ``stop``; bounded by the test's own timeout. Returns how many times it was cut."""
+    cuts = 0
+    while not stop.is_set() and cuts < 40:
+        await proxy.cut()
+        cuts += 1
+        await asyncio.sleep(down_s)
+        await proxy.listen()
+        await async_wait_until(lambda: client.is_connected, 10, "the controller to reconnect")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), up_s)
+    return cuts
+
+
+async def test_a_link_that_comes_and_goes_faster_than_the_timeout_no_longer_hides_a_silent_agent(
+    nc: Any, proxied: tuple[CuttableProxy, Any]
+) -> None:
+    """Agents are judged from the controller's reconnection, so a link that came back every
+    1.8 s with a heartbeatTimeout of 2 s hid a silent agent until the experiment's end. Now the
+    time the controller could read heartbeats counts across the outages: the silent agent is
+    caught (at twice the timeout of it), the healthy one never blamed."""
+    proxy, controller_nc = proxied
+    fleet = Fleet(controller_nc)
+    await fleet.start()
+    a = await ScriptedAgent(nc, "n1").start()
+    b = await ScriptedAgent(nc, "n2").start()
+    stop = asyncio.Event()
+    flapping: asyncio.Future[int] | None = None
+    try:
+        await fleet.wait_for(["n1", "n2"], 5)
+        runner = ExperimentRunner(controller_nc, fleet, experiment("60s", hb_timeout="2s"), progress=lambda _l: None)
+        run = asyncio.ensure_future(runner.run())
+        await async_wait_until(lambda: b.held, 10, "n2's fault to be applied")
+        b.silent = True
+        silent_at = time.monotonic()
+        flapping = asyncio.ensure_future(_flap(proxy, controller_nc, down_s=0.3, up_s=1.8, stop=stop))
+        report = await asyncio.wait_for(run, 40)  # before: the run went on to its 60 s end
+        caught_after_s = time.monotonic() - silent_at
+    finally:
+        stop.set()
+        if flapping is not None:
+            await asyncio.wait_for(flapping, 15)
+        await a.stop()
+        await b.stop()
+        await fleet.stop()
+    assert report.abort is not None and report.abort.node == "n2", report.abort
+    assert "agent n2 silent for" in report.abort.reason and "came and went" in report.abort.reason, report.abort.reason
+    assert caught_after_s < 30, f"caught {caught_after_s:.1f}s after it went silent"
+
+
+async def test_a_link_lost_for_more_than_the_timeout_in_all_aborts_the_run(
+    nc: Any, proxied: tuple[CuttableProxy, Any]
+) -> None:
+    """Outages each shorter than the heartbeatTimeout, adding up to more than it within five
+    timeouts: the controller cannot watch its agents through such a link, and says so."""
+    proxy, controller_nc = proxied
+    fleet = Fleet(controller_nc)
+    await fleet.start()
+    a = await ScriptedAgent(nc, "n1").start()
+    stop = asyncio.Event()
+    flapping: asyncio.Future[int] | None = None
+    try:
+        await fleet.wait_for(["n1"], 5)
+        runner = ExperimentRunner(controller_nc, fleet, experiment("60s", hb_timeout="2s"), progress=lambda _l: None)
+        run = asyncio.ensure_future(runner.run())
+        await async_wait_until(lambda: a.held, 10, "n1's fault to be applied")
+        flapping = asyncio.ensure_future(_flap(proxy, controller_nc, down_s=1.2, up_s=0.8, stop=stop))
+        report = await asyncio.wait_for(run, 30)
+    finally:
+        stop.set()
+        if flapping is not None:
+            await asyncio.wait_for(flapping, 15)
+        await a.stop()
+        await fleet.stop()
+    assert report.abort is not None and report.abort.node is None, report.abort  # no agent to blame
+    assert "NATS link is unstable" in report.abort.reason, report.abort.reason
