@@ -73,6 +73,7 @@ class Keepers:
         self._news: int | None = None  # read end
         self._partial = b""
         self._feeder: asyncio.Task[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []  # woken by any news, whoever read it
 
     @property
     def pid(self) -> int | None:
@@ -222,6 +223,11 @@ class Keepers:
             while chunk := os.read(self._news, 4096):
                 data += chunk
         *lines, self._partial = (self._partial + data).split(b"\n")
+        if lines:
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
         for raw in lines:
             word, _, rest = raw.decode(errors="replace").partition(" ")
             fid, _, detail = rest.partition(" ")
@@ -244,7 +250,14 @@ class Keepers:
             left = end - time.monotonic()
             if left <= 0 or self._news is None:
                 return False
-            await _readable(self._news, min(left, 0.5))  # also polls its exit twice a second
+            # woken by the pipe, or by news another reader took from it (the feeder's tick)
+            heard: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(heard)
+            try:
+                await _readable(self._news, min(left, 0.5), also=heard)  # and its exit, twice a second
+            finally:
+                if heard in self._waiters:
+                    self._waiters.remove(heard)
 
     def _drop(self) -> None:
         """Forget the current keeper process (killing it if it still runs), closing our ends."""
@@ -321,10 +334,10 @@ async def _reap(proc: subprocess.Popen[bytes], news: int | None) -> None:
                 os.close(news)
 
 
-async def _readable(fd: int, timeout_s: float) -> bool:
-    """Until ``fd`` can be read (True), or ``timeout_s`` (False)."""
+async def _readable(fd: int, timeout_s: float, also: asyncio.Future[None] | None = None) -> bool:
+    """Until ``fd`` can be read (True; or ``also`` is done), or ``timeout_s`` (False)."""
     loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
+    ready: asyncio.Future[None] = also if also is not None else loop.create_future()
 
     def on_ready() -> None:
         if not ready.done():

@@ -102,11 +102,13 @@ async def test_a_controller_cut_off_from_nats_blames_itself_not_an_agent() -> No
     beat(fleet)
     await asyncio.sleep(0.3)
     assert runner.abort_info is None
-    # cut off for longer than heartbeatTimeout: the report says whose link it was
+    # cut off again: more than heartbeatTimeout of outage (in one, or in all within five of it);
+    # the report says whose link it was
     nc.is_connected = False
     await asyncio.wait_for(monitor, 3)
     assert runner.abort_info is not None and runner.abort_info.node is None
-    assert runner.abort_info.reason.startswith("this controller lost its NATS connection"), runner.abort_info
+    reason = runner.abort_info.reason
+    assert reason.startswith(("this controller lost its NATS connection", "this controller's NATS link")), reason
 
 
 def test_a_memory_fault_larger_than_a_target_is_refused_before_anything_is_sent() -> None:
