@@ -233,6 +233,8 @@ class Keepers:
             fid, _, detail = rest.partition(" ")
             if not fid:
                 continue
+            if word == KEPT_BACK and self.news.get(fid, ("", ""))[0] in (FIRING, REVERTED, FAILED):
+                continue  # its answer to "-" after it acted on the fault: what it did is the news
             self.news[fid] = (word, detail)
             if word == FIRING and fid in self.guarded:
                 self._on_fired(fid, "its keeper is reverting it: this agent was frozen")

@@ -195,3 +195,22 @@ async def test_the_agent_starts_retires_and_replaces_its_keeper(tmp_path: Path) 
 def test_news_words_are_single_letters() -> None:
     # the agent reads "<word> <fault id> [detail]" lines; a fault id never holds a space
     assert {FIRING, REVERTED, keeper_main.FAILED, keeper_main.KEPT_BACK} == {"f", "r", "e", "k"}
+
+
+async def test_what_the_keeper_did_is_not_hidden_by_its_answer_to_the_take_back(tmp_path: Path) -> None:
+    """The keeper reverted the fault (f, r), then answered the thawed agent's "-" (k): read in one
+    go, the "k" used to overwrite the "r", and the agent reverted again what the keeper had
+    reverted (found by a flaky run of the frozen network test: "nothing left to remove")."""
+    fired: list[str] = []
+    k = Keepers(str(tmp_path), 1.0, lambda coro, name: asyncio.ensure_future(coro), lambda f, w: fired.append(f))
+    news_r, news_w = os.pipe()
+    os.set_blocking(news_r, False)
+    k._news = news_r  # as a keeper that has just exited leaves it: its words still in the pipe
+    k.guarded["a"] = 5.0
+    try:
+        os.write(news_w, b'f a\nr a {"resumed_pids":[42]}\nk a\n')
+        released = await k.release("a")
+        assert released.by_keeper and released.measurements == {"resumed_pids": [42]}, released
+        assert fired == []  # taken back already: nothing left for on_fired to end
+    finally:
+        os.close(news_w)
