@@ -27,6 +27,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from agent.fdwait import readable
 from agent.keeper_main import FAILED, FIRING, KEPT_BACK, MARK, REVERTED
 
 log = logging.getLogger("faultline.agent")
@@ -256,7 +257,7 @@ class Keepers:
             heard: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(heard)
             try:
-                await _readable(self._news, min(left, 0.5), also=heard)  # and its exit, twice a second
+                await readable(self._news, min(left, 0.5), also=heard)  # and its exit, twice a second
             finally:
                 if heard in self._waiters:
                     self._waiters.remove(heard)
@@ -336,25 +337,6 @@ async def _reap(proc: subprocess.Popen[bytes], news: int | None) -> None:
                 os.close(news)
 
 
-async def _readable(fd: int, timeout_s: float, also: asyncio.Future[None] | None = None) -> bool:
-    """Until ``fd`` can be read (True; or ``also`` is done), or ``timeout_s`` (False)."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = also if also is not None else loop.create_future()
-
-    def on_ready() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, on_ready)
-    try:
-        await asyncio.wait_for(ready, timeout_s)
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(fd)
-
-
 async def _exited(pid: int, timeout_s: float) -> bool:
     """Whether our (unreaped) child has exited within ``timeout_s``: its pidfd turns readable."""
     try:
@@ -362,6 +344,6 @@ async def _exited(pid: int, timeout_s: float) -> bool:
     except ProcessLookupError:
         return True
     try:
-        return await _readable(pidfd, timeout_s)  # a pidfd turns readable when its process exits
+        return await readable(pidfd, timeout_s)  # a pidfd turns readable when its process exits
     finally:
         os.close(pidfd)

@@ -38,6 +38,7 @@ from agent.faults.stress_marks import (
     make_marker,
     stress_capabilities,
 )
+from agent.fdwait import readable
 from agent.stressor_main import LEASH_EXIT
 
 if TYPE_CHECKING:
@@ -189,24 +190,6 @@ def _is_same(ref: StressorRef) -> psutil.Process | None:
         return None
 
 
-async def _wait_exit_pidfd(pidfd: int, timeout_s: float) -> bool:
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def on_exit() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    loop.add_reader(pidfd, on_exit)
-    try:
-        await asyncio.wait_for(done, timeout_s)
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(pidfd)
-
-
 async def kill_and_wait(
     refs: Sequence[StressorRef], owned: Sequence[Stressor] = (), timeout_s: float = STOP_TIMEOUT_S
 ) -> list[int]:
@@ -254,7 +237,7 @@ async def kill_and_wait(
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                 killed.append(pid)
             waits.append((pid, pidfd))
-        results = await asyncio.gather(*(_wait_exit_pidfd(fd, timeout_s) for _, fd in waits))
+        results = await asyncio.gather(*(readable(fd, timeout_s) for _, fd in waits))
         stuck = [pid for (pid, _), ok in zip(waits, results, strict=True) if not ok]
         stuck += await _wait_reaped(polled, timeout_s)
     finally:
