@@ -99,13 +99,22 @@ class Keepers:
             self._feeder = self._spawn_task(self._feed(), "keeper-leash")
         return None
 
-    async def release(self, fault_id: str) -> Released:
+    async def release(self, fault_id: str, answer_within_s: float | None = None) -> Released:
         """Take the fault back: the agent ends it itself now. Returns once the keeper has answered
         for it (it will not touch it again, or it reverted it first, or tried); a keeper that does
-        not answer within its own revert bound is killed, so it can never act on it late."""
+        not answer within ``answer_within_s`` (default: its own revert bound and a little more)
+        is killed, so it can never act on it late. Cancelled while it waits (a stop that ran out
+        of time), the fault is the keeper's again: it reverts it when this agent is gone."""
         if fault_id in self.guarded:
+            leash = self.guarded[fault_id]
             if self._say(f"-{fault_id}\n"):
-                if not await self._answer(fault_id, self.revert_timeout_s + ANSWER_EXTRA_S):
+                bound = answer_within_s if answer_within_s is not None else self.revert_timeout_s + ANSWER_EXTRA_S
+                try:
+                    answered = await self._answer(fault_id, bound)
+                except asyncio.CancelledError:
+                    self._say(f"+{fault_id} {leash:g}\n")
+                    raise
+                if not answered:
                     log.warning("keeper (pid %s) did not answer for fault %s: killed", self.pid, fault_id)
                     self._kill()
             elif self._alive():
@@ -149,6 +158,7 @@ class Keepers:
         """A keeper for every fault guarded (the one there was, if any, is dropped: dead, or not
         listening); None, or why there is none."""
         self._drop()
+        self._settle_orphans()
         if not self.guarded:
             return None
         if self._quick_deaths >= QUICK_DEATHS_MAX:
@@ -269,7 +279,21 @@ class Keepers:
             self._quick_deaths += 1
         self._kill()
 
+    def _settle_orphans(self) -> None:
+        """The keeper is gone: what it had begun to revert and not finished (an "f" without its
+        "r" or "e") failed, and the agent reverts it; what it finished is done. Neither is told to
+        a keeper that replaces it (which would answer for a fault the first one acted on)."""
+        self._listen()
+        for fid in list(self.guarded):
+            word = self.news.get(fid, ("", ""))[0]
+            if word == FIRING:
+                self.news[fid] = (FAILED, "its keeper ended while it reverted it")
+            if word in (FIRING, REVERTED, FAILED):
+                del self.guarded[fid]
+
     def _kill(self) -> None:
+        if self._news is not None:
+            self._listen()  # its last words first
         proc, self._proc = self._proc, None
         for fd in (self._leash, self._news):
             if fd is not None:

@@ -34,6 +34,7 @@ JOURNAL_CLEANUP_DELAY_S = 0.5
 MAX_ENDED_REASON = 500  # characters of an ended fault's reason in heartbeats (its event has it whole)
 TOMBSTONE_PRUNE_EVERY_S = 3600.0  # expired tombstones are removed at most this often while running
 INJECTING_EVENT_AFTER_S = 0.2  # an injection still going after this long says so ("injecting")
+STOP_ANSWER_S = 1.0  # how long a stopping agent waits for its keeper's answer on a fault it takes back
 
 
 T = TypeVar("T")
@@ -307,7 +308,8 @@ class Lifecycle:
         if rec.kept and self.keepers is not None:
             rec.kept = False
             # taken back from the keeper, which answers for it first: it never acts on it after this
-            released = await self.keepers.release(rec.fault_id)
+            # (while stopping, briefly: the stop's revert budget must still hold a revert of ours)
+            released = await self.keepers.release(rec.fault_id, STOP_ANSWER_S if self.stopping else None)
         rec.set_state("reverting")
         error: str | None = None
         t0 = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 import time
@@ -273,6 +274,33 @@ async def test_sigterm_reverts_says_leaving_and_exits(nc, agent_factory, victims
         "a leaving heartbeat",
     )
     assert "stopping" in (events.events("exp1.0", "reverted")[0].reason or "")
+
+
+async def test_sigterm_with_a_keeper_that_cannot_answer_still_reverts_within_the_stop(nc, agent_factory, victims):
+    """The keeper is stopped (SIGSTOP, a frozen cgroup) when the agent is told to stop: before,
+    the agent waited 12 s for its answer, more than the stop's whole revert budget, and exited
+    with the victim still paused (a review found it). A stopping agent waits 1 s, kills the
+    keeper and reverts itself."""
+    agent = agent_factory("node-a")
+    (proc,) = victims.start(1)
+    assert (await send(nc, "node-a", pause(victims.token))).accepted
+    await async_wait_until(lambda: status(proc) == "stopped", 5, "victim paused")
+    (keeper,) = agent.keepers()
+    keeper.suspend()
+    try:
+        t0 = time.monotonic()
+        agent.signal(signal.SIGTERM)
+        assert agent.proc is not None
+        rc = await asyncio.to_thread(agent.proc.wait, 15)
+        took = time.monotonic() - t0
+    finally:
+        with contextlib.suppress(psutil.Error):
+            keeper.resume()
+    assert rc == 0 and took < 5, (rc, took)
+    assert status(proc) not in ("stopped", "gone"), "the victim was left paused"
+    assert agent.settled_journal() == []
+    await asyncio.to_thread(lambda: psutil.wait_procs([keeper], timeout=5))
+    assert not keeper.is_running() or keeper.status() == psutil.STATUS_ZOMBIE
 
 
 async def test_sigterm_repeated_during_the_stop_still_reverts_and_settles_the_journal(nc, agent_factory, victims):

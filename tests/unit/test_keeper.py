@@ -214,3 +214,41 @@ async def test_what_the_keeper_did_is_not_hidden_by_its_answer_to_the_take_back(
         assert fired == []  # taken back already: nothing left for on_fired to end
     finally:
         os.close(news_w)
+
+
+async def test_a_keeper_that_died_mid_revert_leaves_that_fault_to_the_agent(tmp_path: Path) -> None:
+    """It said "f A" and died before its "r": the replacement is told of B only (told of A, its
+    "k" was taken for the dead one's word and the take-back hung for 12 s, a review found), and
+    A's take-back says the keeper's revert failed, so the agent reverts A itself."""
+    import subprocess
+    import sys
+
+    tasks: set[asyncio.Task[object]] = set()
+
+    def spawn_task(coro, name):  # type: ignore[no-untyped-def]
+        task = asyncio.create_task(coro, name=name)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    k = Keepers(str(tmp_path), 1.0, spawn_task, lambda f, w: None)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # noqa: ASYNC220 - a process that is gone at once
+    await asyncio.to_thread(dead.wait, 10)
+    news_r, news_w = os.pipe()
+    os.set_blocking(news_r, False)
+    os.write(news_w, b"f A\n")
+    os.close(news_w)
+    k._proc, k._news, k.guarded = dead, news_r, {"A": 5.0, "B": 5.0}
+    try:
+        await k._restart()
+        assert set(k.guarded) == {"B"} and k.pid not in (None, dead.pid), (k.guarded, k.pid)
+        released = await asyncio.wait_for(k.release("A"), 3)
+        assert not released.by_keeper and "failed" in (released.note or ""), released
+        released = await asyncio.wait_for(k.release("B"), 3)  # answered by the new keeper at once
+        assert not released.by_keeper and released.note is None, released
+        assert k.pid is None  # nothing left: retired
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)  # its reaping, the feeder's last tick
+    finally:
+        for task in list(tasks):
+            task.cancel()
+        k.kill()
