@@ -66,18 +66,27 @@ FLAP_FACTOR = 2.0
 (outside its own stalls and NATS outages, each with its grace) aborts the run, however often the
 controller's link came and went meanwhile."""
 FLAP_WINDOW_FACTOR = 5.0
-"""This controller's own NATS outages adding up to more than the heartbeatTimeout within this
-many heartbeatTimeouts abort the run: it cannot watch its agents through such a link."""
+FLAP_SHARE = 0.5
+"""Over the last FLAP_WINDOW_FACTOR heartbeatTimeouts, this controller's own NATS outages, each
+with the grace after it (when it cannot judge an agent either), covering more than FLAP_SHARE of
+the time abort the run: it cannot watch its agents through such a link. A NATS restart and a
+blip afterwards stay well under it; a link reset every second, nearly all blind, does not."""
 
 
-def _lost_within(
-    outages: list[tuple[float, float]], ongoing_since: float | None, now: float, window_s: float
+def _blind_within(
+    outages: list[tuple[float, float]], ongoing_since: float | None, now: float, window_s: float, grace_s: float
 ) -> tuple[float, int]:
-    """Seconds of outage within the last ``window_s`` (the ongoing one included), and how many."""
+    """Seconds of the last ``window_s`` inside an outage or the grace after it (the ongoing one
+    included; overlaps counted once), and how many outages."""
     since = now - window_s
-    spans = [*outages, *([(ongoing_since, now)] if ongoing_since is not None else [])]
-    hit = [(max(a, since), min(b, now)) for a, b in spans if b > since]
-    return sum(b - a for a, b in hit), len(hit)
+    spans = [(a, b + grace_s) for a, b in outages] + ([(ongoing_since, now)] if ongoing_since is not None else [])
+    hit = sorted((max(a, since), min(b, now)) for a, b in spans if min(b, now) > since)
+    total, reach = 0.0, since
+    for a, b in hit:
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total, len(hit)
 
 
 class BlindSpans:
@@ -468,6 +477,15 @@ class ExperimentRunner(Starting, Ending):
             now = time.monotonic()
             # the controller's own link first: without it every agent looks silent, and the report
             # must not blame an agent for it
+            window_s = FLAP_WINDOW_FACTOR * hb_timeout_s
+            blind_s, times = _blind_within(outages, nats_lost_since, now, window_s, stall_grace_s)
+            if blind_s > FLAP_SHARE * window_s:
+                self.abort(
+                    f"this controller's NATS link is unstable: lost {times} times in the last {window_s:g}s, "
+                    f"unable to read heartbeats for {blind_s:.1f}s of them (an outage and the {stall_grace_s:g}s "
+                    "after it): it cannot watch its agents; they revert by lease lapse"
+                )
+                return
             if not getattr(self.nc, "is_connected", True):
                 nats_lost_since = nats_lost_since or now
                 if now - nats_lost_since > hb_timeout_s:
@@ -476,20 +494,13 @@ class ExperimentRunner(Starting, Ending):
                         f"(heartbeatTimeout {hb_timeout_s:g}s); the agents revert by lease lapse"
                     )
                     return
-                lost_s, times = _lost_within(outages, nats_lost_since, now, FLAP_WINDOW_FACTOR * hb_timeout_s)
-                if lost_s > hb_timeout_s:
-                    self.abort(
-                        f"this controller's NATS link is unstable: lost {times} times, {lost_s:.1f}s in all, "
-                        f"in the last {FLAP_WINDOW_FACTOR * hb_timeout_s:g}s (more than heartbeatTimeout "
-                        f"{hb_timeout_s:g}s): it cannot watch its agents; they revert by lease lapse"
-                    )
-                    return
                 await asyncio.sleep(period_s)
                 continue
             if nats_lost_since is not None:
                 # Lost, not late: judged from the reconnection, as every agent may have had to
                 # reconnect too. A link that comes and goes faster than the heartbeatTimeout is
-                # caught by the two checks on its outages: their sum (above) and `flaps` (below).
+                # caught by the two checks on its outages: their share of the time (above) and
+                # `flaps` (below).
                 outages.append((nats_lost_since, now))
                 del outages[: -BlindSpans.MAX_SPANS]
                 flaps.add(nats_lost_since, now + stall_grace_s)

@@ -137,9 +137,10 @@ async def test_a_link_that_comes_and_goes_faster_than_the_timeout_no_longer_hide
     nc: Any, proxied: tuple[CuttableProxy, Any]
 ) -> None:
     """Agents are judged from the controller's reconnection, so a link that came back every
-    1.8 s with a heartbeatTimeout of 2 s hid a silent agent until the experiment's end. Now the
+    3.5 s with a heartbeatTimeout of 4 s hid a silent agent until the experiment's end. Now the
     time the controller could read heartbeats counts across the outages: the silent agent is
-    caught (at twice the timeout of it), the healthy one never blamed."""
+    caught (at twice the timeout of it), the healthy one never blamed. (Blind for well under
+    half the time, the link itself is not judged unstable.)"""
     proxy, controller_nc = proxied
     fleet = Fleet(controller_nc)
     await fleet.start()
@@ -149,12 +150,12 @@ async def test_a_link_that_comes_and_goes_faster_than_the_timeout_no_longer_hide
     flapping: asyncio.Future[int] | None = None
     try:
         await fleet.wait_for(["n1", "n2"], 5)
-        runner = ExperimentRunner(controller_nc, fleet, experiment("60s", hb_timeout="2s"), progress=lambda _l: None)
+        runner = ExperimentRunner(controller_nc, fleet, experiment("60s", hb_timeout="4s"), progress=lambda _l: None)
         run = asyncio.ensure_future(runner.run())
         await async_wait_until(lambda: b.held, 10, "n2's fault to be applied")
         b.silent = True
         silent_at = time.monotonic()
-        flapping = asyncio.ensure_future(_flap(proxy, controller_nc, down_s=0.3, up_s=1.8, stop=stop))
+        flapping = asyncio.ensure_future(_flap(proxy, controller_nc, down_s=0.3, up_s=3.5, stop=stop))
         report = await asyncio.wait_for(run, 40)  # before: the run went on to its 60 s end
         caught_after_s = time.monotonic() - silent_at
     finally:
@@ -172,8 +173,9 @@ async def test_a_link_that_comes_and_goes_faster_than_the_timeout_no_longer_hide
 async def test_a_link_lost_for_more_than_the_timeout_in_all_aborts_the_run(
     nc: Any, proxied: tuple[CuttableProxy, Any]
 ) -> None:
-    """Outages each shorter than the heartbeatTimeout, adding up to more than it within five
-    timeouts: the controller cannot watch its agents through such a link, and says so."""
+    """Outages each shorter than the heartbeatTimeout, with the grace after each covering more
+    than half of the last five timeouts: the controller cannot watch its agents through such a
+    link, and says so."""
     proxy, controller_nc = proxied
     fleet = Fleet(controller_nc)
     await fleet.start()
