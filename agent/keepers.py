@@ -105,21 +105,28 @@ class Keepers:
         not answer within ``answer_within_s`` (default: its own revert bound and a little more)
         is killed, so it can never act on it late. Cancelled while it waits (a stop that ran out
         of time), the fault is the keeper's again: it reverts it when this agent is gone."""
-        if fault_id in self.guarded:
-            leash = self.guarded[fault_id]
-            if self._say(f"-{fault_id}\n"):
-                bound = answer_within_s if answer_within_s is not None else self.revert_timeout_s + ANSWER_EXTRA_S
-                try:
-                    answered = await self._answer(fault_id, bound)
-                except asyncio.CancelledError:
-                    self._say(f"+{fault_id} {leash:g}\n")
-                    raise
-                if not answered:
-                    log.warning("keeper (pid %s) did not answer for fault %s: killed", self.pid, fault_id)
-                    self._kill()
-            elif self._alive():
-                self._kill()  # it could not be told: it must not act on this fault later
-            self.guarded.pop(fault_id, None)
+        bound = answer_within_s if answer_within_s is not None else self.revert_timeout_s + ANSWER_EXTRA_S
+        end = time.monotonic() + bound
+        while fault_id in self.guarded:
+            leash, told = self.guarded[fault_id], self._proc
+            if not self._say(f"-{fault_id}\n"):
+                if self._alive():
+                    self._kill()  # it could not be told: it must not act on this fault later
+                break
+            try:
+                answered = await self._answer(fault_id, max(0.0, end - time.monotonic()), told)
+            except asyncio.CancelledError:
+                self._listen()
+                if self.news.get(fault_id, ("", ""))[0] not in (FIRING, REVERTED, FAILED):
+                    self._say(f"+{fault_id} {leash:g}\n")  # the keeper's again, for when the agent is gone
+                raise
+            if answered == "replaced":
+                continue  # told a keeper that is gone since; its replacement guards the fault: tell that one
+            if answered == "timeout":
+                log.warning("keeper (pid %s) did not answer for fault %s: killed", self.pid, fault_id)
+                self._kill()
+            break
+        self.guarded.pop(fault_id, None)
         self._listen()
         word, detail = self.news.pop(fault_id, ("", ""))
         if not self.guarded:
@@ -250,19 +257,23 @@ class Keepers:
             if word == FIRING and fid in self.guarded:
                 self._on_fired(fid, "its keeper is reverting it: this agent was frozen")
 
-    async def _answer(self, fault_id: str, timeout_s: float) -> bool:
-        """Wait for the keeper's k, r or e on the fault (or its exit); False on timeout."""
+    async def _answer(self, fault_id: str, timeout_s: float, told: subprocess.Popen[bytes] | None) -> str:
+        """Wait for the answer of the keeper ``told`` on the fault: "answered" (k, r or e), "gone"
+        (it exited: it will act on nothing any more), "replaced" (another keeper took over, which
+        was told of the fault again), or "timeout"."""
         end = time.monotonic() + timeout_s
         while True:
             self._listen()
             if self.news.get(fault_id, ("", ""))[0] in (KEPT_BACK, REVERTED, FAILED):
-                return True
-            if self._proc is None or self._proc.poll() is not None:
+                return "answered"
+            if self._proc is not told:
+                return "replaced" if self._proc is not None and fault_id in self.guarded else "gone"
+            if told is None or told.poll() is not None:
                 self._listen()
-                return True  # gone: it will not act on anything any more
+                return "gone"
             left = end - time.monotonic()
             if left <= 0 or self._news is None:
-                return False
+                return "timeout"
             # woken by the pipe, or by news another reader took from it (the feeder's tick)
             heard: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(heard)

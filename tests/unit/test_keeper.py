@@ -252,3 +252,38 @@ async def test_a_keeper_that_died_mid_revert_leaves_that_fault_to_the_agent(tmp_
         for task in list(tasks):
             task.cancel()
         k.kill()
+
+
+async def test_a_take_back_told_to_a_keeper_killed_meanwhile_does_not_wait_out_its_bound(tmp_path: Path) -> None:
+    """A's take-back kills a keeper that does not answer; B's "-" had gone to that same keeper.
+    B's take-back must not wait its whole bound and then kill the healthy replacement (a review
+    saw e1 end 5 s late and a second keeper killed)."""
+    tasks: set[asyncio.Task[object]] = set()
+
+    def spawn_task(coro, name):  # type: ignore[no-untyped-def]
+        task = asyncio.create_task(coro, name=name)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    k = Keepers(str(tmp_path), 1.0, spawn_task, lambda f, w: None)
+    try:
+        assert k.guard("A", 30) is None and k.guard("B", 30) is None and k.guard("C", 30) is None
+        stuck = psutil.Process(k.pid)
+        stuck.suspend()  # it cannot answer
+        take_a = asyncio.ensure_future(k.release("A", 0.5))
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        take_b = asyncio.ensure_future(k.release("B", 10.0))
+        assert not (await take_a).by_keeper
+        assert not (await asyncio.wait_for(take_b, 5)).by_keeper
+        assert time.monotonic() - t0 < 3, "B's take-back waited out its bound"
+        await async_wait_until(lambda: k.pid not in (None, stuck.pid), 5, "a keeper for C")
+        healthy = k.pid
+        assert not (await asyncio.wait_for(k.release("C"), 3)).by_keeper
+        assert healthy is not None and k.pid is None  # C answered by the replacement, then retired
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    finally:
+        for task in list(tasks):
+            task.cancel()
+        k.kill()
