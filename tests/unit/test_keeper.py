@@ -7,8 +7,9 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -153,16 +154,23 @@ def test_a_fault_with_no_journal_entry_left_is_nothing_to_revert(tmp_path: Path)
 # --- the agent's side, with a real keeper process ------------------------------------
 
 
-async def test_the_agent_starts_retires_and_replaces_its_keeper(tmp_path: Path) -> None:
-    fired: list[tuple[str, str]] = []
-    tasks: set[asyncio.Task[object]] = set()
+def spawner() -> tuple[set[asyncio.Task[Any]], Callable[[Coroutine[Any, Any, Any], str], asyncio.Task[Any]]]:
+    """Tasks as the runtime spawns them (the Keepers' feeder, reaping, restarts), kept to be
+    awaited or cancelled by the test."""
+    tasks: set[asyncio.Task[Any]] = set()
 
-    def spawn_task(coro, name):  # type: ignore[no-untyped-def]
+    def spawn_task(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         return task
 
+    return tasks, spawn_task
+
+
+async def test_the_agent_starts_retires_and_replaces_its_keeper(tmp_path: Path) -> None:
+    fired: list[tuple[str, str]] = []
+    tasks, spawn_task = spawner()
     k = Keepers(str(tmp_path), 1.0, spawn_task, lambda fid, what: fired.append((fid, what)))
     try:
         assert k.guard("a", 30) is None and k.guard("b", 2) is None
@@ -223,14 +231,7 @@ async def test_a_keeper_that_died_mid_revert_leaves_that_fault_to_the_agent(tmp_
     import subprocess
     import sys
 
-    tasks: set[asyncio.Task[object]] = set()
-
-    def spawn_task(coro, name):  # type: ignore[no-untyped-def]
-        task = asyncio.create_task(coro, name=name)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        return task
-
+    tasks, spawn_task = spawner()
     k = Keepers(str(tmp_path), 1.0, spawn_task, lambda f, w: None)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])  # noqa: ASYNC220 - a process that is gone at once
     await asyncio.to_thread(dead.wait, 10)
@@ -258,14 +259,7 @@ async def test_a_take_back_told_to_a_keeper_killed_meanwhile_does_not_wait_out_i
     """A's take-back kills a keeper that does not answer; B's "-" had gone to that same keeper.
     B's take-back must not wait its whole bound and then kill the healthy replacement (a review
     saw e1 end 5 s late and a second keeper killed)."""
-    tasks: set[asyncio.Task[object]] = set()
-
-    def spawn_task(coro, name):  # type: ignore[no-untyped-def]
-        task = asyncio.create_task(coro, name=name)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        return task
-
+    tasks, spawn_task = spawner()
     k = Keepers(str(tmp_path), 1.0, spawn_task, lambda f, w: None)
     try:
         assert k.guard("A", 30) is None and k.guard("B", 30) is None and k.guard("C", 30) is None
